@@ -315,6 +315,6 @@ def load_model(model_dir, dtype: torch.dtype = torch.float32, progress: bool = T
         model = GemmaForCausalLM(plan)
     expected = {name: t.shape for name, t in model.state_dict().items()}
     model.load_state_dict(load_state_dict(model_dir, plan, expected, dtype, progress), assign=True, strict=True)
-    for block, layer in zip(model.model.layers, plan.layers):
+    for block, layer in zip(model.model.layers, plan.layers, strict=True):
         block.self_attn.inv_freq = layer.rope.inv_freq()  # non-persistent buffers were built on "meta"
     return model.eval()

@@ -1,0 +1,214 @@
+"""`nxdi-gemma` command line. Bad input ends with one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .errors import GemmaError, InputError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def model_dir(args: argparse.Namespace) -> Iterator[str]:
+    """--model, or the embedded default: a small random checkpoint created deterministically in a temp dir."""
+    if args.model:
+        yield args.model
+        return
+    from .tiny import write_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="nxdi-gemma-tiny-") as tmp:
+        path = write_tiny_checkpoint(Path(tmp) / f"tiny-{args.tiny}", args.tiny)
+        print(f"no --model given: using the embedded random tiny {args.tiny} checkpoint", file=sys.stderr)
+        yield str(path)
+
+
+def cpu_greedy(model_path: str, dtype: torch.dtype, max_seq_len: int | None = None):
+    from .cpu import generate, load_model
+    from .reference import Continuation
+
+    model = load_model(model_path, dtype)
+
+    def greedy(prompt_ids: list[list[int]], max_new_tokens: int) -> list[Continuation]:
+        out = []
+        for ids in prompt_ids:
+            g = generate(model, [ids], max_new_tokens, stop_on_eos=False, max_seq_len=max_seq_len, keep_logits=True)
+            out.append(Continuation(g.tokens[0], g.logits[0]))
+        return out
+
+    return greedy
+
+
+def neuron_greedy(model_path: str, compiled: str | None, dtype: torch.dtype):
+    if not compiled:
+        raise InputError("--backend neuron needs --compiled DIR (the output of `nxdi-gemma compile`)")
+    from .neuron.runtime import neuron_greedy as make  # imports NxDI, with a clear error when it is missing
+
+    return make(model_path, compiled, dtype)
+
+
+def load_prompts(args: argparse.Namespace, path: str) -> tuple[list, list[list[int]]]:
+    from .token_match import DEFAULT_PROMPTS, read_prompts
+    from .tokenizer import load_tokenizer, prompts_to_ids
+
+    prompts = read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
+    source = args.prompts or "default prompts"
+    return prompts, prompts_to_ids(prompts, load_tokenizer(path), source)
+
+
+def cmd_token_match(args: argparse.Namespace) -> int:
+    from . import reference, token_match
+    from .config import load_plan
+
+    dtype = DTYPES[args.dtype]
+    with model_dir(args) as path:
+        plan = load_plan(path)
+        if args.reference:
+            golden, prompt_ids, refs = reference.read_golden(args.reference)
+            prompts = [item["prompt"] for item in golden["prompts"]]
+            ref_name = f"golden {args.reference} (transformers {golden.get('transformers')}, {golden.get('dtype')})"
+        else:
+            prompts, prompt_ids = load_prompts(args, path)
+            _check_lengths(prompt_ids, args.max_new_tokens, plan.max_position_embeddings)
+            refs = reference.hf_greedy(path, prompt_ids, args.max_new_tokens, dtype)
+            ref_name = f"transformers {reference.import_transformers().__version__} (eager, {args.dtype})"
+        if args.backend == "cpu":
+            ours = cpu_greedy(path, dtype)
+        else:
+            ours = neuron_greedy(path, args.compiled, dtype)
+        report = token_match.run(prompts, prompt_ids, ours, refs, model=args.model or f"embedded tiny {args.tiny}",
+                                 backend=args.backend, dtype=args.dtype, reference=ref_name)
+    print(report.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    if args.min_match is not None:
+        low = [i for i, p in enumerate(report.prompts) if p.match_rate < args.min_match]
+        if low:
+            print(f"prompts {low} fall below --min-match {args.min_match}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def cmd_reference(args: argparse.Namespace) -> int:
+    from . import reference
+
+    dtype = DTYPES[args.dtype]
+    with model_dir(args) as path:
+        prompts, prompt_ids = load_prompts(args, path)
+        refs = reference.hf_greedy(path, prompt_ids, args.max_new_tokens, dtype)
+        reference.write_golden(args.out, args.model or f"embedded tiny {args.tiny}", args.dtype, prompts,
+                               prompt_ids, refs)
+    print(f"wrote {args.out}: {len(prompts)} prompts x {args.max_new_tokens} tokens")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .config import load_plan
+    from .cpu import SamplingParams, generate, load_model
+    from .tokenizer import load_tokenizer, prompts_to_ids
+
+    if args.backend != "cpu":
+        raise InputError("generate --backend neuron: not available yet; use --backend cpu")
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    with model_dir(args) as path:
+        plan = load_plan(path)
+        tokenizer = load_tokenizer(path)
+        prompts = [json.loads(p) if args.token_ids else p for p in args.prompt]
+        ids = prompts_to_ids(prompts, tokenizer, "--prompt")
+        _check_lengths(ids, args.max_new_tokens, args.max_seq_len or plan.max_position_embeddings)
+        model = load_model(path, DTYPES[args.dtype])
+        out = generate(model, ids, args.max_new_tokens, sampling, max_seq_len=args.max_seq_len)
+    for prompt, tokens in zip(prompts, out.tokens, strict=True):
+        text = tokenizer.decode(tokens) if tokenizer else tokens
+        print(json.dumps({"prompt": prompt, "completion": text, "tokens": tokens}))
+    return 0
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from .tiny import write_tiny_checkpoint
+
+    print(write_tiny_checkpoint(args.out, args.kind, args.seed))
+    return 0
+
+
+def _check_lengths(prompt_ids: list[list[int]], max_new_tokens: int, limit: int) -> None:
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) + max_new_tokens > limit:
+            raise InputError(
+                f"prompt {i} has {len(ids)} tokens; with {max_new_tokens} new tokens that exceeds the maximum "
+                f"sequence length {limit}; shorten it or lower --max-new-tokens"
+            )
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="Hugging Face checkpoint directory (default: an embedded random tiny model)")
+    p.add_argument("--tiny", default="gemma3", choices=["gemma2", "gemma3", "gemma4"],
+                   help="which embedded tiny model to use when --model is not given")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nxdi-gemma", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tm = sub.add_parser("token-match", help="compare greedy tokens and logits with Hugging Face transformers")
+    _add_model_args(tm)
+    tm.add_argument("--backend", default="cpu", choices=["cpu", "neuron"])
+    tm.add_argument("--compiled", help="compiled artifacts directory (--backend neuron)")
+    tm.add_argument("--max-new-tokens", type=int, default=32)
+    tm.add_argument("--prompts", help="JSON list of prompts: strings or lists of token ids")
+    tm.add_argument("--reference", help="golden file from `nxdi-gemma reference` instead of running HF here")
+    tm.add_argument("--json", help="write the report as JSON to this file")
+    tm.add_argument("--min-match", type=float, help="exit 1 when any prompt's match rate is below this")
+    tm.set_defaults(run=cmd_token_match)
+
+    ref = sub.add_parser("reference", help="record HF greedy tokens and top logits to a golden JSON file")
+    _add_model_args(ref)
+    ref.add_argument("--out", required=True)
+    ref.add_argument("--max-new-tokens", type=int, default=32)
+    ref.add_argument("--prompts", help="JSON list of prompts: strings or lists of token ids")
+    ref.set_defaults(run=cmd_reference)
+
+    gen = sub.add_parser("generate", help="generate text with our runtime")
+    _add_model_args(gen)
+    gen.add_argument("--backend", default="cpu", choices=["cpu", "neuron"])
+    gen.add_argument("--prompt", action="append", required=True, help="repeat for a batch (left-padded)")
+    gen.add_argument("--token-ids", action="store_true", help="each --prompt is a JSON list of token ids")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--max-seq-len", type=int, help="cap on prompt + new tokens (default: the model's maximum)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int)
+    gen.set_defaults(run=cmd_generate)
+
+    tiny = sub.add_parser("make-tiny", help="write a small random-weight Gemma checkpoint")
+    tiny.add_argument("--out", required=True)
+    tiny.add_argument("--kind", default="gemma3", choices=["gemma2", "gemma3", "gemma4"])
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(run=cmd_make_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "max_new_tokens", 1) < 1:
+        print(f"error: --max-new-tokens {args.max_new_tokens} must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        return args.run(args)
+    except GemmaError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The Hugging Face transformers reference: greedy continuations and their logits.
+
+transformers is imported only here, and only when a reference is asked for; our runtime never needs it. Goldens
+(`nxdi-gemma reference`) record the same thing to a JSON file, for machines whose transformers lacks the model
+(Neuron machines pin 4.57, which has no Gemma 4).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import GemmaError, InputError
+
+GOLDEN_FORMAT = "nxdi-gemma-golden-v1"
+GOLDEN_TOP_K = 64  # logits kept per step: enough to compare the competitive part of the distribution
+
+
+@dataclass
+class Continuation:
+    tokens: list[int]
+    logits: torch.Tensor  # float32 [steps, V] (or [steps, k] with `logit_ids` for goldens)
+    logit_ids: torch.Tensor | None = None  # [steps, k] vocabulary ids of `logits` when only the top-k is kept
+
+
+def import_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise GemmaError(
+            "the Hugging Face reference needs transformers>=5.5: `pip install 'transformers>=5.5'` "
+            "(or compare against a golden file made elsewhere with `nxdi-gemma reference`)"
+        ) from None
+    return transformers
+
+
+def load_hf_model(model_dir: str | Path, dtype: torch.dtype):
+    transformers = import_transformers()
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    auto = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if config.get("model_type") not in auto:
+        raise GemmaError(
+            f"transformers {transformers.__version__} has no model for model_type {config.get('model_type')!r}; "
+            "use a newer transformers, or record a golden with `nxdi-gemma reference` where one is installed"
+        )
+    transformers.utils.logging.disable_progress_bar()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=dtype, attn_implementation="eager"
+    ).eval()
+
+
+@torch.inference_mode()
+def hf_greedy(model_dir: str | Path, prompts: list[list[int]], max_new_tokens: int, dtype: torch.dtype) -> list[Continuation]:
+    """HF's greedy continuation of each prompt (batch 1, exactly max_new_tokens, EOS ignored)."""
+    transformers = import_transformers()
+    model = load_hf_model(model_dir, dtype)
+    config = transformers.GenerationConfig(
+        do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, eos_token_id=None,
+        pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+    )
+    out = []
+    for ids in prompts:
+        x = torch.tensor([ids])
+        result = model.generate(x, attention_mask=torch.ones_like(x), generation_config=config)
+        out.append(Continuation(result.sequences[0, len(ids):].tolist(), torch.stack(result.logits, 1)[0].float()))
+    return out
+
+
+def write_golden(path: str | Path, model_dir: str, dtype: str, prompts: list, prompt_ids: list[list[int]],
+                 refs: list[Continuation]) -> None:
+    transformers = import_transformers()
+    items = []
+    for prompt, ids, ref in zip(prompts, prompt_ids, refs, strict=True):
+        top = torch.topk(ref.logits, min(GOLDEN_TOP_K, ref.logits.shape[-1]), dim=-1)
+        items.append({"prompt": prompt, "prompt_ids": ids, "tokens": ref.tokens,
+                      "top_logit_ids": top.indices.tolist(), "top_logits": top.values.tolist()})
+    doc = {"format": GOLDEN_FORMAT, "model": str(model_dir), "transformers": transformers.__version__,
+           "dtype": dtype, "max_new_tokens": len(refs[0].tokens) if refs else 0, "prompts": items}
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(doc) + "\n")
+    tmp.replace(path)
+
+
+def read_golden(path: str | Path) -> tuple[dict, list[list[int]], list[Continuation]]:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: cannot read the golden file ({err}); record one with `nxdi-gemma reference`") from None
+    if not isinstance(doc, dict) or doc.get("format") != GOLDEN_FORMAT:
+        raise InputError(f"{path}: not a golden file of format {GOLDEN_FORMAT}; record one with `nxdi-gemma reference`")
+    prompt_ids = [item["prompt_ids"] for item in doc["prompts"]]
+    refs = [
+        Continuation(item["tokens"], torch.tensor(item["top_logits"], dtype=torch.float32),
+                     torch.tensor(item["top_logit_ids"], dtype=torch.long))
+        for item in doc["prompts"]
+    ]
+    return doc, prompt_ids, refs
