@@ -49,6 +49,9 @@ class LayerCache:
         if k.shape[2] == 1:  # decode: the ring after the write holds exactly the window
             self.write(k, v, slots)
             return self.k, self.v, self.slots
+        if past == 0:  # prefill into an empty cache: the new tokens are all there is
+            self.write(k, v, slots)
+            return k, v, slots
         # Several new tokens: early queries need ring entries the write would overwrite.
         keys = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2), torch.cat([self.slots, slots])
         self.write(k, v, slots)

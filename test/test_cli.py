@@ -1,0 +1,115 @@
+"""The `nxdi-gemma` commands end to end on the embedded tiny checkpoints, against HF transformers."""
+
+import json
+
+import pytest
+
+from nxdi_gemma.cli import main
+from nxdi_gemma.tiny import write_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny4(tmp_path_factory):
+    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("cli") / "g4", "gemma4"))
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "gemma4"])
+def test_token_match_embedded_default_json(kind, tmp_path, capsys):
+    out_json = tmp_path / "report.json"
+    code, out, _ = run(["token-match", "--tiny", kind, "--max-new-tokens", "16", "--json", str(out_json),
+                        "--min-match", "1.0"], capsys)
+    assert code == 0
+    report = json.loads(out_json.read_text())
+    assert {"model", "backend", "dtype", "max_new_tokens", "mean_match_rate", "prompts"} <= set(report)
+    assert report["backend"] == "cpu" and report["dtype"] == "float32" and report["max_new_tokens"] == 16
+    assert report["mean_match_rate"] == 1.0
+    for p in report["prompts"]:
+        assert set(p) >= {"prompt", "match_rate", "first_divergence", "max_abs_logit_diff", "tokens",
+                          "reference_tokens"}
+        assert p["first_divergence"] is None and p["max_abs_logit_diff"] <= 1e-4
+        assert p["tokens"] == p["reference_tokens"] and len(p["tokens"]) == 16
+    distinct = {t for p in report["prompts"] for t in p["reference_tokens"]}
+    assert len(distinct) > 5, "the tiny model's greedy output collapsed; the match would prove nothing"
+    assert "mean match rate: 100.0%" in out
+
+
+def test_token_match_bfloat16_reports_rate(tiny4, tmp_path, capsys):
+    out_json = tmp_path / "bf16.json"
+    code, _, _ = run(["token-match", "--model", tiny4, "--dtype", "bfloat16", "--max-new-tokens", "8",
+                      "--json", str(out_json)], capsys)
+    assert code == 0
+    report = json.loads(out_json.read_text())
+    assert report["dtype"] == "bfloat16" and 0.0 <= report["mean_match_rate"] <= 1.0
+
+
+def test_token_id_prompts_and_golden_round_trip(tiny4, tmp_path, capsys):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([[5, 17, 99, 42, 7, 8, 9, 10, 11, 12], "def add(a, b):"]))
+    golden = tmp_path / "golden.json"
+    code, _, _ = run(["reference", "--model", tiny4, "--prompts", str(prompts), "--out", str(golden),
+                      "--max-new-tokens", "12"], capsys)
+    assert code == 0
+    live, via_golden = tmp_path / "live.json", tmp_path / "golden_report.json"
+    assert run(["token-match", "--model", tiny4, "--prompts", str(prompts), "--max-new-tokens", "12",
+                "--json", str(live)], capsys)[0] == 0
+    assert run(["token-match", "--model", tiny4, "--reference", str(golden), "--json", str(via_golden),
+                "--min-match", "1.0"], capsys)[0] == 0
+    a, b = json.loads(live.read_text()), json.loads(via_golden.read_text())
+    assert [p["reference_tokens"] for p in a["prompts"]] == [p["reference_tokens"] for p in b["prompts"]]
+    assert all(p["max_abs_logit_diff"] <= 1e-4 for p in b["prompts"])
+
+    # A reference that disagrees (every token shifted) must fail --min-match with exit status 1.
+    doc = json.loads(golden.read_text())
+    for item in doc["prompts"]:
+        item["tokens"] = [(t + 1) % 264 for t in item["tokens"]]
+    golden.write_text(json.dumps(doc))
+    code, _, err = run(["token-match", "--model", tiny4, "--reference", str(golden), "--min-match", "0.5"], capsys)
+    assert code == 1 and "below --min-match" in err
+
+
+def test_generate_greedy_and_seeded_sampling(tiny4, capsys):
+    base = ["generate", "--model", tiny4, "--prompt", "def f(x):", "--prompt", "SELECT", "--max-new-tokens", "6"]
+    code, out, _ = run(base, capsys)
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(rows) == 2 and all(len(r["tokens"]) <= 6 for r in rows)
+    sampled = base + ["--temperature", "0.9", "--top-k", "50", "--top-p", "0.9", "--seed", "3"]
+    assert run(sampled, capsys)[1] == run(sampled, capsys)[1]  # seeded sampling is reproducible
+
+
+@pytest.mark.parametrize(
+    "argv_tail, needle",
+    [
+        (["--prompts", "PROMPTS_EMPTY"], "prompt 0 is empty"),
+        (["--prompts", "PROMPTS_LONG"], "exceeds the maximum sequence length 512"),
+        (["--prompts", "PROMPTS_BAD"], "must be a string or a list of token ids"),
+        (["--backend", "neuron"], "--compiled"),
+    ],
+)
+def test_token_match_bad_input_is_one_line(argv_tail, needle, tiny4, tmp_path, capsys):
+    files = {"PROMPTS_EMPTY": [[]], "PROMPTS_LONG": [[5] * 600], "PROMPTS_BAD": [{"text": 1}]}
+    argv = ["token-match", "--model", tiny4, "--max-new-tokens", "4"]
+    for arg in argv_tail:
+        if arg in files:
+            path = tmp_path / f"{arg}.json"
+            path.write_text(json.dumps(files[arg]))
+            arg = str(path)
+        argv.append(arg)
+    code, _, err = run(argv, capsys)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
+
+
+def test_text_prompt_without_tokenizer_is_refused(tiny4, tmp_path, capsys):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny4, bare)
+    (bare / "tokenizer.json").unlink()
+    code, _, err = run(["token-match", "--model", str(bare), "--max-new-tokens", "2"], capsys)
+    assert code == 2 and "no tokenizer.json" in err
