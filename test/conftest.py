@@ -251,24 +251,15 @@ def principled_bound(fp32_logits: torch.Tensor, fp64_logits: torch.Tensor) -> tu
     return max(FLOOR, 4.0 * dev), dev
 
 
-def hf_fp64_logits(path: Path, model_type: str, seq: list[int]) -> torch.Tensor:
-    model = load_hf(path, model_type, torch.float64)
-    try:
-        return hf_logits(model, torch.tensor([seq]))[0].double() if False else _fp64(model, seq)
-    finally:
-        del model
-        gc.collect()
-
-
 @torch.no_grad()
-def _fp64(model, seq: list[int]) -> torch.Tensor:
+def hf_fp64_logits(path: Path, model_type: str, seq: list[int]) -> torch.Tensor:
+    """HF's float64 logits [len(seq), V] of the checkpoint at `path` (the reference for the principled bound)."""
+    model = load_hf(path, model_type, torch.float64)
     ids = torch.tensor([seq])
-    return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].double()
-
-
-def free(*objs) -> None:
-    del objs
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].double()
+    del model
     gc.collect()
+    return logits
 
 
 # --------------------------------------------------------------------------------------------------------------
