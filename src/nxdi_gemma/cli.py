@@ -139,6 +139,37 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def resolve_plan(model: str):
+    """A checkpoint directory, or the name of a public checkpoint (planning before downloading)."""
+    from .config import load_plan
+    from .public_models import PUBLIC_CONFIGS, public_plan
+
+    if model in PUBLIC_CONFIGS:
+        return public_plan(model)
+    if not Path(model).is_dir():
+        raise InputError(f"--model {model!r} is neither a directory nor a public checkpoint ({', '.join(PUBLIC_CONFIGS)})")
+    return load_plan(model)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from . import planning
+
+    if args.table:
+        print(planning.instance_table())
+        return 0
+    if not args.model or not args.instance:
+        raise InputError("plan needs --model DIR|NAME and --instance NAME (or --table)")
+    plan = resolve_plan(args.model)
+    result = planning.memory_plan(plan, args.instance, args.tp, args.batch, args.seq_len, args.dtype)
+    context, batch = planning.largest_fit(plan, args.instance, result.tp, args.dtype)
+    if args.json:
+        print(json.dumps({**result.to_json(), "max_context_batch1": context, "max_batch": batch}, indent=2))
+    else:
+        print(planning.format_plan(result))
+        print(f"  largest context at batch 1: {context} tokens; largest batch at {result.seq_len} tokens: {batch}")
+    return 0
+
+
 def _check_lengths(prompt_ids: list[list[int]], max_new_tokens: int, limit: int) -> None:
     for i, ids in enumerate(prompt_ids):
         if len(ids) + max_new_tokens > limit:
@@ -189,6 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int)
     gen.set_defaults(run=cmd_generate)
+
+    pl = sub.add_parser("plan", help="per-core memory and roofline speed of a model on a Neuron instance")
+    pl.add_argument("--model", help="checkpoint directory or public checkpoint name (e.g. gemma-3-27b)")
+    pl.add_argument("--instance", help="e.g. trn1.32xlarge, inf2.xlarge, trn2.3xlarge")
+    pl.add_argument("--tp", type=int, help="tensor-parallel degree (default: the largest that fits the instance)")
+    pl.add_argument("--batch", type=int, default=1)
+    pl.add_argument("--seq-len", type=int, help="context length (default: min(model maximum, 8192))")
+    pl.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--table", action="store_true", help="print the README's instance table for all public models")
+    pl.set_defaults(run=cmd_plan)
 
     tiny = sub.add_parser("make-tiny", help="write a small random-weight Gemma checkpoint")
     tiny.add_argument("--out", required=True)

@@ -1,0 +1,235 @@
+"""Memory and speed planning for a Gemma plan on a Neuron instance, per NeuronCore.
+
+Counts (all per core, bytes):
+- weights: every tensor / TP, except the small replicated ones (norms, router); NxDI keeps the tied LM head as a
+  second copy of the embedding, so the vocab x H table counts twice.
+- KV cache: per producer layer 2 x batch x cache_len x kv_heads_per_core x head_dim x dtype bytes, with cache_len
+  = min(window, seq_len) on sliding layers and seq_len on full layers; KV-shared Gemma 4 layers own nothing.
+  KV heads are replicated when TP exceeds them (kv_heads_per_core = max(1, kv / TP)).
+- activations: the context-encoding pass at the full context length: hidden states, the MLP intermediate
+  shard, and the attention scores (batch x q_heads_per_core x seq^2 in float32, as without flash kernels).
+- a fixed runtime reserve per core.
+Decode roofline: batch / (bytes read per step / HBM bandwidth), where a step reads every weight except the
+embedding tables (only a few rows are gathered) and, for MoE, only top_k of the experts, plus the KV cache in use.
+Prefill bound: peak bf16 FLOP/s / (2 x active parameters per token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .config import GemmaPlan
+from .errors import InputError
+
+GIB = 1024**3
+RUNTIME_RESERVE = 1 * GIB  # NEFF scratch, runtime and collectives buffers (estimate)
+
+
+@dataclass(frozen=True)
+class Instance:
+    name: str
+    cores: int  # NeuronCores usable as TP ranks (logical cores on Trn2, LNC=2)
+    hbm_per_core: float  # bytes
+    bandwidth_per_core: float  # bytes/s
+    bf16_flops_per_core: float
+
+
+# Public AWS figures: Trn1/Inf2 chips have 2 NeuronCore-v2 and 32 GiB HBM at 820 GB/s, 190 bf16 TFLOP/s;
+# a Trn2 chip has 96 GiB at 2.9 TB/s and 667 dense bf16 TFLOP/s, exposed as 4 logical cores (LNC=2).
+INSTANCES: dict[str, Instance] = {
+    name: Instance(name, cores, hbm * GIB, bw, flops)
+    for name, cores, hbm, bw, flops in [
+        ("inf2.xlarge", 2, 16, 410e9, 95e12),
+        ("inf2.8xlarge", 2, 16, 410e9, 95e12),
+        ("inf2.24xlarge", 12, 16, 410e9, 95e12),
+        ("inf2.48xlarge", 24, 16, 410e9, 95e12),
+        ("trn1.2xlarge", 2, 16, 410e9, 95e12),
+        ("trn1.32xlarge", 32, 16, 410e9, 95e12),
+        ("trn2.3xlarge", 4, 24, 725e9, 166.75e12),
+        ("trn2.48xlarge", 64, 24, 725e9, 166.75e12),
+    ]
+}
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+@dataclass
+class MemoryPlan:
+    instance: str
+    tp: int
+    batch: int
+    seq_len: int
+    dtype: str
+    weights_per_core: int
+    kv_cache_per_core: int
+    activations_per_core: int
+    reserve_per_core: int
+    hbm_per_core: int
+    decode_tokens_per_s: float  # roofline upper bound, whole batch
+    prefill_tokens_per_s: float  # compute upper bound
+
+    @property
+    def total_per_core(self) -> int:
+        return self.weights_per_core + self.kv_cache_per_core + self.activations_per_core + self.reserve_per_core
+
+    @property
+    def fits(self) -> bool:
+        return self.total_per_core <= self.hbm_per_core
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "total_per_core": self.total_per_core, "fits": self.fits}
+
+
+def check_tp(plan: GemmaPlan, tp: int) -> None:
+    """TP must split the query heads evenly and either split or replicate every layer type's KV heads."""
+    if tp < 1:
+        raise InputError(f"--tp {tp} must be at least 1")
+    heads = plan.num_heads
+    valid = [t for t in range(1, 129) if _tp_ok(plan, t)]
+    if not _tp_ok(plan, tp):
+        kvs = sorted({layer.num_kv_heads for layer in plan.layers})
+        raise InputError(
+            f"--tp {tp} does not divide the {heads} query heads or the KV heads {kvs} (each must divide or be "
+            f"divided by TP); valid TP degrees: {', '.join(map(str, valid))}"
+        )
+
+
+def _tp_ok(plan: GemmaPlan, tp: int) -> bool:
+    if plan.num_heads % tp:
+        return False
+    return all(layer.num_kv_heads % tp == 0 or tp % layer.num_kv_heads == 0 for layer in plan.layers)
+
+
+def kv_heads_per_core(num_kv_heads: int, tp: int) -> int:
+    return max(1, num_kv_heads // tp)
+
+
+def kv_cache_bytes(plan: GemmaPlan, tp: int, batch: int, seq_len: int, dtype_bytes: int) -> int:
+    total = 0
+    for layer in plan.layers:
+        if layer.shares_kv:
+            continue
+        length = min(layer.window, seq_len) if layer.window else seq_len
+        total += 2 * batch * length * kv_heads_per_core(layer.num_kv_heads, tp) * layer.head_dim * dtype_bytes
+    return total
+
+
+def parameter_counts(plan: GemmaPlan) -> dict[str, int]:
+    """Parameters by how they are held and read: 'sharded' (split over TP; includes all experts and the LM head,
+    which NxDI keeps as its own copy even when tied), 'tables' (embedding tables: split over TP, only gathered),
+    'replicated' (norms, router, scalars: on every core) and 'active' (read per decoded token: dense weights,
+    top_k experts, LM head and replicated)."""
+    h = plan.hidden_size
+    dense = replicated = experts_total = experts_active = 0
+    for layer in plan.layers:
+        d, nq, nkv = layer.head_dim, layer.num_heads, layer.num_kv_heads
+        dense += 2 * h * nq * d  # q_proj, o_proj
+        if not layer.shares_kv:
+            dense += h * nkv * d * (1 if layer.k_eq_v else 2)
+        dense += 3 * h * layer.intermediate_size
+        replicated += 4 * h + 2 * d
+        if plan.ple_dim:
+            dense += 2 * h * plan.ple_dim
+            replicated += h
+        if layer.moe:
+            per_expert = 3 * h * layer.moe.intermediate_size
+            experts_total += layer.moe.num_experts * per_expert
+            experts_active += layer.moe.top_k * per_expert
+            replicated += h * layer.moe.num_experts + layer.moe.num_experts + 4 * h
+    tables = plan.vocab_size * h
+    if plan.ple_dim:
+        tables += plan.ple_vocab_size * plan.num_layers * plan.ple_dim
+        dense += h * plan.num_layers * plan.ple_dim + plan.ple_dim
+    head = plan.vocab_size * h
+    replicated += h  # final norm
+    return {
+        "sharded": dense + experts_total + head,
+        "tables": tables,
+        "replicated": replicated,
+        "active": dense + experts_active + head + replicated,
+    }
+
+
+def memory_plan(plan: GemmaPlan, instance: str, tp: int | None = None, batch: int = 1, seq_len: int | None = None,
+                dtype: str = "bfloat16") -> MemoryPlan:
+    if instance not in INSTANCES:
+        raise InputError(f"unknown instance {instance!r}; known: {', '.join(INSTANCES)}")
+    inst = INSTANCES[instance]
+    tp = tp or max(t for t in range(1, inst.cores + 1) if inst.cores % t == 0 and _tp_ok(plan, t))
+    if tp > inst.cores:
+        raise InputError(f"--tp {tp} exceeds the {inst.cores} NeuronCores of {instance}")
+    check_tp(plan, tp)
+    seq_len = seq_len or min(plan.max_position_embeddings, 8192)
+    if seq_len > plan.max_position_embeddings:
+        raise InputError(
+            f"--seq-len {seq_len} exceeds the model's maximum context of {plan.max_position_embeddings} tokens"
+        )
+    if batch < 1 or seq_len < 1:
+        raise InputError("--batch and --seq-len must be at least 1")
+    nbytes = DTYPE_BYTES[dtype]
+    counts = parameter_counts(plan)
+    weights = (counts["sharded"] + counts["tables"]) * nbytes // tp + counts["replicated"] * nbytes
+    kv = kv_cache_bytes(plan, tp, batch, seq_len, nbytes)
+    widest_mlp = max(layer.intermediate_size for layer in plan.layers)
+    q_heads = plan.num_heads // tp
+    activations = batch * seq_len * (4 * plan.hidden_size + 2 * widest_mlp // tp) * nbytes
+    activations += batch * q_heads * seq_len * seq_len * 4
+    # Decode: stream the active weights once per step plus the KV cache in use, for the whole batch.
+    step_bytes = counts["active"] * nbytes / tp + kv
+    decode = batch * inst.bandwidth_per_core / step_bytes
+    prefill = inst.bf16_flops_per_core * tp / (2 * counts["active"])
+    return MemoryPlan(instance, tp, batch, seq_len, dtype, int(weights), int(kv), int(activations),
+                      RUNTIME_RESERVE, int(inst.hbm_per_core), decode, prefill)
+
+
+def largest_fit(plan: GemmaPlan, instance: str, tp: int | None = None, dtype: str = "bfloat16") -> tuple[int, int]:
+    """(largest power-of-two context at batch 1, largest batch at that plan's default context) that fit; 0 if none."""
+    context = 0
+    length = 128
+    while length <= plan.max_position_embeddings:
+        if memory_plan(plan, instance, tp, 1, length, dtype).fits:
+            context = length
+        length *= 2
+    batch = 0
+    default = memory_plan(plan, instance, tp, 1, None, dtype)
+    b = 1
+    while b <= 1024 and memory_plan(plan, instance, tp, b, default.seq_len, dtype).fits:
+        batch = b
+        b *= 2
+    return context, batch
+
+
+def format_plan(p: MemoryPlan) -> str:
+    g = GIB
+    return "\n".join([
+        f"instance {p.instance}, TP {p.tp}, batch {p.batch}, seq_len {p.seq_len}, {p.dtype}",
+        f"  weights      {p.weights_per_core / g:8.2f} GiB per core",
+        f"  KV cache     {p.kv_cache_per_core / g:8.2f} GiB per core",
+        f"  activations  {p.activations_per_core / g:8.2f} GiB per core",
+        f"  reserve      {p.reserve_per_core / g:8.2f} GiB per core",
+        f"  total        {p.total_per_core / g:8.2f} GiB of {p.hbm_per_core / g:.0f} GiB -> "
+        + ("fits" if p.fits else "DOES NOT FIT"),
+        f"  decode roofline  {p.decode_tokens_per_s:10.1f} tokens/s (batch {p.batch}, HBM-bandwidth bound)",
+        f"  prefill bound    {p.prefill_tokens_per_s:10.1f} tokens/s (bf16 compute bound)",
+    ])
+
+
+def instance_table(dtype: str = "bfloat16") -> str:
+    """Markdown: for every public checkpoint and instance where it fits at 4096 tokens, the TP, largest context
+    at batch 1 and the batch-1 decode roofline at 4096 tokens."""
+    from .public_models import PUBLIC_CONFIGS, public_plan
+
+    rows = ["| model | instance | TP | weights/core (GiB) | max context, batch 1 | decode roofline, batch 1 @4K (tok/s) |",
+            "|---|---|---|---|---|---|"]
+    for name in PUBLIC_CONFIGS:
+        plan = public_plan(name)
+        for instance in INSTANCES:
+            try:
+                result = memory_plan(plan, instance, None, 1, 4096, dtype)
+            except InputError:
+                continue
+            if not result.fits:
+                continue
+            context, _ = largest_fit(plan, instance, result.tp, dtype)
+            rows.append(f"| {name} | {instance} | {result.tp} | {result.weights_per_core / GIB:.1f} | {context} | "
+                        f"{result.decode_tokens_per_s:.0f} |")
+    return "\n".join(rows)
