@@ -1,0 +1,67 @@
+"""`plan`: KV arithmetic checked against hand computations, refusals, and the CLI."""
+
+import json
+
+import pytest
+
+from nxdi_gemma.cli import main
+from nxdi_gemma.errors import InputError
+from nxdi_gemma.planning import kv_cache_bytes, largest_fit, memory_plan
+from nxdi_gemma.public_models import public_plan
+
+
+def test_kv_cache_gemma3_27b_by_hand():
+    # 62 layers: full where (i+1) % 6 == 0 -> 10 full, 52 sliding (window 1024); 16 KV heads / TP 8 = 2 per core;
+    # head_dim 128; bf16; batch 1; 8192 tokens. Per layer: 2 (K and V) x batch x length x heads x dim x 2 bytes.
+    sliding = 2 * 1 * 1024 * 2 * 128 * 2
+    full = 2 * 1 * 8192 * 2 * 128 * 2
+    assert 52 * sliding + 10 * full == 138_412_032
+    assert kv_cache_bytes(public_plan("gemma-3-27b"), tp=8, batch=1, seq_len=8192, dtype_bytes=2) == 138_412_032
+
+
+def test_kv_cache_gemma4_e2b_by_hand():
+    # 35 layers, the last 20 share KV (no cache); producers 0-14 hold full layers 4, 9, 14 and 12 sliding ones.
+    # 1 KV head (replicated at TP 2); sliding head_dim 256 window 512, full head_dim 512; batch 2, 4096 tokens, bf16.
+    sliding = 2 * 2 * 512 * 1 * 256 * 2
+    full = 2 * 2 * 4096 * 1 * 512 * 2
+    assert 12 * sliding + 3 * full == 62_914_560
+    assert kv_cache_bytes(public_plan("gemma-4-e2b"), tp=2, batch=2, seq_len=4096, dtype_bytes=2) == 62_914_560
+
+
+def test_sliding_layers_cost_only_their_window():
+    plan = public_plan("gemma-3-1b")
+    short = kv_cache_bytes(plan, 1, 1, 512, 2)
+    long = kv_cache_bytes(plan, 1, 1, 4096, 2)
+    full_layers = sum(1 for layer in plan.layers if not layer.window)
+    # only the full layers grow past the window: 2 x (4096 - 512) x 1 head x 256 x 2 bytes each
+    assert long - short == full_layers * 2 * (4096 - 512) * 256 * 2
+
+
+def test_refusals_are_clear():
+    plan = public_plan("gemma-3-27b")
+    with pytest.raises(InputError, match=r"--tp 3 does not divide .*valid TP degrees: 1, 2, 4, 8, 16, 32"):
+        memory_plan(plan, "trn1.32xlarge", tp=3)
+    with pytest.raises(InputError, match="exceeds the model's maximum context of 131072"):
+        memory_plan(plan, "trn1.32xlarge", tp=32, seq_len=200_000)
+    with pytest.raises(InputError, match="exceeds the 2 NeuronCores"):
+        memory_plan(plan, "inf2.xlarge", tp=4)
+    with pytest.raises(InputError, match="unknown instance"):
+        memory_plan(plan, "p5.48xlarge")
+
+
+def test_fit_monotonic_and_big_models_do_not_fit_small_instances():
+    assert not memory_plan(public_plan("gemma-3-27b"), "trn1.2xlarge").fits
+    context, batch = largest_fit(public_plan("gemma-3-1b"), "inf2.xlarge")
+    assert context >= 8192 and batch >= 1
+    assert memory_plan(public_plan("gemma-3-1b"), "inf2.xlarge", seq_len=context).fits
+
+
+def test_plan_cli_from_directory_and_name(tmp_path, capsys):
+    from nxdi_gemma.tiny import write_tiny_checkpoint
+
+    ckpt = write_tiny_checkpoint(tmp_path / "t", "gemma4")
+    assert main(["plan", "--model", str(ckpt), "--instance", "inf2.xlarge", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["fits"] and doc["tp"] == 2  # default TP: all cores of the instance that the heads allow
+    assert main(["plan", "--model", "gemma-2-9b", "--instance", "trn1.32xlarge", "--tp", "5"]) == 2
+    assert "does not divide" in capsys.readouterr().err
