@@ -91,10 +91,11 @@ def load_state_dict(
     model_dir: str | Path,
     plan: GemmaPlan,
     expected: dict[str, torch.Size],
-    dtype: torch.dtype,
+    dtype: torch.dtype | None,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Read the text decoder's tensors, renamed to our names and cast to dtype, checked against `expected`."""
+    """Read the text decoder's tensors, renamed to our names and cast to dtype (None: as stored), checked
+    against `expected`."""
     from tqdm import tqdm
 
     sources: dict[str, tuple[Path, str]] = {}
@@ -135,10 +136,19 @@ def load_state_dict(
                         f"{path.name}: tensor {disk_name} has shape {list(shape)}, expected {list(expected[name])} "
                         "from config.json; the checkpoint does not match its config"
                     )
-                state[name] = f.get_tensor(disk_name).to(dtype)
+                tensor = f.get_tensor(disk_name)
+                state[name] = tensor if dtype is None else tensor.to(dtype)
                 bar.update()
     bar.close()
     return state
+
+
+def expected_shapes(plan: GemmaPlan) -> dict[str, torch.Size]:
+    """Every tensor a checkpoint of this plan must hold (HF *ForCausalLM names), from a weightless model."""
+    from .cpu import GemmaForCausalLM
+
+    with torch.device("meta"):
+        return {name: t.shape for name, t in GemmaForCausalLM(plan).state_dict().items()}
 
 
 def save_checkpoint(model_dir: str | Path, config: dict, tensors: dict[str, torch.Tensor], extra_files: dict[str, str]

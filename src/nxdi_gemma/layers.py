@@ -38,8 +38,10 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps, self.add_one)
 
 
-def make_norm(plan: GemmaPlan, dim: int, with_weight: bool = True) -> RMSNorm:
-    return RMSNorm(dim, plan.rms_norm_eps, plan.norm_adds_one, with_weight)
+def make_norm(plan: GemmaPlan, dim: int, with_weight: bool = True, folded: bool = False) -> RMSNorm:
+    """A norm of this generation. folded: the weights already hold Gemma 2/3's `1 + w` (Neuron checkpoints), so
+    every norm is `rms(x) * w`."""
+    return RMSNorm(dim, plan.rms_norm_eps, plan.norm_adds_one and not folded, with_weight)
 
 
 class GemmaMLP(nn.Module):
@@ -112,14 +114,15 @@ class GemmaBlock(nn.Module):
     `attention_input(h)`, runs attention on that, and finishes with `after_attention(h, attn_out, ple)`.
     """
 
-    def __init__(self, plan: GemmaPlan, layer: LayerPlan, self_attn: nn.Module, linear: LinearFactory = plain_linear):
+    def __init__(self, plan: GemmaPlan, layer: LayerPlan, self_attn: nn.Module, linear: LinearFactory = plain_linear,
+                 folded_norms: bool = False):
         super().__init__()
         hidden = plan.hidden_size
         self.self_attn = self_attn
-        self.input_layernorm = make_norm(plan, hidden)
-        self.post_attention_layernorm = make_norm(plan, hidden)
-        self.pre_feedforward_layernorm = make_norm(plan, hidden)
-        self.post_feedforward_layernorm = make_norm(plan, hidden)
+        self.input_layernorm = make_norm(plan, hidden, folded=folded_norms)
+        self.post_attention_layernorm = make_norm(plan, hidden, folded=folded_norms)
+        self.pre_feedforward_layernorm = make_norm(plan, hidden, folded=folded_norms)
+        self.post_feedforward_layernorm = make_norm(plan, hidden, folded=folded_norms)
         self.mlp = GemmaMLP(hidden, layer.intermediate_size, linear)
         self.moe = layer.moe is not None
         if self.moe:
@@ -178,11 +181,13 @@ def per_layer_inputs(
     return (context + token_part) * 2.0**-0.5
 
 
-def attention_norms(plan: GemmaPlan, layer: LayerPlan) -> tuple[RMSNorm | None, RMSNorm | None, RMSNorm | None]:
+def attention_norms(
+    plan: GemmaPlan, layer: LayerPlan, folded: bool = False
+) -> tuple[RMSNorm | None, RMSNorm | None, RMSNorm | None]:
     """(q_norm, k_norm, v_norm) of a layer: Gemma 3/4 per-head q/k norms (weight [D] shared by heads) and Gemma 4's
     weightless v norm, all applied over the head dim before RoPE. KV-shared layers have no k/v norm."""
     has_kv = not layer.shares_kv
-    q_norm = make_norm(plan, layer.head_dim) if plan.has_qk_norm else None
-    k_norm = make_norm(plan, layer.head_dim) if plan.has_qk_norm and has_kv else None
+    q_norm = make_norm(plan, layer.head_dim, folded=folded) if plan.has_qk_norm else None
+    k_norm = make_norm(plan, layer.head_dim, folded=folded) if plan.has_qk_norm and has_kv else None
     v_norm = make_norm(plan, layer.head_dim, with_weight=False) if plan.has_v_norm and has_kv else None
     return q_norm, k_norm, v_norm

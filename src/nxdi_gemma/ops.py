@@ -60,7 +60,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def attention(
+def attention_heads(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -68,11 +68,11 @@ def attention(
     scale: float,
     logit_softcap: float | None,
 ) -> torch.Tensor:
-    """Grouped-query attention core in HF's eager order (spec 2.5).
+    """Grouped-query attention core in HF's eager order (spec 2.5), heads first in and out.
 
-    q: [B, Nq, S, D]; k, v: [B, Nkv, T, D]; visible: bool [B, 1, S, T] (True = may attend).
-    Scores and the softcap in q's dtype, softmax in float32, probabilities rounded to q's dtype before @ v.
-    Returns [B, S, Nq * D].
+    q: [B, Nq, S, D]; k, v: [B, Nkv, T, D] (KV head i serves query heads i*g .. i*g+g-1);
+    visible: bool, broadcastable to [B, 1, S, T] (True = may attend). Scores and the softcap in q's dtype,
+    softmax in float32, probabilities rounded to q's dtype before @ v. Returns [B, Nq, S, D].
     """
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
@@ -82,7 +82,19 @@ def attention(
     scores = softcap(scores, logit_softcap)
     scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    out = torch.matmul(probs, v)
+    return torch.matmul(probs, v)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    visible: torch.Tensor,
+    scale: float,
+    logit_softcap: float | None,
+) -> torch.Tensor:
+    """`attention_heads`, with the heads merged: returns [B, S, Nq * D]."""
+    out = attention_heads(q, k, v, visible, scale, logit_softcap)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 

@@ -70,11 +70,10 @@ def byte_tokenizer_json() -> str:
 
 def random_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     """Deterministic float32 weights for every tensor of the checkpoint, named as HF *ForCausalLM stores them."""
-    from .cpu import GemmaForCausalLM
+    from .checkpoint import expected_shapes
 
     plan = plan_from_config(config)
-    with torch.device("meta"):
-        shapes = {name: t.shape for name, t in GemmaForCausalLM(plan).state_dict().items()}
+    shapes = expected_shapes(plan)
     gen = torch.Generator().manual_seed(seed)
     std = config.get("initializer_range", 0.02)
     identity = 0.0 if plan.norm_adds_one else 1.0

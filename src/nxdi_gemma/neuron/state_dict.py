@@ -1,0 +1,54 @@
+"""HF Gemma weights (our names = HF *ForCausalLM names) -> the names and layout of our NxDI modules.
+
+No NxDI import: this runs and is tested on any machine. Norm weights of Gemma 2/3 get their `+1` folded in here
+(computed in float32), so every norm on Neuron is `rms(x) * w` and fused kernels can read the weights raw.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import GemmaPlan
+
+_NORM_SUFFIXES = (
+    "input_layernorm.weight", "post_attention_layernorm.weight", "pre_feedforward_layernorm.weight",
+    "post_feedforward_layernorm.weight", "pre_feedforward_layernorm_2.weight", "post_feedforward_layernorm_1.weight",
+    "post_feedforward_layernorm_2.weight", "post_per_layer_input_norm.weight", "per_layer_projection_norm.weight",
+    "self_attn.q_norm.weight", "self_attn.k_norm.weight",
+)
+
+
+def neuron_name(hf_name: str) -> str:
+    """`model.layers.3.self_attn.q_norm.weight` -> `layers.3.self_attn.q_layernorm.weight` (NxDI attention applies
+    `q_layernorm`/`k_layernorm` per head before RoPE)."""
+    name = hf_name.removeprefix("model.")
+    return name.replace("self_attn.q_norm.", "self_attn.q_layernorm.").replace("self_attn.k_norm.", "self_attn.k_layernorm.")
+
+
+def is_norm_weight(hf_name: str) -> bool:
+    return hf_name == "model.norm.weight" or hf_name.endswith(_NORM_SUFFIXES)
+
+
+def convert_hf_to_neuron_state_dict(
+    state: dict[str, torch.Tensor], plan: GemmaPlan, tp_degree: int, fused_qkv: bool = False
+) -> dict[str, torch.Tensor]:
+    """Rename, fold norm offsets, fuse QKV if asked, materialise the tied LM head and K=V values, add rank tensors."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if plan.norm_adds_one and is_norm_weight(name):
+            tensor = 1.0 + tensor.float()
+        out[neuron_name(name)] = tensor
+    for layer in plan.layers:
+        prefix = f"layers.{layer.index}.self_attn."
+        if layer.k_eq_v:
+            # V is the raw K projection (before k_norm and RoPE): give the V projection the K weights.
+            out[prefix + "v_proj.weight"] = out[prefix + "k_proj.weight"]
+        if fused_qkv and not layer.shares_kv:
+            out[prefix + "Wqkv.weight"] = torch.cat(
+                [out.pop(prefix + "q_proj.weight"), out.pop(prefix + "k_proj.weight"), out.pop(prefix + "v_proj.weight")]
+            )
+        out[prefix + "rank_util.rank"] = torch.arange(tp_degree, dtype=torch.int32)
+    if "lm_head.weight" not in out:
+        out["lm_head.weight"] = out["embed_tokens.weight"].clone()  # tied: NxDI shards its own copy
+    out["rank_util.rank"] = torch.arange(tp_degree, dtype=torch.int32)
+    return out
