@@ -88,7 +88,7 @@ class MoeExperts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x [N, H]; weights float32 [N, k]; experts [N, k]. Weighted sum accumulated in float32, rounded once.
 
-        Runs only the experts that received tokens (eager/CPU). A traced backend uses `forward_dense`.
+        Runs only the experts that received tokens (eager, data-dependent: CPU only).
         """
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e in torch.unique(experts).tolist():
@@ -96,15 +96,6 @@ class MoeExperts(nn.Module):
             y = self.expert(e, x[token])
             out.index_add_(0, token, y.float() * weights[token, slot, None])
         return out.to(x.dtype)
-
-    def forward_dense(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Same result with static shapes (every expert on every token), for traced graphs."""
-        dense = torch.zeros(x.shape[0], self.gate_up_proj.shape[0], dtype=torch.float32, device=x.device)
-        dense.scatter_(1, experts, weights)
-        gate_up = torch.einsum("nh,eih->nei", x, self.gate_up_proj)
-        gate, up = gate_up.chunk(2, dim=-1)
-        y = torch.einsum("nei,ehi->neh", ops.gelu_tanh(gate) * up, self.down_proj)
-        return (y.float() * dense[..., None]).sum(dim=1).to(x.dtype)
 
 
 class GemmaBlock(nn.Module):
@@ -115,7 +106,7 @@ class GemmaBlock(nn.Module):
     """
 
     def __init__(self, plan: GemmaPlan, layer: LayerPlan, self_attn: nn.Module, linear: LinearFactory = plain_linear,
-                 folded_norms: bool = False):
+                 folded_norms: bool = False, experts: nn.Module | None = None):
         super().__init__()
         hidden = plan.hidden_size
         self.self_attn = self_attn
@@ -127,17 +118,17 @@ class GemmaBlock(nn.Module):
         self.moe = layer.moe is not None
         if self.moe:
             self.router = MoeRouter(plan, layer.moe, linear)
-            self.experts = MoeExperts(hidden, layer.moe)
+            self.experts = experts if experts is not None else MoeExperts(hidden, layer.moe)
             self.pre_feedforward_layernorm_2 = make_norm(plan, hidden)
             self.post_feedforward_layernorm_1 = make_norm(plan, hidden)
             self.post_feedforward_layernorm_2 = make_norm(plan, hidden)
         self.ple = plan.ple_dim > 0
         if self.ple:
-            self.per_layer_input_gate = linear(hidden, plan.ple_dim, "column")
-            self.per_layer_projection = linear(plan.ple_dim, hidden, "row")
+            # P (256) is small: these stay whole on every rank, next to the whole PLE slice they combine with.
+            self.per_layer_input_gate = nn.Linear(hidden, plan.ple_dim, bias=False)
+            self.per_layer_projection = nn.Linear(plan.ple_dim, hidden, bias=False)
             self.post_per_layer_input_norm = make_norm(plan, hidden)
         self.layer_scalar = nn.Parameter(torch.ones(1)) if plan.has_layer_scalar else None
-        self.dense_experts = False  # traced backends set True (static shapes)
 
     def attention_input(self, h: torch.Tensor) -> torch.Tensor:
         return self.input_layernorm(h)
@@ -151,8 +142,7 @@ class GemmaBlock(nn.Module):
         if self.moe:
             flat = residual.reshape(-1, residual.shape[-1])
             weights, experts = self.router(flat)
-            run = self.experts.forward_dense if self.dense_experts else self.experts
-            routed = run(self.pre_feedforward_layernorm_2(flat), weights, experts).reshape(residual.shape)
+            routed = self.experts(self.pre_feedforward_layernorm_2(flat), weights, experts).reshape(residual.shape)
             m = self.post_feedforward_layernorm_1(m) + self.post_feedforward_layernorm_2(routed)
         h = residual + self.post_feedforward_layernorm(m)
         if self.ple:

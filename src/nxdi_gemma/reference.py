@@ -54,18 +54,22 @@ def load_hf_model(model_dir: str | Path, dtype: torch.dtype):
 
 @torch.inference_mode()
 def hf_greedy(model_dir: str | Path, prompts: list[list[int]], max_new_tokens: int, dtype: torch.dtype) -> list[Continuation]:
-    """HF's greedy continuation of each prompt (batch 1, exactly max_new_tokens, EOS ignored)."""
-    transformers = import_transformers()
+    """HF's greedy continuation of each prompt (batch 1, exactly max_new_tokens, EOS not treated specially).
+
+    A plain argmax loop over HF's forward with its KV cache, not `generate()`: with `min_new_tokens`, generate()
+    masks the config's EOS ids out of the choice, which would make the reference differ from a pure argmax."""
     model = load_hf_model(model_dir, dtype)
-    config = transformers.GenerationConfig(
-        do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, eos_token_id=None,
-        pad_token_id=0, output_logits=True, return_dict_in_generate=True,
-    )
     out = []
     for ids in prompts:
-        x = torch.tensor([ids])
-        result = model.generate(x, attention_mask=torch.ones_like(x), generation_config=config)
-        out.append(Continuation(result.sequences[0, len(ids):].tolist(), torch.stack(result.logits, 1)[0].float()))
+        step = model(torch.tensor([ids]), use_cache=True)
+        tokens, logits = [], []
+        for i in range(max_new_tokens):
+            last = step.logits[0, -1].float()
+            logits.append(last)
+            tokens.append(int(last.argmax()))
+            if i + 1 < max_new_tokens:
+                step = model(torch.tensor([[tokens[-1]]]), past_key_values=step.past_key_values, use_cache=True)
+        out.append(Continuation(tokens, torch.stack(logits)))
     return out
 
 

@@ -119,9 +119,15 @@ class GemmaInferenceConfig(InferenceConfig):
                 setattr(self, name, default)
         tp = self.neuron_config.tp_degree
         check_tp(plan, tp)
-        for layer in plan.layers:
-            if layer.intermediate_size % tp:
-                raise ConfigError(f"tp_degree={tp} does not divide layer {layer.index}'s MLP width {layer.intermediate_size}")
+        widths = {"hidden_size": plan.hidden_size}
+        widths.update({f"layer {layer.index} MLP width": layer.intermediate_size for layer in plan.layers})
+        widths.update({f"layer {layer.index} MoE width": layer.moe.intermediate_size for layer in plan.layers
+                       if layer.moe})
+        if plan.ple_dim:
+            widths["per-layer-input width (layers x hidden_size_per_layer_input)"] = plan.num_layers * plan.ple_dim
+        for what, width in widths.items():
+            if width % tp:
+                raise ConfigError(f"tp_degree={tp} does not divide the {what} ({width}); choose a TP that does")
         if self.neuron_config.max_length > plan.max_position_embeddings:
             raise ConfigError(
                 f"neuron config max_length={self.neuron_config.max_length} exceeds the model's "

@@ -30,8 +30,8 @@ from torch import nn
 
 from .. import ops
 from ..checkpoint import expected_shapes, load_state_dict
-from ..config import GemmaPlan, LayerPlan, RopeSpec
-from ..layers import GemmaBlock, attention_norms, make_norm
+from ..config import GemmaPlan, LayerPlan, MoeSpec, RopeSpec
+from ..layers import GemmaBlock, attention_norms, make_norm, per_layer_inputs
 from . import state_dict as conversion
 from .config import GemmaInferenceConfig, GemmaNeuronConfig
 
@@ -60,16 +60,42 @@ class GemmaRotaryEmbedding(nn.Module):
         return ops.rope_cos_sin(inv_freq, position_ids, x.dtype)
 
 
-class ScaledParallelEmbedding(ParallelEmbedding):
-    """Gemma's embedding: the table lookup times sqrt(H) rounded to the table's dtype (spec 2.1)."""
+class ForwardState:
+    """Tensors that one forward pass hands from earlier modules to later ones: the Gemma 4 per-layer inputs (made by
+    the embedding, which alone sees the token ids) and each KV producer's K/V (read by the layers sharing it).
+    Shared by reference and refilled in layer order within every traced forward, like a value flowing through."""
 
-    def __init__(self, *args, hidden_size: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.gemma_hidden_size = hidden_size
+    def __init__(self):
+        self.ple: torch.Tensor | None = None
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+class GemmaEmbedding(ParallelEmbedding):
+    """Gemma's embedding: the table lookup times sqrt(H) rounded to the table's dtype (spec 2.1), sharded across the
+    hidden dim. With PLE (Gemma 4 E2B/E4B) it also computes the per-layer inputs once per forward (spec 5.7). The
+    PLE table ([V, L*P]: 2.3B rows x cols on E2B) is sharded across its L*P columns like the main table, so each
+    core stores 1/TP of it and a lookup gathers only S*L*P values; its projection is column-parallel, gathered."""
+
+    def __init__(self, plan: GemmaPlan, state: ForwardState, dtype: torch.dtype):
+        super().__init__(plan.vocab_size, plan.hidden_size, plan.pad_token_id, dtype=dtype,
+                         shard_across_embedding=True)
+        self.plan, self.state = plan, state
+        if plan.ple_dim:
+            width = plan.num_layers * plan.ple_dim
+            self.embed_tokens_per_layer = ParallelEmbedding(plan.ple_vocab_size, width, dtype=dtype,
+                                                            shard_across_embedding=True)
+            self.per_layer_model_projection = ColumnParallelLinear(plan.hidden_size, width, bias=False,
+                                                                   gather_output=True, dtype=dtype)
+            self.per_layer_projection_norm = make_norm(plan, plan.ple_dim)
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
         out = super().forward(input_)
-        return out * ops.embed_scale(self.gemma_hidden_size, out.dtype)
+        out = out * ops.embed_scale(self.plan.hidden_size, out.dtype)
+        self.state.kv.clear()
+        if self.plan.ple_dim:
+            self.state.ple = per_layer_inputs(self.plan, input_, out, self.embed_tokens_per_layer,
+                                              self.per_layer_model_projection, self.per_layer_projection_norm)
+        return out
 
 
 class SoftcapColumnParallelLinear(ColumnParallelLinear):
@@ -89,8 +115,10 @@ class NeuronGemmaAttention(NeuronAttentionBase):
     The sliding window is a mask built by the decoder layer; `sliding_window` stays None here so NxDI's windowed
     path (its W-1 roll, which needs a bucket >= W-1) is never taken."""
 
-    def __init__(self, config: GemmaInferenceConfig, plan: GemmaPlan, layer: LayerPlan):
-        q_norm, k_norm, _ = attention_norms(plan, layer, folded=True)
+    def __init__(self, config: GemmaInferenceConfig, plan: GemmaPlan, layer: LayerPlan, state: ForwardState):
+        q_norm, k_norm, v_norm = attention_norms(plan, layer, folded=True)
+        if layer.shares_kv and q_norm is not None:
+            k_norm = make_norm(plan, layer.head_dim, with_weight=False)  # NxDI wants both; this K is never read
         super().__init__(
             config=config,
             hidden_size=plan.hidden_size,
@@ -105,6 +133,23 @@ class NeuronGemmaAttention(NeuronAttentionBase):
         self.gemma_scale = plan.attention_scale
         self.gemma_softcap = plan.attn_logit_softcap
         self.softmax_scale = 1.0 / plan.attention_scale  # NxDI 0.9 divides by this in paths we do not override
+        self.v_norm = v_norm
+        self.state = state
+        self.layer_index, self.kv_source, self.shares_kv = layer.index, layer.kv_source, layer.shares_kv
+        self.stores_kv = any(other.kv_source == layer.index and other.shares_kv for other in plan.layers)
+
+    def prep_qkv_tensors(self, *args, **kwargs):
+        """NxDI projects, q/k-norms and rotates; Gemma 4 adds the weightless V norm (V is never rotated) and KV
+        sharing: a producer leaves its K/V (rotated K, normed V) for the layers that share them, which use those
+        instead of their own."""
+        Q, K, V, cos, sin, residual = super().prep_qkv_tensors(*args, **kwargs)
+        if self.v_norm is not None:
+            V = self.v_norm(V)
+        if self.shares_kv:
+            K, V = self.state.kv[self.kv_source]
+        elif self.stores_kv:
+            self.state.kv[self.layer_index] = (K, V)
+        return Q, K, V, cos, sin, residual
 
     def get_flash_attention_strategy(self, q_len, has_attention_mask) -> FlashAttentionStrategy:
         return FlashAttentionStrategy.NONE
@@ -151,11 +196,12 @@ class NeuronGemmaDecoderLayer(GemmaBlock):
     """The shared Gemma block (norms, MLP, residuals) around NxDI attention. Returns cos/sin as None so NxDI's
     layer loop cannot hand one layer type's RoPE table to the next layer."""
 
-    def __init__(self, config: GemmaInferenceConfig, plan: GemmaPlan, layer: LayerPlan):
+    def __init__(self, config: GemmaInferenceConfig, plan: GemmaPlan, layer: LayerPlan, state: ForwardState):
         dtype = config.neuron_config.torch_dtype
-        super().__init__(plan, layer, NeuronGemmaAttention(config, plan, layer), parallel_linear_factory(dtype),
-                         folded_norms=True)
-        self.window = layer.window
+        experts = ParallelMoeExperts(plan.hidden_size, layer.moe, dtype) if layer.moe else None
+        super().__init__(plan, layer, NeuronGemmaAttention(config, plan, layer, state),
+                         parallel_linear_factory(dtype), folded_norms=True, experts=experts)
+        self.window, self.state, self.index = layer.window, state, layer.index
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_value=None, **kwargs):
         for handed_over in ("cos_cache", "sin_cache", "residual", "local_mask"):
@@ -168,8 +214,32 @@ class NeuronGemmaDecoderLayer(GemmaBlock):
             hidden_states=self.attention_input(hidden_states), attention_mask=mask, position_ids=position_ids,
             past_key_value=past_key_value, cos_cache=None, sin_cache=None, **kwargs,
         )
-        hidden_states = self.after_attention(hidden_states, out[0])
+        ple = None if self.state.ple is None else self.state.ple[:, :, self.index]
+        hidden_states = self.after_attention(hidden_states, out[0], ple)
         return hidden_states, out[1], None, None, None
+
+
+class ParallelMoeExperts(nn.Module):
+    """Gemma 4 routed experts, tensor parallel: gate/up are column-parallel and down row-parallel over the
+    flattened (intermediate, expert) axis (see `state_dict.experts_to_neuron`), so each rank holds a 1/TP slice of
+    every expert's width and the per-token routing weights apply locally; the row-parallel down projection sums
+    experts and ranks. Static shapes: every expert runs on every token (correct; E/k times the routed FLOPs)."""
+
+    def __init__(self, hidden: int, moe: MoeSpec, dtype: torch.dtype):
+        super().__init__()
+        self.num_experts = moe.num_experts
+        width = moe.num_experts * moe.intermediate_size
+        self.gate_proj = ColumnParallelLinear(hidden, width, bias=False, gather_output=False, dtype=dtype)
+        self.up_proj = ColumnParallelLinear(hidden, width, bias=False, gather_output=False, dtype=dtype)
+        self.down_proj = RowParallelLinear(width, hidden, bias=False, input_is_parallel=True, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        dense = torch.zeros(x.shape[0], self.num_experts, dtype=torch.float32, device=x.device)
+        dense = dense.scatter(1, experts, weights)  # [N, E] routing weight, 0 for unselected experts
+        gate = self.gate_proj(x).view(x.shape[0], -1, self.num_experts)
+        up = self.up_proj(x).view(x.shape[0], -1, self.num_experts)
+        h = (ops.gelu_tanh(gate) * up * dense[:, None, :].to(x.dtype)).reshape(x.shape[0], -1)
+        return self.down_proj(h)
 
 
 class GemmaKVCacheManager(KVCacheManager):
@@ -183,15 +253,39 @@ class GemmaKVCacheManager(KVCacheManager):
                          layer_to_cache_size_mapping=[1] * plan.num_layers)
         batch = config.neuron_config.kv_cache_batch_size + config.neuron_config.kv_cache_padding_size
         self.windows = [layer.window for layer in plan.layers]
+        self.producers = [layer.index for layer in plan.layers if not layer.shares_kv]
+        # KV-shared layers own no cache: they read their source layer's slot.
+        slot = {index: n for n, index in enumerate(self.producers)}
+        self.slot_of = [slot[layer.kv_source] for layer in plan.layers]
         self.k_shapes = self.v_shapes = [
-            (batch, module.self_attn.num_key_value_heads, layer.window or config.neuron_config.max_length,
-             layer.head_dim)
-            for layer, module in zip(plan.layers, layers, strict=True)
+            (batch, layers[i].self_attn.num_key_value_heads, plan.layers[i].window or config.neuron_config.max_length,
+             plan.layers[i].head_dim)
+            for i in self.producers
         ]
         self.past_key_values = nn.ParameterList(
             nn.Parameter(torch.zeros(shape, dtype=self.cache_dtype), requires_grad=False)
             for shape in self.k_shapes for _ in ("k", "v")
         )
+
+    def _fetch_cache(self, idx: int, kvcache_buffer=None):
+        return super()._fetch_cache(self.slot_of[idx], kvcache_buffer)
+
+    def get_cache(self, seq_len: int, skip_slice=False, kvcache_buffer=None, seq_ids=None, **kwargs):
+        return [
+            list(self.get_kv_by_layer_id(idx=idx, seq_len=seq_len, skip_slice=skip_slice,
+                                         kvcache_buffer=kvcache_buffer, seq_ids=seq_ids, **kwargs))
+            for idx in range(len(self.windows))
+        ]
+
+    def update_cache(self, is_for_context_encoding, seq_ids, position_ids, new_key_values, seq_len, **kwargs):
+        """Write the producers' new K/V; returns [k, v] per cache slot, in slot order (what NxDI aliases)."""
+        updated = []
+        for idx in self.producers:
+            updated.extend(self.update_kv_by_layer_id(
+                idx=idx, is_for_context_encoding=is_for_context_encoding, seq_ids=seq_ids,
+                position_ids=position_ids, kv_per_layer=new_key_values[idx], seq_len=seq_len, **kwargs,
+            ))
+        return updated
 
     def get_kv_by_layer_id(self, idx, seq_len: int, skip_slice=False, kvcache_buffer=None, **kwargs):
         k_cache, v_cache = self._fetch_cache(idx, kvcache_buffer)
@@ -245,11 +339,9 @@ class NeuronGemmaModel(NeuronBaseModel):
         dtype = config.neuron_config.torch_dtype
         self.padding_idx = config.pad_token_id
         self.vocab_size = plan.vocab_size
-        self.embed_tokens = ScaledParallelEmbedding(
-            plan.vocab_size, plan.hidden_size, self.padding_idx, dtype=dtype, shard_across_embedding=True,
-            hidden_size=plan.hidden_size,
-        )
-        self.layers = nn.ModuleList(NeuronGemmaDecoderLayer(config, plan, layer) for layer in plan.layers)
+        self.state = ForwardState()
+        self.embed_tokens = GemmaEmbedding(plan, self.state, dtype)
+        self.layers = nn.ModuleList(NeuronGemmaDecoderLayer(config, plan, layer, self.state) for layer in plan.layers)
         self.norm = make_norm(plan, plan.hidden_size, folded=True)
         self.lm_head = SoftcapColumnParallelLinear(
             plan.hidden_size, plan.vocab_size, bias=False, gather_output=not self.on_device_sampling, pad=True,
@@ -308,3 +400,4 @@ class NeuronGemmaForCausalLM(NeuronBaseForCausalLM):
 # The names vLLM's architecture lookup and users expect; one implementation serves every generation.
 NeuronGemma2ForCausalLM = NeuronGemmaForCausalLM
 NeuronGemma3ForCausalLM = NeuronGemmaForCausalLM
+NeuronGemma4ForCausalLM = NeuronGemmaForCausalLM

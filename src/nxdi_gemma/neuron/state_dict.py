@@ -18,11 +18,31 @@ _NORM_SUFFIXES = (
 )
 
 
+# Gemma 4 PLE tensors live in the embedding module on Neuron: it computes the per-layer inputs from the token ids.
+_PLE_NAMES = ("embed_tokens_per_layer.weight", "per_layer_model_projection.weight", "per_layer_projection_norm.weight")
+
+
 def neuron_name(hf_name: str) -> str:
     """`model.layers.3.self_attn.q_norm.weight` -> `layers.3.self_attn.q_layernorm.weight` (NxDI attention applies
-    `q_layernorm`/`k_layernorm` per head before RoPE)."""
+    `q_layernorm`/`k_layernorm` per head before RoPE); PLE tables move under `embed_tokens.`."""
     name = hf_name.removeprefix("model.")
+    if name in _PLE_NAMES:
+        return "embed_tokens." + name
     return name.replace("self_attn.q_norm.", "self_attn.q_layernorm.").replace("self_attn.k_norm.", "self_attn.k_layernorm.")
+
+
+def experts_to_neuron(gate_up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
+    """HF stacked experts -> one column-parallel gate, one up ([Ie*E, H], row i*E + e) and a row-parallel down
+    ([H, Ie*E]). Ordering rows intermediate-major splits every expert's width Ie evenly across TP ranks, so each
+    rank holds a slice of all experts and the routing weights apply without knowing the rank."""
+    num_experts, two_ie, hidden = gate_up.shape
+    ie = two_ie // 2
+    gate, up = gate_up[:, :ie], gate_up[:, ie:]
+    return {
+        "gate_proj.weight": gate.permute(1, 0, 2).reshape(ie * num_experts, hidden),
+        "up_proj.weight": up.permute(1, 0, 2).reshape(ie * num_experts, hidden),
+        "down_proj.weight": down.permute(1, 2, 0).reshape(hidden, ie * num_experts),
+    }
 
 
 def is_norm_weight(hf_name: str) -> bool:
@@ -39,11 +59,22 @@ def convert_hf_to_neuron_state_dict(
             tensor = 1.0 + tensor.float()
         out[neuron_name(name)] = tensor
     for layer in plan.layers:
+        if layer.moe is not None:
+            experts = f"layers.{layer.index}.experts."
+            converted = experts_to_neuron(out.pop(experts + "gate_up_proj"), out.pop(experts + "down_proj"))
+            out.update({experts + name: tensor for name, tensor in converted.items()})
         prefix = f"layers.{layer.index}.self_attn."
+        if layer.shares_kv:
+            # KV-shared layers attend to their source's K/V; NxDI's projection module still has K/V weights, which
+            # compute a value nobody reads. Zeros keep the load complete (checkpoints do not store them).
+            q = out[prefix + "q_proj.weight"]
+            kv_shape = (layer.num_kv_heads * layer.head_dim, q.shape[1])
+            out[prefix + "k_proj.weight"] = torch.zeros(kv_shape, dtype=q.dtype)
+            out[prefix + "v_proj.weight"] = torch.zeros(kv_shape, dtype=q.dtype)
         if layer.k_eq_v:
             # V is the raw K projection (before k_norm and RoPE): give the V projection the K weights.
             out[prefix + "v_proj.weight"] = out[prefix + "k_proj.weight"]
-        if fused_qkv and not layer.shares_kv:
+        if fused_qkv:
             out[prefix + "Wqkv.weight"] = torch.cat(
                 [out.pop(prefix + "q_proj.weight"), out.pop(prefix + "k_proj.weight"), out.pop(prefix + "v_proj.weight")]
             )
