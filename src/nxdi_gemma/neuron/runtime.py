@@ -1,0 +1,129 @@
+"""Compile, load and run our NxDI Gemma classes: what `nxdi-gemma compile|generate|token-match --backend neuron`
+call. NxDI is imported lazily, with one clear error when it is missing. Untested on Neuron hardware; the same
+code runs in NxDI's CPU mode (`on_cpu`), which is how it was checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError, GemmaError, InputError
+from ..reference import Continuation
+
+COMPILE_SPEC = "nxdi_gemma_compile.json"  # the compile config a compiled directory was built from
+
+
+def import_nxdi():
+    """Our NxDI classes, or a one-line error saying what to install."""
+    try:
+        from . import modeling
+    except ImportError as err:
+        raise GemmaError(
+            f"the Neuron backend needs the Neuron SDK ({err.name or err}): install torch-neuronx, "
+            "neuronx-distributed and neuronx-distributed-inference from the Neuron pip repository "
+            "(Neuron SDK 2.28 for Trn1/Inf2, 2.29+ for Trn2), or use --backend cpu"
+        ) from None
+    return modeling
+
+
+def read_compile_config(path: str | Path) -> dict:
+    try:
+        spec = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--config {path}: cannot read a compile config ({err})") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("neuron_config"), dict):
+        raise ConfigError(f"--config {path}: expected an object with a 'neuron_config' object (see compile_configs/)")
+    return spec
+
+
+def build(model_path: str, neuron_config: dict, on_cpu: bool = False):
+    """Our causal LM with its config, from a checkpoint directory (config.json read by our parser)."""
+    modeling = import_nxdi()
+    from .config import gemma_load_config
+
+    cls = modeling.NeuronGemmaForCausalLM
+    settings = dict(neuron_config, on_cpu=True) if on_cpu else dict(neuron_config)
+    if isinstance(settings.get("torch_dtype"), str):
+        settings["torch_dtype"] = getattr(torch, settings["torch_dtype"])
+    config = cls.get_config_cls()(cls.get_neuron_config_cls()(**settings), load_config=gemma_load_config(model_path))
+    return cls(model_path, config)
+
+
+def compile_model(model_path: str, config_path: str, out_dir: str) -> Path:
+    """Trace and compile into a temporary sibling directory, moved into place only when complete."""
+    spec = read_compile_config(config_path)
+    target = Path(out_dir)
+    if target.exists() and any(target.iterdir()):
+        raise InputError(f"--out {target} exists and is not empty; choose a new directory")
+    model = build(model_path, spec["neuron_config"])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.compile(str(staging))
+        (staging / COMPILE_SPEC).write_text(json.dumps(spec, indent=2) + "\n")
+        if target.exists():
+            target.rmdir()
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return target
+
+
+def load_compiled(model_path: str, compiled_dir: str):
+    """A compiled model with the checkpoint's weights, ready to run."""
+    modeling = import_nxdi()
+    cls = modeling.NeuronGemmaForCausalLM
+    if not (Path(compiled_dir) / "neuron_config.json").is_file():
+        raise InputError(f"--compiled {compiled_dir}: no neuron_config.json; run `nxdi-gemma compile` first")
+    config = cls.get_config_cls().load(compiled_dir)
+    model = cls(model_path, config)
+    model.load(compiled_dir)
+    return model
+
+
+@torch.inference_mode()
+def greedy(model, prompt_ids: list[list[int]], max_new_tokens: int) -> list[Continuation]:
+    """Greedy decoding of each prompt (batch row 0 of the compiled batch), exactly max_new_tokens, with logits."""
+    if model.neuron_config.on_device_sampling_config is not None and not model.neuron_config.output_logits:
+        raise ConfigError("this model samples on device without output_logits; token-match needs logits: compile "
+                          "with \"output_logits\": true in neuron_config")
+    limit = model.neuron_config.max_context_length
+    out = []
+    for ids in prompt_ids:
+        if len(ids) > limit or len(ids) + max_new_tokens > model.neuron_config.seq_len:
+            raise InputError(f"prompt of {len(ids)} tokens + {max_new_tokens} new exceeds the compiled lengths "
+                             f"(max_context_length {limit}, seq_len {model.neuron_config.seq_len})")
+        model.reset()
+        batch = model.neuron_config.batch_size
+        input_ids = torch.tensor([ids] * batch)
+        positions = torch.arange(len(ids))[None].repeat(batch, 1)
+        mask = torch.ones_like(input_ids)
+        tokens, logits = [], []
+        for step in range(max_new_tokens):
+            result = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                           seq_ids=torch.arange(batch))
+            last = result.logits[0, -1].float()
+            logits.append(last)
+            tokens.append(int(last.argmax()))
+            if step + 1 < max_new_tokens:
+                input_ids = torch.full((batch, 1), tokens[-1])
+                positions = torch.full((batch, 1), len(ids) + step)
+                mask = torch.ones(batch, len(ids) + step, dtype=torch.long)  # the cached tokens; NxDI adds the active one
+        out.append(Continuation(tokens, torch.stack(logits)))
+    return out
+
+
+def neuron_greedy(model_path: str, compiled_dir: str, dtype: torch.dtype):
+    """The token-match backend: greedy continuations from a compiled model."""
+    model = load_compiled(model_path, compiled_dir)
+    compiled_dtype = model.neuron_config.torch_dtype
+    if compiled_dtype != dtype:
+        raise InputError(f"--dtype {dtype} but {compiled_dir} was compiled for {compiled_dtype}; pass the same dtype")
+    return lambda prompt_ids, max_new_tokens: greedy(model, prompt_ids, max_new_tokens)
