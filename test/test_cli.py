@@ -113,3 +113,30 @@ def test_text_prompt_without_tokenizer_is_refused(tiny4, tmp_path, capsys):
     (bare / "tokenizer.json").unlink()
     code, _, err = run(["token-match", "--model", str(bare), "--max-new-tokens", "2"], capsys)
     assert code == 2 and "no tokenizer.json" in err
+
+
+def _nxdi_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("neuronx_distributed_inference") is not None
+
+
+@pytest.mark.skipif(_nxdi_importable(), reason="checks the message shown when the Neuron SDK is missing")
+def test_neuron_commands_without_sdk_say_what_to_install(tiny4, tmp_path, capsys):
+    config = "compile_configs/gemma-3-1b__inf2.xlarge.json"
+    code, _, err = run(["compile", "--model", tiny4, "--config", config, "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "needs the Neuron SDK" in err and "neuronx-distributed-inference" in err
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    code, _, err = run(["generate", "--model", tiny4, "--backend", "neuron", "--compiled", str(tmp_path), "--prompt",
+                        "def"], capsys)
+    assert code == 2 and "needs the Neuron SDK" in err
+
+
+def test_compile_config_errors_are_one_line(tiny4, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"model": "gemma-3-1b"}')
+    for path, needle in ((tmp_path / "missing.json", "cannot read a compile config"), (bad, "'neuron_config'")):
+        code, _, err = run(["compile", "--model", tiny4, "--config", str(path), "--out", str(tmp_path / "o")], capsys)
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(["generate", "--model", tiny4, "--backend", "neuron", "--prompt", "x"], capsys)
+    assert code == 2 and "--compiled" in err

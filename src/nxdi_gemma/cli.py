@@ -115,20 +115,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .cpu import SamplingParams, generate, load_model
     from .tokenizer import load_tokenizer, prompts_to_ids
 
-    if args.backend != "cpu":
-        raise InputError("generate --backend neuron: not available yet; use --backend cpu")
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    if args.backend == "neuron" and sampling.temperature:
+        raise InputError("generate --backend neuron decodes greedily; drop --temperature (sample with vLLM instead)")
     with model_dir(args) as path:
         plan = load_plan(path)
         tokenizer = load_tokenizer(path)
         prompts = [json.loads(p) if args.token_ids else p for p in args.prompt]
         ids = prompts_to_ids(prompts, tokenizer, "--prompt")
         _check_lengths(ids, args.max_new_tokens, args.max_seq_len or plan.max_position_embeddings)
-        model = load_model(path, DTYPES[args.dtype])
-        out = generate(model, ids, args.max_new_tokens, sampling, max_seq_len=args.max_seq_len)
-    for prompt, tokens in zip(prompts, out.tokens, strict=True):
+        if args.backend == "neuron":
+            continuations = neuron_greedy(path, args.compiled, DTYPES[args.dtype])(ids, args.max_new_tokens)
+            tokens_per_prompt = [_cut_at_eos(c.tokens, plan.eos_token_ids) for c in continuations]
+        else:
+            model = load_model(path, DTYPES[args.dtype])
+            tokens_per_prompt = generate(model, ids, args.max_new_tokens, sampling, max_seq_len=args.max_seq_len).tokens
+    for prompt, tokens in zip(prompts, tokens_per_prompt, strict=True):
         text = tokenizer.decode(tokens) if tokenizer else tokens
         print(json.dumps({"prompt": prompt, "completion": text, "tokens": tokens}))
+    return 0
+
+
+def _cut_at_eos(tokens: list[int], eos_ids: tuple[int, ...]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return tokens[: i + 1]
+    return tokens
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from .neuron.runtime import compile_model, read_compile_config
+
+    read_compile_config(args.config)  # a bad config fails before NxDI is even imported
+    print(compile_model(args.model, args.config, args.out))
     return 0
 
 
@@ -211,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text with our runtime")
     _add_model_args(gen)
     gen.add_argument("--backend", default="cpu", choices=["cpu", "neuron"])
+    gen.add_argument("--compiled", help="compiled artifacts directory (--backend neuron)")
     gen.add_argument("--prompt", action="append", required=True, help="repeat for a batch (left-padded)")
     gen.add_argument("--token-ids", action="store_true", help="each --prompt is a JSON list of token ids")
     gen.add_argument("--max-new-tokens", type=int, default=32)
@@ -220,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int)
     gen.set_defaults(run=cmd_generate)
+
+    comp = sub.add_parser("compile", help="trace and compile a checkpoint for Neuron (needs the Neuron SDK)")
+    comp.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    comp.add_argument("--config", required=True, help="a compile config, e.g. compile_configs/gemma-3-1b__inf2.xlarge.json")
+    comp.add_argument("--out", required=True, help="new directory for the compiled artifacts (written atomically)")
+    comp.set_defaults(run=cmd_compile)
 
     pl = sub.add_parser("plan", help="per-core memory and roofline speed of a model on a Neuron instance")
     pl.add_argument("--model", help="checkpoint directory or public checkpoint name (e.g. gemma-3-27b)")

@@ -68,8 +68,13 @@ def byte_tokenizer_json() -> str:
     return tok.to_str()
 
 
+# Where each checkpoint class stores its text decoder on disk (spec 4.5, 5.10).
+DISK_PREFIX = {"gemma3": "language_model.model.", "gemma4": "model.language_model."}
+
+
 def random_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Deterministic float32 weights for every tensor of the checkpoint, named as HF *ForCausalLM stores them."""
+    """Deterministic float32 weights for every tensor of the checkpoint, named as HF stores them on disk for the
+    config's class (`model.` for *ForCausalLM; the multimodal classes' text prefixes)."""
     from .checkpoint import expected_shapes
 
     plan = plan_from_config(config)
@@ -90,6 +95,9 @@ def random_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
         else:
             value = std * noise
         out[name] = value.float()
+    prefix = DISK_PREFIX.get(config["model_type"])
+    if prefix:
+        out = {(prefix + n.removeprefix("model.")) if n.startswith("model.") else n: t for n, t in out.items()}
     return out
 
 
