@@ -140,3 +140,19 @@ def test_compile_config_errors_are_one_line(tiny4, tmp_path, capsys):
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
     code, _, err = run(["generate", "--model", tiny4, "--backend", "neuron", "--prompt", "x"], capsys)
     assert code == 2 and "--compiled" in err
+
+
+def test_benchmark_cpu_writes_json_and_chart(tiny4, tmp_path, capsys):
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    code, out, _ = run(["benchmark", "--model", tiny4, "--prompt-len", "12", "--max-new-tokens", "4", "--runs", "2",
+                        "--batch", "2", "--json", str(out_json), "--png", str(out_png)], capsys)
+    assert code == 0
+    doc = json.loads(out_json.read_text())
+    assert doc["backend"] == "cpu" and doc["batch_size"] == 2 and doc["runs"] == 2
+    assert len(doc["ttft_s"]) == 2 and len(doc["token_latency_s"]) == 2 * 3  # (new tokens - 1) decode steps a run
+    latency = doc["token_latency_ms"]
+    assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"]
+    assert doc["throughput_tokens_per_s"] > 0 and doc["vs_hf"]["ratio"] > 0
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, _, err = run(["benchmark", "--model", tiny4, "--backend", "neuron"], capsys)
+    assert code == 2 and "--compiled" in err

@@ -67,3 +67,123 @@ def cpu_vs_hf(model_dir: str, prompt_ids: list[list[int]], max_new_tokens: int, 
         timings[name] = time.perf_counter() - start
     total = max_new_tokens * len(prompt_ids)
     return Throughput(total / timings["ours"], total / timings["hf"], total)
+
+
+@dataclass
+class LatencyReport:
+    backend: str
+    model: str
+    batch_size: int
+    prompt_len: int
+    new_tokens: int
+    ttft_s: list[float]  # one per run: time to the first token (the prefill)
+    token_latency_s: list[float]  # every decode step of every run
+
+    def summary(self) -> dict:
+        steps = sorted(self.token_latency_s)
+
+        def pct(p: float) -> float:
+            return steps[min(len(steps) - 1, int(round(p / 100 * (len(steps) - 1))))]
+
+        total = sum(self.ttft_s) + sum(self.token_latency_s)
+        generated = self.batch_size * self.new_tokens * len(self.ttft_s)
+        return {
+            "backend": self.backend, "model": self.model, "batch_size": self.batch_size,
+            "prompt_len": self.prompt_len, "new_tokens": self.new_tokens, "runs": len(self.ttft_s),
+            "ttft_ms_mean": 1e3 * sum(self.ttft_s) / len(self.ttft_s),
+            "token_latency_ms": {"p50": 1e3 * pct(50), "p90": 1e3 * pct(90), "p99": 1e3 * pct(99)},
+            "throughput_tokens_per_s": generated / total,
+        }
+
+
+def measure(prefill, decode, runs: int, new_tokens: int) -> tuple[list[float], list[float]]:
+    """Time `prefill()` (returns the first token) and `decode(token, step)` (returns the next) over several runs,
+    after one untimed warm-up run."""
+    ttft, steps = [], []
+    for run in range(runs + 1):
+        start = time.perf_counter()
+        token = prefill()
+        first = time.perf_counter() - start
+        latencies = []
+        for step in range(new_tokens - 1):
+            start = time.perf_counter()
+            token = decode(token, step)
+            latencies.append(time.perf_counter() - start)
+        if run:  # run 0 is the warm-up
+            ttft.append(first)
+            steps.extend(latencies)
+    return ttft, steps
+
+
+@torch.inference_mode()
+def cpu_latency(model_dir: str, batch: int, prompt_len: int, new_tokens: int, runs: int,
+                dtype: torch.dtype) -> LatencyReport:
+    from .cpu import KVCache, load_model
+
+    model = load_model(model_dir, dtype, progress=False)
+    plan = model.plan
+    ids = torch.randint(3, plan.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+    pads = torch.zeros(batch, dtype=torch.long)
+    state = {}
+
+    def prefill():
+        state["cache"] = KVCache.allocate(plan, batch, prompt_len + new_tokens, model.dtype)
+        return model.forward_step(ids, state["cache"], pads, last_only=True)[:, -1].argmax(-1)
+
+    def decode(token, step):
+        return model.forward_step(token[:, None], state["cache"], pads, last_only=True)[:, -1].argmax(-1)
+
+    ttft, steps = measure(prefill, decode, runs, new_tokens)
+    return LatencyReport("cpu", model_dir, batch, prompt_len, new_tokens, ttft, steps)
+
+
+@torch.inference_mode()
+def neuron_latency(model_dir: str, compiled_dir: str, prompt_len: int, new_tokens: int, runs: int) -> LatencyReport:
+    from .neuron.runtime import load_compiled
+
+    model = load_compiled(model_dir, compiled_dir)
+    batch = model.neuron_config.batch_size
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+
+    def prefill():
+        model.reset()
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                    position_ids=torch.arange(prompt_len)[None].repeat(batch, 1), seq_ids=torch.arange(batch))
+        return _next_tokens(out)
+
+    def decode(token, step):
+        position = prompt_len + step
+        out = model(input_ids=token.view(batch, 1), attention_mask=torch.ones(batch, position, dtype=torch.long),
+                    position_ids=torch.full((batch, 1), position), seq_ids=torch.arange(batch))
+        return _next_tokens(out)
+
+    ttft, steps = measure(prefill, decode, runs, new_tokens)
+    return LatencyReport("neuron", model_dir, batch, prompt_len, new_tokens, ttft, steps)
+
+
+def _next_tokens(out) -> torch.Tensor:
+    if getattr(out, "logits", None) is not None:
+        return out.logits[:, -1].argmax(-1)
+    return out.tokens.view(-1)  # on-device sampling returns tokens
+
+
+def write_chart(report: LatencyReport, path: str) -> None:
+    """A PNG of the decode-step latencies with the p50/p90/p99 lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = report.summary()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot([1e3 * t for t in report.token_latency_s], linewidth=0.8, label="decode step")
+    for name, value in summary["token_latency_ms"].items():
+        ax.axhline(value, linestyle="--", linewidth=0.8, label=f"{name} {value:.2f} ms")
+    ax.set_xlabel("decode step (all runs)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title(f"{report.backend}: batch {report.batch_size}, prompt {report.prompt_len}, "
+                 f"TTFT {summary['ttft_ms_mean']:.1f} ms, {summary['throughput_tokens_per_s']:.1f} tok/s")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

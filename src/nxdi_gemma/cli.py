@@ -136,6 +136,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from . import benchmark
+
+    if args.max_new_tokens < 2 or args.prompt_len < 1 or args.runs < 1:
+        raise InputError("benchmark needs --max-new-tokens >= 2, --prompt-len >= 1 and --runs >= 1")
+    with model_dir(args) as path:
+        if args.backend == "neuron":
+            if not args.compiled:
+                raise InputError("benchmark --backend neuron needs --compiled DIR (the output of `nxdi-gemma compile`)")
+            report = benchmark.neuron_latency(path, args.compiled, args.prompt_len, args.max_new_tokens, args.runs)
+            extra = {}
+        else:
+            report = benchmark.cpu_latency(path, args.batch, args.prompt_len, args.max_new_tokens, args.runs,
+                                           DTYPES[args.dtype])
+            prompts = [list(range(3, 3 + args.prompt_len))] * args.batch
+            versus = benchmark.cpu_vs_hf(path, prompts, args.max_new_tokens, DTYPES[args.dtype])
+            extra = {"vs_hf": {"ours_tokens_per_s": versus.ours_tokens_per_s,
+                               "hf_tokens_per_s": versus.hf_tokens_per_s, "ratio": versus.ratio}}
+    report.model = args.model or f"embedded tiny {args.tiny}"
+    summary = {**report.summary(), **extra}
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps({**summary, "token_latency_s": report.token_latency_s,
+                                               "ttft_s": report.ttft_s}, indent=2) + "\n")
+    if args.png:
+        benchmark.write_chart(report, args.png)
+    return 0
+
+
 def _cut_at_eos(tokens: list[int], eos_ids: tuple[int, ...]) -> list[int]:
     for i, t in enumerate(tokens):
         if t in eos_ids:
@@ -240,6 +269,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int)
     gen.set_defaults(run=cmd_generate)
+
+    bench = sub.add_parser("benchmark", help="TTFT, per-token latency percentiles and throughput")
+    _add_model_args(bench)
+    bench.add_argument("--backend", default="cpu", choices=["cpu", "neuron"])
+    bench.add_argument("--compiled", help="compiled artifacts directory (--backend neuron; batch = compiled batch)")
+    bench.add_argument("--batch", type=int, default=1, help="batch size (cpu backend)")
+    bench.add_argument("--prompt-len", type=int, default=64)
+    bench.add_argument("--max-new-tokens", type=int, default=32)
+    bench.add_argument("--runs", type=int, default=3)
+    bench.add_argument("--json", help="write the measurements as JSON")
+    bench.add_argument("--png", help="write a latency chart (needs matplotlib)")
+    bench.set_defaults(run=cmd_benchmark)
 
     comp = sub.add_parser("compile", help="trace and compile a checkpoint for Neuron (needs the Neuron SDK)")
     comp.add_argument("--model", required=True, help="Hugging Face checkpoint directory")

@@ -1,0 +1,293 @@
+"""vLLM general plugin: serve nxdi_gemma's NxDI classes with vLLM on Neuron (vllm-neuron).
+
+Declared in pyproject.toml as the `vllm.general_plugins` entry point `nxdi_gemma`; vLLM calls `register()` once in
+every process it starts (API server, engine core, workers, its model-inspection subprocess). Importing this module
+imports nothing from NxDI, vLLM or transformers: those are imported inside `register()` and `gemma_config_class()`.
+
+What `register()` does (checked against vllm-neuron 0.2.0 / main a5ef7c8, which pins vLLM 0.11.0):
+
+1. NxDI model classes. vllm-neuron picks the NxDI class from `architectures[0]`
+   (`_get_neuron_model_cls`, vllm_neuron/worker/neuronx_distributed_model_loader.py:639-659): "Gemma3ForCausalLM" and
+   "Gemma3ForConditionalGeneration" -> MODEL_TYPES["gemma3"]["causal-lm"], "Gemma2ForCausalLM" -> ["gemma2"],
+   "Gemma4For..." -> ["gemma4"]. It imports NxDI's MODEL_TYPES by reference (loader.py:39), so `register_models`
+   mutates that dict in place: every Gemma key maps to `NeuronGemmaForCausalLM`, replacing NxDI's own gemma3 class.
+
+2. transformers configs. vLLM parses config.json with transformers' AutoConfig. Neuron machines pin transformers
+   4.57, which has no gemma4 / gemma4_text: `register_configs` registers `gemma_config_class(model_type)` for every
+   Gemma model type the installed transformers lacks (none under transformers 5). These classes keep every key and
+   expose the text decoder's fields at top level, because vllm-neuron reads `num_key_value_heads` / `head_dim` from
+   the top level of the hf_config (`_get_model_configs`, loader.py:612-631) and `get_text_config().vocab_size`
+   (loader.py:66). Our NxDI config re-reads config.json itself, so these classes only feed vLLM.
+
+3. vLLM architectures. vLLM refuses architectures its model registry does not know (vLLM 0.11 has no Gemma 4), even
+   though on Neuron it never builds its own model class. On the Neuron platform only, `register_architectures` maps
+   every Gemma architecture vLLM lacks to a text-only stand-in (`VLLM_STAND_IN`, used for inspection only: vllm-neuron
+   builds the NxDI model itself).
+
+Multimodal Gemma 3 checkpoints ("Gemma3ForConditionalGeneration") under transformers 4.57: transformers' Gemma3Config
+has no top-level num_key_value_heads / head_dim, so `_get_model_configs` raises "Missing required fields". vllm-neuron
+reads `text_config` instead only for architectures in NEURON_MULTI_MODAL_MODELS (loader.py:620), but membership in
+that list also routes every step to `model.execute_model(...)` (neuronx_distributed_model_runner.py:280-284), which
+only the multimodal wrappers built for Llava / Llama 4 have (loader.py:672-679; a Gemma model is a NeuronCausalLM).
+Adding Gemma to the list would therefore fail at the first step, so this plugin does not touch it. Instead pass the
+text decoder's fields as top-level overrides: `vllm serve ... --hf-overrides "$(python -m
+nxdi_gemma.neuron.vllm_plugin MODEL_DIR)"` (or `LLM(hf_overrides=checkpoint_hf_overrides(MODEL_DIR))`);
+`hf_overrides_for` computes them and scripts/serve_vllm.sh and scripts/offline_inference.py pass them.
+
+VLLM_PLUGINS: when set, vLLM loads only the plugins it lists (comma-separated), for general AND platform plugins
+alike (vllm/plugins/__init__.py `load_plugins_by_group`). It must then list both `neuron` (vllm-neuron's platform
+plugin) and `nxdi_gemma`, e.g. VLLM_PLUGINS=neuron,nxdi_gemma. Unset, every installed plugin loads, ours included.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# MODEL_TYPES keys served by NeuronGemmaForCausalLM. vllm-neuron looks up "gemma2" / "gemma3" / "gemma4" (the
+# architecture prefix, lower-cased); the *_text keys serve NxDI's own tooling, which keys by config model_type.
+GEMMA_MODEL_KEYS = ("gemma2", "gemma3", "gemma3_text", "gemma4", "gemma4_text")
+
+# Architectures vLLM must accept for our checkpoints (config.json `architectures[0]`).
+GEMMA_ARCHITECTURES = (
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Gemma3ForConditionalGeneration",
+    "Gemma4ForCausalLM",
+    "Gemma4ForConditionalGeneration",
+)
+# Text-only vLLM class registered for Gemma architectures vLLM does not know (present since vLLM 0.8). vLLM only
+# inspects it (text generation, no multimodal inputs); on Neuron, vllm-neuron builds the NxDI model instead.
+VLLM_STAND_IN = "vllm.model_executor.models.gemma3:Gemma3ForCausalLM"
+
+# The text decoder's fields exposed at the top level of our transformers configs (values from our plan).
+TEXT_FIELDS = (
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+    "max_position_embeddings", "sliding_window", "rms_norm_eps",
+)
+# Fields vllm-neuron's `_get_model_configs` needs at the top level of hf_config.
+NEURON_TOP_LEVEL_FIELDS = ("num_key_value_heads", "head_dim")
+
+_TEXT_MODEL_TYPE = {"gemma3": "gemma3_text", "gemma4": "gemma4_text"}
+_CONFIG_CLASS_NAMES = {
+    "gemma2": "Gemma2CompatConfig",
+    "gemma3": "Gemma3CompatConfig",
+    "gemma3_text": "Gemma3TextCompatConfig",
+    "gemma4": "Gemma4CompatConfig",
+    "gemma4_text": "Gemma4TextCompatConfig",
+}
+
+INSTALL_HINT = (
+    "install the Neuron SDK's neuronx-distributed-inference and vllm-neuron "
+    "(pip install --extra-index-url=https://pip.repos.neuron.amazonaws.com neuronx-distributed-inference)"
+)
+
+
+def register_models(model_types: MutableMapping[str, dict], causal_lm_cls: type) -> None:
+    """Map every key of GEMMA_MODEL_KEYS to {"causal-lm": causal_lm_cls} in NxDI's MODEL_TYPES, in place.
+
+    An existing entry's other tasks (e.g. "image-encoding") are kept; its "causal-lm" class is replaced. The entry
+    is a new dict, so a dict shared with something else is never mutated."""
+    for key in GEMMA_MODEL_KEYS:
+        entry = dict(model_types.get(key) or {})
+        entry["causal-lm"] = causal_lm_cls
+        model_types[key] = entry
+
+
+def text_fields(config: dict[str, Any], source: str = "config.json") -> dict[str, Any]:
+    """The text decoder's TEXT_FIELDS from a Gemma config.json dict, as our plan reads them (HF defaults applied to
+    sparse multimodal text configs). KV heads and head dim are those of layer 0, as GemmaInferenceConfig exposes
+    them; vllm-neuron only uses them to size vLLM's block bookkeeping, never the NxDI caches."""
+    from ..config import plan_from_config
+
+    plan = plan_from_config(config, source=source)
+    first = plan.layers[0]
+    return {
+        "hidden_size": plan.hidden_size,
+        "num_hidden_layers": plan.num_layers,
+        "num_attention_heads": plan.num_heads,
+        "num_key_value_heads": first.num_kv_heads,
+        "head_dim": first.head_dim,
+        "vocab_size": plan.vocab_size,
+        "max_position_embeddings": plan.max_position_embeddings,
+        "sliding_window": plan.sliding_window,
+        "rms_norm_eps": plan.rms_norm_eps,
+    }
+
+
+def hf_overrides_for(config: dict[str, Any], source: str = "config.json") -> dict[str, Any]:
+    """vLLM `hf_overrides` that let vllm-neuron read a multimodal Gemma checkpoint's text fields at top level.
+
+    Empty for text-only configs (their fields are already top level). For configs with a `text_config` (Gemma 3 4B+,
+    every Gemma 4), the fields vllm-neuron's `_get_model_configs` reads; vLLM applies them with `config.update`, which
+    leaves `text_config` (what vLLM itself reads) untouched. Harmless where the config class already exposes them."""
+    if not isinstance(config.get("text_config"), dict):
+        return {}
+    fields = text_fields(config, source)
+    return {key: fields[key] for key in NEURON_TOP_LEVEL_FIELDS}
+
+
+def checkpoint_hf_overrides(model_dir: str | Path) -> dict[str, Any]:
+    """`hf_overrides_for` of a local checkpoint directory's config.json."""
+    from ..errors import ConfigError
+
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; give a local Gemma checkpoint directory")
+    return hf_overrides_for(json.loads(path.read_text()), source=str(path))
+
+
+@functools.cache
+def gemma_config_class(model_type: str) -> type:
+    """A transformers PretrainedConfig subclass for `model_type` (one of GEMMA_MODEL_KEYS), created on first use.
+
+    `__init__(**kwargs)` / `from_pretrained` keep every key of config.json; when the text decoder's fields are not
+    all at top level (multimodal configs nest them under `text_config`) the missing ones are filled from our plan,
+    and `text_config` becomes a config object of the matching *_text class, so `get_text_config()` returns it (or
+    the config itself for text-only types). Instances pickle by reference (module `__getattr__` recreates the class
+    in a fresh process), as vLLM may send its hf_config to other processes."""
+    if model_type not in _CONFIG_CLASS_NAMES:
+        raise KeyError(f"unknown Gemma model type {model_type!r}; known: {', '.join(GEMMA_MODEL_KEYS)}")
+    from transformers import PretrainedConfig
+
+    text_type = _TEXT_MODEL_TYPE.get(model_type)
+
+    def __init__(self, **kwargs: Any) -> None:
+        text = kwargs.get("text_config")
+        if isinstance(text, PretrainedConfig):
+            text = text.to_dict()
+        if text_type is not None and isinstance(text, dict):
+            raw = {**kwargs, "text_config": text}
+            fields = text_fields(raw, source=f"{model_type} config")
+            text_kwargs = {**text, **{key: text.get(key, value) for key, value in fields.items()}}
+            text_kwargs["model_type"] = text_type
+            if text_kwargs.get("torch_dtype") is None and text_kwargs.get("dtype") is None:
+                dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+                if dtype is not None:
+                    text_kwargs["torch_dtype"] = str(dtype).removeprefix("torch.")
+            kwargs["text_config"] = gemma_config_class(text_type)(**text_kwargs)
+            for key, value in fields.items():
+                kwargs.setdefault(key, value)
+        elif text_type is None and "hidden_size" in kwargs and any(key not in kwargs for key in TEXT_FIELDS):
+            # A text-only config omitting fields that have HF defaults (e.g. head_dim): fill them from the plan.
+            for key, value in text_fields({**kwargs, "model_type": model_type}, source=f"{model_type} config").items():
+                kwargs.setdefault(key, value)
+        PretrainedConfig.__init__(self, **kwargs)
+
+    def get_text_config(self, *args: Any, **kwargs: Any):
+        text = getattr(self, "text_config", None)
+        return text if isinstance(text, PretrainedConfig) else self
+
+    name = _CONFIG_CLASS_NAMES[model_type]
+    namespace = {
+        "__module__": __name__,
+        "__qualname__": name,
+        "__doc__": f"nxdi_gemma's transformers config for model_type {model_type!r} (see vllm_plugin).",
+        "model_type": model_type,
+        "has_no_defaults_at_init": True,  # transformers 4.x to_diff_dict would otherwise build an empty instance
+        "__init__": __init__,
+        "get_text_config": get_text_config,
+    }
+    return type(name, (PretrainedConfig,), namespace)
+
+
+def __getattr__(name: str) -> type:
+    """Lets pickle find the config classes by name in a process that has not created them yet."""
+    for model_type, class_name in _CONFIG_CLASS_NAMES.items():
+        if name == class_name:
+            return gemma_config_class(model_type)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def register_configs(register: Callable[[str, type], None], known_model_types: Iterable[str]) -> list[str]:
+    """Register `gemma_config_class(t)` with `register(t, cls)` (AutoConfig.register) for every model type t in
+    GEMMA_MODEL_KEYS that `known_model_types` (the installed transformers' CONFIG_MAPPING keys) lacks. Returns the
+    registered types: ["gemma4", "gemma4_text"] under transformers 4.57, [] under transformers 5."""
+    known = set(known_model_types)
+    missing = [model_type for model_type in GEMMA_MODEL_KEYS if model_type not in known]
+    for model_type in missing:
+        register(model_type, gemma_config_class(model_type))
+    return missing
+
+
+def register_architectures(register: Callable[[str, str], None], supported: Iterable[str]) -> list[str]:
+    """Register VLLM_STAND_IN with `register(arch, "module:Class")` (vLLM's ModelRegistry.register_model) for every
+    GEMMA_ARCHITECTURES entry vLLM's registry lacks (`supported`). Returns the registered architectures."""
+    known = set(supported)
+    missing = [arch for arch in GEMMA_ARCHITECTURES if arch not in known]
+    for arch in missing:
+        register(arch, VLLM_STAND_IN)
+    return missing
+
+
+def _on_neuron_platform() -> bool:
+    """True when vLLM's current platform is Neuron (vllm-neuron's OOT platform, or a fork's built-in one)."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return False
+    if type(current_platform).__module__.split(".")[0] == "vllm_neuron":
+        return True
+    is_neuron = getattr(current_platform, "is_neuron", None)
+    return bool(is_neuron()) if callable(is_neuron) else False
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point. Safe to call repeatedly; a no-op (one warning) without NxDI."""
+    try:
+        from neuronx_distributed_inference.utils.constants import MODEL_TYPES
+    except ImportError as error:
+        logger.warning("nxdi_gemma vLLM plugin inactive: NxDI is not importable (%s); to serve Gemma on Neuron, %s",
+                       error, INSTALL_HINT)
+        return
+    try:
+        from .modeling import NeuronGemmaForCausalLM
+    except ImportError as error:
+        raise RuntimeError(
+            f"nxdi_gemma vLLM plugin: NxDI is installed but nxdi_gemma.neuron.modeling does not import ({error}); "
+            "install a supported NxDI (Neuron SDK 2.28 or 2.29), or leave nxdi_gemma out of VLLM_PLUGINS"
+        ) from error
+
+    register_models(MODEL_TYPES, NeuronGemmaForCausalLM)
+
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    configs = register_configs(AutoConfig.register, CONFIG_MAPPING.keys())
+
+    architectures: list[str] = []
+    if "vllm" in sys.modules and _on_neuron_platform():
+        from vllm import ModelRegistry
+
+        architectures = register_architectures(ModelRegistry.register_model, ModelRegistry.get_supported_archs())
+    logger.info("nxdi_gemma vLLM plugin: NxDI MODEL_TYPES %s -> %s; transformers configs added: %s; "
+                "vLLM architectures added: %s", list(GEMMA_MODEL_KEYS), NeuronGemmaForCausalLM.__name__,
+                configs or "none", architectures or "none")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m nxdi_gemma.neuron.vllm_plugin MODEL_DIR`: print the JSON for vLLM's --hf-overrides."""
+    from ..errors import GemmaError
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m nxdi_gemma.neuron.vllm_plugin MODEL_DIR  (prints JSON for vllm --hf-overrides)",
+              file=sys.stderr)
+        return 2
+    try:
+        print(json.dumps(checkpoint_hf_overrides(args[0])))
+    except GemmaError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
