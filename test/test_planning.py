@@ -65,3 +65,13 @@ def test_plan_cli_from_directory_and_name(tmp_path, capsys):
     assert doc["fits"] and doc["tp"] == 2  # default TP: all cores of the instance that the heads allow
     assert main(["plan", "--model", "gemma-2-9b", "--instance", "trn1.32xlarge", "--tp", "5"]) == 2
     assert "does not divide" in capsys.readouterr().err
+
+
+def test_readme_instance_table_is_generated():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "update_readme.py"
+    result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

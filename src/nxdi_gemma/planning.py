@@ -10,7 +10,8 @@ Counts (all per core, bytes):
   shard, and the attention scores (batch x q_heads_per_core x seq^2 in float32, as without flash kernels).
 - a fixed runtime reserve per core.
 Decode roofline: batch / (bytes read per step / HBM bandwidth), where a step reads every weight except the
-embedding tables (only a few rows are gathered) and, for MoE, only top_k of the experts, plus the KV cache in use.
+embedding tables (only a few rows are gathered), plus the KV cache in use. For MoE it counts every expert, because
+our NxDI MoE runs all experts densely (static shapes); a routed kernel would read only top_k of them.
 Prefill bound: peak bf16 FLOP/s / (2 x active parameters per token).
 """
 
@@ -117,7 +118,7 @@ def parameter_counts(plan: GemmaPlan) -> dict[str, int]:
     """Parameters by how they are held and read: 'sharded' (split over TP; includes all experts and the LM head,
     which NxDI keeps as its own copy even when tied), 'tables' (embedding tables: split over TP, only gathered),
     'replicated' (norms, router, scalars: on every core) and 'active' (read per decoded token: dense weights,
-    top_k experts, LM head and replicated)."""
+    all experts (dense on Neuron), LM head and replicated)."""
     h = plan.hidden_size
     dense = replicated = experts_total = experts_active = 0
     for layer in plan.layers:
@@ -133,7 +134,7 @@ def parameter_counts(plan: GemmaPlan) -> dict[str, int]:
         if layer.moe:
             per_expert = 3 * h * layer.moe.intermediate_size
             experts_total += layer.moe.num_experts * per_expert
-            experts_active += layer.moe.top_k * per_expert
+            experts_active += layer.moe.num_experts * per_expert  # dense experts on Neuron (see module doc)
             replicated += h * layer.moe.num_experts + layer.moe.num_experts + 4 * h
     tables = plan.vocab_size * h
     if plan.ple_dim:
@@ -214,22 +215,21 @@ def format_plan(p: MemoryPlan) -> str:
 
 
 def instance_table(dtype: str = "bfloat16") -> str:
-    """Markdown: for every public checkpoint and instance where it fits at 4096 tokens, the TP, largest context
-    at batch 1 and the batch-1 decode roofline at 4096 tokens."""
+    """Markdown matrix, public checkpoints x instances: for each pair that fits at 4096 tokens, the TP degree
+    (the largest valid one the instance allows), the largest context that fits at batch 1, and the batch-1 decode
+    roofline at 4096 tokens; "-" where the weights do not fit."""
     from .public_models import PUBLIC_CONFIGS, public_plan
 
-    rows = ["| model | instance | TP | weights/core (GiB) | max context, batch 1 | decode roofline, batch 1 @4K (tok/s) |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| model | " + " | ".join(INSTANCES) + " |", "|---|" + "---|" * len(INSTANCES)]
     for name in PUBLIC_CONFIGS:
         plan = public_plan(name)
+        cells = []
         for instance in INSTANCES:
-            try:
-                result = memory_plan(plan, instance, None, 1, 4096, dtype)
-            except InputError:
-                continue
+            result = memory_plan(plan, instance, None, 1, 4096, dtype)
             if not result.fits:
+                cells.append("-")
                 continue
             context, _ = largest_fit(plan, instance, result.tp, dtype)
-            rows.append(f"| {name} | {instance} | {result.tp} | {result.weights_per_core / GIB:.1f} | {context} | "
-                        f"{result.decode_tokens_per_s:.0f} |")
+            cells.append(f"TP{result.tp}, {context // 1024}K, {result.decode_tokens_per_s:.0f} tok/s")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
