@@ -80,16 +80,16 @@ class MemoryPlan:
         return {**asdict(self), "total_per_core": self.total_per_core, "fits": self.fits}
 
 
-def check_tp(plan: GemmaPlan, tp: int) -> None:
+def check_tp(plan: GemmaPlan, tp: int, option: str = "--tp") -> None:
     """TP must split the query heads evenly and either split or replicate every layer type's KV heads."""
     if tp < 1:
-        raise InputError(f"--tp {tp} must be at least 1")
+        raise InputError(f"{option} {tp} must be at least 1")
     heads = plan.num_heads
     valid = [t for t in range(1, 129) if _tp_ok(plan, t)]
     if not _tp_ok(plan, tp):
         kvs = sorted({layer.num_kv_heads for layer in plan.layers})
         raise InputError(
-            f"--tp {tp} does not divide the {heads} query heads or the KV heads {kvs} (each must divide or be "
+            f"{option} {tp} does not divide the {heads} query heads or the KV heads {kvs} (each must divide or be "
             f"divided by TP); valid TP degrees: {', '.join(map(str, valid))}"
         )
 

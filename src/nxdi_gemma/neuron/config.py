@@ -118,7 +118,7 @@ class GemmaInferenceConfig(InferenceConfig):
             if not hasattr(self, name):
                 setattr(self, name, default)
         tp = self.neuron_config.tp_degree
-        check_tp(plan, tp)
+        check_tp(plan, tp, option="tp_degree")
         widths = {"hidden_size": plan.hidden_size}
         widths.update({f"layer {layer.index} MLP width": layer.intermediate_size for layer in plan.layers})
         widths.update({f"layer {layer.index} MoE width": layer.moe.intermediate_size for layer in plan.layers
