@@ -141,7 +141,11 @@ def checkpoint_hf_overrides(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path}: not found; give a local Gemma checkpoint directory")
-    return hf_overrides_for(json.loads(path.read_text()), source=str(path))
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: not valid JSON ({error}); fix or re-download the file") from None
+    return hf_overrides_for(config, source=str(path))
 
 
 @functools.cache

@@ -1,0 +1,327 @@
+"""The vLLM plugin (nxdi_gemma.neuron.vllm_plugin) and the vLLM example scripts, without NxDI and without vLLM.
+
+Registration functions are exercised on plain dicts, fake register callables and fake modules; the real
+AutoConfig.register is never called (it would change transformers for the other tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import types
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+from nxdi_gemma.config import plan_from_config
+from nxdi_gemma.neuron import vllm_plugin
+from nxdi_gemma.public_models import public_config
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVE = ROOT / "scripts" / "serve_vllm.sh"
+OFFLINE = ROOT / "scripts" / "offline_inference.py"
+
+MULTIMODAL = ("gemma-3-4b", "gemma-3-27b", "gemma-4-e2b", "gemma-4-26b-a4b", "gemma-4-31b")
+
+
+class Dummy:
+    pass
+
+
+class Other:
+    pass
+
+
+def expected_fields(name: str) -> dict:
+    plan = plan_from_config(public_config(name))
+    return {"hidden_size": plan.hidden_size, "num_key_value_heads": plan.layers[0].num_kv_heads,
+            "head_dim": plan.layers[0].head_dim, "vocab_size": plan.vocab_size,
+            "num_hidden_layers": plan.num_layers, "num_attention_heads": plan.num_heads}
+
+
+def write_checkpoint(directory: Path, name: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(public_config(name)))
+    return directory
+
+
+# ------------------------------------------------------------------------------------------------- NxDI MODEL_TYPES
+
+
+def test_register_models_maps_every_gemma_key():
+    model_types: dict = {}
+    vllm_plugin.register_models(model_types, Dummy)
+    assert set(model_types) == set(vllm_plugin.GEMMA_MODEL_KEYS)
+    assert set(vllm_plugin.GEMMA_MODEL_KEYS) == {"gemma2", "gemma3", "gemma3_text", "gemma4", "gemma4_text"}
+    assert all(entry == {"causal-lm": Dummy} for entry in model_types.values())
+
+
+def test_register_models_replaces_upstream_gemma3_and_leaves_other_models_alone():
+    upstream_gemma3 = {"causal-lm": Other, "image-encoding": Other}
+    llama = {"causal-lm": Other}
+    model_types = {"llama": llama, "gemma3": upstream_gemma3}
+    vllm_plugin.register_models(model_types, Dummy)
+    assert model_types["gemma3"] == {"causal-lm": Dummy, "image-encoding": Other}  # other tasks kept
+    assert upstream_gemma3 == {"causal-lm": Other, "image-encoding": Other}  # the old entry is not mutated
+    assert model_types["llama"] is llama and llama == {"causal-lm": Other}
+    vllm_plugin.register_models(model_types, Dummy)  # idempotent (vLLM calls register() in every process)
+    assert model_types["gemma3"] == {"causal-lm": Dummy, "image-encoding": Other}
+
+
+# -------------------------------------------- multimodal checkpoints: hf_overrides instead of NEURON_MULTI_MODAL_MODELS
+
+
+@pytest.mark.parametrize("name", MULTIMODAL)
+def test_hf_overrides_of_multimodal_configs_are_the_plan_text_fields(name):
+    expected = expected_fields(name)
+    overrides = vllm_plugin.hf_overrides_for(public_config(name))
+    assert overrides == {"num_key_value_heads": expected["num_key_value_heads"], "head_dim": expected["head_dim"]}
+
+
+@pytest.mark.parametrize("name", ["gemma-2-2b", "gemma-3-1b"])
+def test_hf_overrides_of_text_only_configs_are_empty(name):
+    assert vllm_plugin.hf_overrides_for(public_config(name)) == {}
+
+
+def test_checkpoint_hf_overrides_and_command_line(tmp_path, capsys):
+    model = write_checkpoint(tmp_path / "gemma-3-27b", "gemma-3-27b")
+    assert vllm_plugin.checkpoint_hf_overrides(model) == {"num_key_value_heads": 16, "head_dim": 128}
+    assert vllm_plugin.main([str(model)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"num_key_value_heads": 16, "head_dim": 128}
+    assert vllm_plugin.main([str(tmp_path / "missing")]) == 2
+    assert "config.json: not found" in capsys.readouterr().err
+    assert vllm_plugin.main([]) == 2
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{")
+    assert vllm_plugin.main([str(tmp_path / "broken")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- transformers config classes
+
+
+def test_register_configs_registers_exactly_the_missing_types():
+    calls: list[tuple[str, type]] = []
+    known_457 = {"gemma", "gemma2", "gemma3", "gemma3_text", "llama"}  # transformers 4.57: no Gemma 4
+    added = vllm_plugin.register_configs(lambda t, cls: calls.append((t, cls)), known_457)
+    assert added == ["gemma4", "gemma4_text"]
+    assert [t for t, _ in calls] == ["gemma4", "gemma4_text"]
+    pytest.importorskip("transformers")
+    for model_type, cls in calls:
+        assert cls is vllm_plugin.gemma_config_class(model_type) and cls.model_type == model_type
+
+
+def test_register_configs_registers_nothing_when_all_are_known():
+    def refuse(model_type, cls):
+        raise AssertionError(f"registered {model_type}")
+
+    known = set(vllm_plugin.GEMMA_MODEL_KEYS) | {"llama"}
+    assert vllm_plugin.register_configs(refuse, known) == []
+    assert vllm_plugin.register_configs(refuse, iter(known)) == []  # any iterable, e.g. CONFIG_MAPPING.keys()
+
+
+def test_register_architectures_registers_the_stand_in_for_missing_ones():
+    calls: list[tuple[str, str]] = []
+    supported = {"Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration", "LlamaForCausalLM"}
+    added = vllm_plugin.register_architectures(lambda arch, cls: calls.append((arch, cls)), supported)
+    assert added == ["Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"]
+    assert calls == [(arch, vllm_plugin.VLLM_STAND_IN) for arch in added]
+    assert vllm_plugin.register_architectures(lambda *a: pytest.fail("registered"), vllm_plugin.GEMMA_ARCHITECTURES) == []
+
+
+@pytest.mark.parametrize("name", MULTIMODAL)
+def test_config_class_exposes_the_text_fields_of_multimodal_configs(name):
+    pytest.importorskip("transformers")
+    raw = public_config(name)
+    assert "num_key_value_heads" not in raw and "head_dim" not in raw  # nested under text_config only
+    config = vllm_plugin.gemma_config_class(raw["model_type"])(**public_config(name))
+    expected = expected_fields(name)
+    for key in ("num_key_value_heads", "head_dim", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+        assert getattr(config, key) == expected[key], key
+    text = config.get_text_config()
+    assert text is not config and text.model_type == raw["model_type"] + "_text"
+    assert text.vocab_size == expected["vocab_size"]
+    assert text.num_key_value_heads == expected["num_key_value_heads"] and text.head_dim == expected["head_dim"]
+    for key in vllm_plugin.TEXT_FIELDS:
+        assert getattr(text, key) is not None, key
+    saved = config.to_dict()
+    assert set(raw) <= set(saved)  # every key kept
+    assert saved["architectures"] == raw["architectures"]
+    if raw["model_type"] == "gemma4":  # (transformers 5 rewrites Gemma 3's legacy rope keys, as for every config)
+        assert set(raw["text_config"]) <= set(saved["text_config"])
+
+
+@pytest.mark.filterwarnings("ignore:`rope_scaling` is deprecated:FutureWarning")
+def test_config_class_keeps_unknown_keys_and_text_only_configs_are_their_own_text_config():
+    pytest.importorskip("transformers")
+    raw = dict(public_config("gemma-4-e2b"), vision_config={"model_type": "gemma4_vision", "hidden_size": 768},
+               image_token_id=262145)
+    config = vllm_plugin.gemma_config_class("gemma4")(**raw)
+    assert config.vision_config == {"model_type": "gemma4_vision", "hidden_size": 768}
+    assert config.image_token_id == 262145
+    text_only = vllm_plugin.gemma_config_class("gemma3_text")(**public_config("gemma-3-1b"))
+    assert text_only.get_text_config() is text_only
+    assert text_only.num_key_value_heads == 1 and text_only.vocab_size == 262144
+    assert vllm_plugin.gemma_config_class("gemma4")().get_text_config() is not None  # no-argument construction
+
+
+def test_config_class_from_pretrained_and_pickle(tmp_path):
+    pytest.importorskip("transformers")
+    model = write_checkpoint(tmp_path / "gemma-4-31b", "gemma-4-31b")
+    cls = vllm_plugin.gemma_config_class("gemma4")
+    assert vllm_plugin.gemma_config_class("gemma4") is cls and vllm_plugin.Gemma4CompatConfig is cls
+    config = cls.from_pretrained(model)
+    expected = expected_fields("gemma-4-31b")
+    assert (config.num_key_value_heads, config.head_dim) == (expected["num_key_value_heads"], expected["head_dim"])
+    assert config.get_text_config().vocab_size == expected["vocab_size"]
+    config.update({"head_dim": expected["head_dim"]})  # what vLLM does with --hf-overrides
+    # vLLM may send hf_config to other processes: the class must unpickle by name in a fresh interpreter.
+    blob = tmp_path / "config.pkl"
+    blob.write_bytes(pickle.dumps(config))
+    code = ("import pickle, sys; c = pickle.loads(open(sys.argv[1], 'rb').read()); "
+            "print(type(c).__name__, c.num_key_value_heads, c.get_text_config().vocab_size)")
+    out = subprocess.run([sys.executable, "-c", code, str(blob)], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["Gemma4CompatConfig", str(expected["num_key_value_heads"]), str(expected["vocab_size"])]
+    with pytest.raises(KeyError):
+        vllm_plugin.gemma_config_class("llama")
+
+
+# -------------------------------------------------------------------------------------------------------- register()
+
+
+def test_register_without_nxdi_warns_once_and_returns(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "neuronx_distributed_inference", None)  # import -> ImportError
+    with caplog.at_level(logging.WARNING, logger=vllm_plugin.__name__):
+        assert vllm_plugin.register() is None
+    warnings = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert "NxDI is not importable" in message and "neuronx-distributed-inference" in message
+    assert "\n" not in message
+
+
+def _fake_nxdi(monkeypatch) -> dict:
+    model_types = {"gemma3": {"causal-lm": Other}, "llama": {"causal-lm": Other}}
+    for name in ("neuronx_distributed_inference", "neuronx_distributed_inference.utils"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    constants = types.ModuleType("neuronx_distributed_inference.utils.constants")
+    constants.MODEL_TYPES = model_types
+    monkeypatch.setitem(sys.modules, constants.__name__, constants)
+    return model_types
+
+
+def test_register_with_nxdi_wires_model_types_and_configs(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    model_types = _fake_nxdi(monkeypatch)
+    modeling = types.ModuleType("nxdi_gemma.neuron.modeling")
+    modeling.NeuronGemmaForCausalLM = Dummy
+    monkeypatch.setitem(sys.modules, modeling.__name__, modeling)
+    registered: list[str] = []
+    monkeypatch.setattr(transformers.AutoConfig, "register", lambda t, cls, exist_ok=False: registered.append(t))
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)  # no vLLM: its model registry is left alone
+    vllm_plugin.register()
+    assert model_types["gemma3"] == {"causal-lm": Dummy} and model_types["gemma4"] == {"causal-lm": Dummy}
+    assert model_types["llama"] == {"causal-lm": Other}
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    assert registered == [t for t in vllm_plugin.GEMMA_MODEL_KEYS if t not in CONFIG_MAPPING.keys()]
+
+
+def test_register_with_nxdi_but_broken_modeling_fails_loudly(monkeypatch):
+    _fake_nxdi(monkeypatch)
+    monkeypatch.setitem(sys.modules, "nxdi_gemma.neuron.modeling", None)
+    with pytest.raises(RuntimeError, match="does not import"):
+        vllm_plugin.register()
+
+
+def test_module_import_pulls_in_neither_nxdi_nor_vllm_nor_transformers():
+    code = ("import sys, nxdi_gemma.neuron.vllm_plugin; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'neuronx_distributed_inference', 'neuronx_distributed', 'vllm', 'vllm_neuron', 'transformers'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_entry_point_resolves_to_register():
+    plugins = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "nxdi_gemma"]
+    assert len(plugins) == 1, "reinstall the package (pip install -e .) to refresh its entry points"
+    assert plugins[0].value == "nxdi_gemma.neuron.vllm_plugin:register"
+    assert plugins[0].load() is vllm_plugin.register
+
+
+# ----------------------------------------------------------------------------------------------------------- scripts
+
+
+def test_serve_script_syntax_and_arguments(tmp_path):
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    subprocess.run([bash, "-n", str(SERVE)], check=True)
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    vllm = fake_bin / "vllm"  # prints its arguments and the environment the script exported
+    vllm.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\necho "$NEURON_COMPILED_ARTIFACTS"\n'
+                    'echo "$VLLM_PLUGINS"\n')
+    vllm.chmod(0o755)
+    model = write_checkpoint(tmp_path / "gemma-3-4b", "gemma-3-4b")
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("VLLM_PLUGINS", "NEURON_COMPILED_ARTIFACTS", "DISABLE_NEURON_CUSTOM_SCHEDULER")}
+    env.update(PATH=f"{fake_bin}{os.pathsep}{env['PATH']}", PYTHON=sys.executable, MODEL=str(model), TP="4")
+    run = subprocess.run([bash, str(SERVE), "--seed", "0"], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    args, artifacts, plugins = lines[:-2], lines[-2], lines[-1]
+    assert args[:2] == ["serve", str(model)]
+
+    def flag(name: str) -> str:
+        return args[args.index(name) + 1]
+
+    assert flag("--host") == "127.0.0.1" and flag("--tensor-parallel-size") == "4"
+    assert flag("--max-model-len") == "4096" and flag("--max-num-seqs") == "4"
+    assert json.loads(flag("--hf-overrides")) == {"num_key_value_heads": 4, "head_dim": 256}
+    assert json.loads(flag("--additional-config")) == {"override_neuron_config": {}}
+    assert "--no-enable-prefix-caching" in args and args[-2:] == ["--seed", "0"]
+    assert artifacts.startswith(str(tmp_path / "neuron-compiled" / "gemma-3-4b-tp4-len4096-seqs4-"))
+    assert plugins == "neuron,nxdi_gemma"
+
+    env.update(VLLM_PLUGINS="other", OVERRIDE_NEURON_CONFIG='{"skip_warmup": true}')
+    run = subprocess.run([bash, str(SERVE)], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "other,neuron,nxdi_gemma"
+    assert run.stdout.splitlines()[-2] != artifacts  # different settings, different artifacts directory
+
+    del env["MODEL"]
+    run = subprocess.run([bash, str(SERVE)], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 2 and "set MODEL" in run.stderr
+
+
+def _load_offline_script():
+    spec = importlib.util.spec_from_file_location("offline_inference", OFFLINE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_offline_script_without_vllm_exits_with_a_clear_error(tmp_path, monkeypatch, capsys):
+    offline = _load_offline_script()
+    assert offline.vllm_plugins(None) == "neuron,nxdi_gemma"
+    assert offline.vllm_plugins("nxdi_gemma,other") == "nxdi_gemma,other,neuron"
+    model = write_checkpoint(tmp_path / "gemma-4-e2b", "gemma-4-e2b")
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    for name in ("VLLM_PLUGINS", "NEURON_COMPILED_ARTIFACTS", "DISABLE_NEURON_CUSTOM_SCHEDULER"):
+        monkeypatch.setenv(name, "")  # records the original value, restored after the test (main sets them)
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    assert offline.main(["--model", str(model), "--tp", "2"]) == 2
+    assert "vLLM is not importable" in capsys.readouterr().err
+    assert os.environ["VLLM_PLUGINS"] == "neuron,nxdi_gemma"
+    assert "gemma-4-e2b-tp2-len4096-seqs4-" in os.environ["NEURON_COMPILED_ARTIFACTS"]
+    assert offline.main(["--model", str(model), "--override-neuron-config", "[1]"]) == 2
+    assert offline.main(["--model", str(tmp_path / "missing")]) == 2
