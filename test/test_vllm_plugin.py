@@ -96,7 +96,7 @@ def test_checkpoint_hf_overrides_and_command_line(tmp_path, capsys):
     assert vllm_plugin.main([str(model)]) == 0
     assert json.loads(capsys.readouterr().out) == {"num_key_value_heads": 16, "head_dim": 128}
     assert vllm_plugin.main([str(tmp_path / "missing")]) == 2
-    assert "config.json: not found" in capsys.readouterr().err
+    assert "config.json: no config.json" in capsys.readouterr().err
     assert vllm_plugin.main([]) == 2
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{")

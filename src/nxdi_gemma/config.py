@@ -215,16 +215,20 @@ class GemmaPlan:
         return tuple(layer.index for layer in self.layers if not layer.shares_kv)
 
 
-def load_plan(model_dir: str | Path) -> GemmaPlan:
-    """Read `config.json` from a checkpoint directory and build its plan."""
+def read_config_json(model_dir: str | Path) -> dict[str, Any]:
+    """The raw `config.json` of a checkpoint directory, with one-line errors for a missing or broken file."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise ConfigError(f"{path}: no config.json; point --model at a Hugging Face Gemma checkpoint directory")
+        raise ConfigError(f"{path}: no config.json; point at a local Hugging Face Gemma checkpoint directory")
     try:
-        config = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON ({err}); fix or re-download the file") from None
-    return plan_from_config(config, source=str(path))
+
+
+def load_plan(model_dir: str | Path) -> GemmaPlan:
+    """Read `config.json` from a checkpoint directory and build its plan."""
+    return plan_from_config(read_config_json(model_dir), source=str(Path(model_dir) / "config.json"))
 
 
 def text_config_of(config: dict[str, Any], source: str = "config.json") -> tuple[int, dict[str, Any]]:

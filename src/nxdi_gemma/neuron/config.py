@@ -8,14 +8,13 @@ Base classes checked against NxDI 0.8 (Neuron SDK 2.28, cd3abf3) and 0.9 (2.29, 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from neuronx_distributed_inference.models.config import InferenceConfig, NeuronConfig
 
-from ..config import FULL, GemmaPlan, plan_from_config, text_config_of
+from ..config import FULL, GemmaPlan, plan_from_config, read_config_json, text_config_of
 from ..errors import ConfigError
 from ..planning import check_tp
 
@@ -53,7 +52,7 @@ def gemma_load_config(model_path: str | Path):
 
     def load(config: InferenceConfig) -> None:
         config._name_or_path = str(path)
-        config.gemma_hf_config = _read_config_json(path)
+        config.gemma_hf_config = read_config_json(path)
         text = text_config_of(config.gemma_hf_config)[1]
         hf_dtype = text.get("dtype", text.get("torch_dtype")) or config.gemma_hf_config.get("torch_dtype")
         neuron_config = config.neuron_config
@@ -61,13 +60,6 @@ def gemma_load_config(model_path: str | Path):
             neuron_config.torch_dtype = getattr(torch, hf_dtype)  # as NxDI's load_pretrained_config does
 
     return load
-
-
-def _read_config_json(path: Path) -> dict:
-    file = path / "config.json"
-    if not file.is_file():
-        raise ConfigError(f"{file}: not found; the model path must be a local checkpoint directory with config.json")
-    return json.loads(file.read_text())
 
 
 class GemmaInferenceConfig(InferenceConfig):
@@ -94,7 +86,7 @@ class GemmaInferenceConfig(InferenceConfig):
         self.num_cores_per_group = 1
         if getattr(self, "gemma_hf_config", None) is None:
             # Loaded through NxDI's load_pretrained_config (transformers AutoConfig): re-read the file itself.
-            self.gemma_hf_config = _read_config_json(Path(getattr(self, "_name_or_path", "")))
+            self.gemma_hf_config = read_config_json(getattr(self, "_name_or_path", ""))
         plan = self.gemma_plan
         text = text_config_of(self.gemma_hf_config)[1]
         if hasattr(self, "text_config"):

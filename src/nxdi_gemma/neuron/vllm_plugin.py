@@ -136,16 +136,9 @@ def hf_overrides_for(config: dict[str, Any], source: str = "config.json") -> dic
 
 def checkpoint_hf_overrides(model_dir: str | Path) -> dict[str, Any]:
     """`hf_overrides_for` of a local checkpoint directory's config.json."""
-    from ..errors import ConfigError
+    from ..config import read_config_json
 
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found; give a local Gemma checkpoint directory")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{path}: not valid JSON ({error}); fix or re-download the file") from None
-    return hf_overrides_for(config, source=str(path))
+    return hf_overrides_for(read_config_json(model_dir), source=str(Path(model_dir) / "config.json"))
 
 
 @functools.cache
