@@ -137,7 +137,7 @@ def text_prefix(model_type: str) -> str:
     return "model.language_model." if model_type in MULTIMODAL else "model."
 
 
-_NORM = re.compile(r"norm(_\d)?\.weight$")
+NORM = re.compile(r"norm(_\d)?\.weight$")
 
 
 def perturb_(model: torch.nn.Module, model_type: str, seed: int = 0) -> torch.nn.Module:
@@ -153,7 +153,7 @@ def perturb_(model: torch.nn.Module, model_type: str, seed: int = 0) -> torch.nn
             t = named[name]
             if not name.startswith(prefix):
                 continue
-            if _NORM.search(name):
+            if NORM.search(name):
                 t.copy_(identity + 0.3 * torch.randn(t.shape, generator=gen))
             elif name.endswith(("router.scale", "router.per_expert_scale")):
                 t.copy_(1.0 + 0.3 * torch.randn(t.shape, generator=gen))
@@ -209,7 +209,10 @@ def hf_logits(model, ids: torch.Tensor, attention_mask: torch.Tensor | None = No
 
 @torch.no_grad()
 def hf_greedy(model, ids: torch.Tensor, new_tokens: int, attention_mask: torch.Tensor | None = None):
-    """HF greedy generate: (new tokens [B, n], per-step raw logits [B, n, V] float32)."""
+    """HF greedy generate: (new tokens [B, n], per-step raw logits [B, n, V] float32).
+
+    min_new_tokens = max_new_tokens so HF never stops early, and eos_token_id=None so that HF does not suppress EOS
+    either (with an EOS id, min_new_tokens masks it and HF's choice is no longer the argmax our greedy takes)."""
     if ids.dim() == 1:
         ids = ids[None]
     out = model.generate(
@@ -218,12 +221,13 @@ def hf_greedy(model, ids: torch.Tensor, new_tokens: int, attention_mask: torch.T
         do_sample=False,
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
+        eos_token_id=None,
         output_logits=True,
         return_dict_in_generate=True,
         top_k=None,
         top_p=None,
     )
-    tokens = out.sequences[:, ids.shape[1]:]
+    tokens = out.sequences[:, ids.shape[1] :]
     logits = torch.stack(out.logits, dim=1).float()
     return tokens, logits
 
@@ -298,6 +302,12 @@ class TinyCases:
 @pytest.fixture(scope="session")
 def tiny_case(tmp_path_factory) -> TinyCases:
     return TinyCases(tmp_path_factory.mktemp("tiny_hf"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "bigmem: a real-geometry case needing ~10-14 GB RAM (fp32 checkpoint + float64 HF reference)"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def test_greedy_generate_matches_hf(golden, name):
     report(
         f"parity/{name}/generate",
         f"max|ours - HF| per decode step <= {step_diffs.max().item():.2e}; tokens "
-        f"{sum(a == b for a, b in zip(out.tokens[0], g.tokens))}/{NEW_TOKENS}; distinct {len(set(g.tokens))}",
+        f"{sum(a == b for a, b in zip(out.tokens[0], g.tokens, strict=True))}/{NEW_TOKENS}; distinct {len(set(g.tokens))}",
     )
     assert out.tokens[0] == g.tokens
     bad = [i for i, d in enumerate(step_diffs.tolist()) if d > FLOOR]
@@ -152,7 +152,7 @@ def test_bfloat16_match_rate(tiny_case, name):
     hf_tokens, hf_step_logits = hf_greedy(hf, torch.tensor([prompt]), NEW_TOKENS)
     hf_tokens = hf_tokens[0].tolist()
     out = generate(ours, [prompt], NEW_TOKENS, stop_on_eos=False, keep_logits=True)
-    rate = sum(a == b for a, b in zip(out.tokens[0], hf_tokens)) / NEW_TOKENS
+    rate = sum(a == b for a, b in zip(out.tokens[0], hf_tokens, strict=True)) / NEW_TOKENS
     # teacher-forced on HF's bf16 sequence: argmax agreement at every decode position
     seq = prompt + hf_tokens
     ours_tf = ours_teacher_forced(ours, seq, PROMPT_LEN)[PROMPT_LEN - 1 : -1]

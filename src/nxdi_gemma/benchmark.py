@@ -177,8 +177,8 @@ def write_chart(report: LatencyReport, path: str) -> None:
     summary = report.summary()
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.plot([1e3 * t for t in report.token_latency_s], linewidth=0.8, label="decode step")
-    for name, value in summary["token_latency_ms"].items():
-        ax.axhline(value, linestyle="--", linewidth=0.8, label=f"{name} {value:.2f} ms")
+    for color, (name, value) in zip(("C1", "C2", "C3"), summary["token_latency_ms"].items(), strict=True):
+        ax.axhline(value, color=color, linestyle="--", linewidth=0.8, label=f"{name} {value:.2f} ms")
     ax.set_xlabel("decode step (all runs)")
     ax.set_ylabel("latency (ms)")
     ax.set_title(f"{report.backend}: batch {report.batch_size}, prompt {report.prompt_len}, "
