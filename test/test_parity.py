@@ -165,3 +165,21 @@ def test_bfloat16_match_rate(tiny_case, name):
     )
     assert isinstance(rate, float) and 0.0 <= rate <= 1.0
     assert 0.0 <= tf_rate <= 1.0
+
+
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bfloat16_decode_is_bit_exact_to_hf_eager(tiny_case, name):
+    """Same dtype behaviour as HF (spec 6): in bf16, our decode logits equal HF eager's bit for bit, step by step
+    on HF's own greedy sequence (teacher-forced through our KV cache)."""
+    case = tiny_case(name)
+    prompt = make_prompt(PROMPT_LEN, case.vocab, seed=1)
+    hf = load_hf(case.path, case.model_type, torch.bfloat16)
+    tokens, step_logits = hf_greedy(hf, torch.tensor([prompt]), 16)
+    ours = load_model(case.path, torch.bfloat16, progress=False)
+    seq = prompt + tokens[0].tolist()
+    ours_steps = ours_teacher_forced(ours, seq, PROMPT_LEN)[PROMPT_LEN - 1 : -1]
+    diffs = (ours_steps - step_logits[0]).abs().amax(dim=-1)
+    report(f"parity/{name}/bf16 decode", f"max|ours - HF| per step {[round(d, 4) for d in diffs.tolist()[:6]]}...")
+    assert diffs.max().item() == 0.0, f"first differing decode step {int((diffs > 0).nonzero()[0])}"

@@ -48,7 +48,9 @@ class LayerCache:
             return self.k[:, :, :end], self.v[:, :, :end], self.slots[:end]
         if k.shape[2] == 1:  # decode: the ring after the write holds exactly the window
             self.write(k, v, slots)
-            return self.k, self.v, self.slots
+            # Oldest first, as HF's cache keeps them: the same summation order, hence bit-equal bf16 results.
+            shift = -int((slots[-1] + 1) % self.capacity)
+            return (torch.roll(self.k, shift, 2), torch.roll(self.v, shift, 2), torch.roll(self.slots, shift, 0))
         if past == 0:  # prefill into an empty cache: the new tokens are all there is
             self.write(k, v, slots)
             return k, v, slots

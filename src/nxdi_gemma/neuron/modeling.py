@@ -132,6 +132,7 @@ class NeuronGemmaAttention(NeuronAttentionBase):
         )
         self.gemma_scale = plan.attention_scale
         self.gemma_softcap = plan.attn_logit_softcap
+        self.gemma_window = layer.window
         self.softmax_scale = 1.0 / plan.attention_scale  # NxDI 0.9 divides by this in paths we do not override
         self.v_norm = v_norm
         self.state = state
@@ -166,6 +167,13 @@ class NeuronGemmaAttention(NeuronAttentionBase):
         """One softmax over the cached keys (visible per `attention_mask`) and the active token(s)."""
         k_prior, v_prior = past_key_value
         prior_visible = attention_mask.to(torch.bool).expand(Q.shape[0], 1, Q.shape[2], k_prior.shape[2])
+        if self.gemma_window is not None:
+            # The ring holds position p at slot p % W; read it oldest first (from slot pos % W), the order HF's
+            # cache has, so that bf16 sums round the same way.
+            order = (torch.arange(self.gemma_window, device=Q.device)[None, :] + position_ids[:, :1]) % self.gemma_window
+            index = order[:, None, :, None].expand(k_prior.shape)
+            k_prior, v_prior = torch.gather(k_prior, 2, index), torch.gather(v_prior, 2, index.expand(v_prior.shape))
+            prior_visible = torch.gather(prior_visible, 3, order[:, None, None, :].expand(prior_visible.shape))
         active_visible = torch.ones(Q.shape[0], 1, Q.shape[2], K.shape[2], dtype=torch.bool, device=Q.device)
         if Q.shape[2] > 1:
             active_visible = active_visible.tril()
