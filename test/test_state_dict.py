@@ -315,3 +315,14 @@ def test_public_geometry(name, layers):
     check_names(state, fused)
     check_fused(plan, state, fused)
     check_ranks(plan, fused, tp)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_unfolded_norms_stay_offsets(kind):
+    # fold_norm_offset=False: the NxDI norms add 1 in float32 at run time (bit-exact to HF in bf16).
+    plan = tiny(kind)
+    state = random_state(plan, torch.bfloat16)
+    out = convert_hf_to_neuron_state_dict(state, plan, tp_degree=1, fold_norm_offset=False)
+    for name, tensor in state.items():
+        if NORM.search(name):
+            assert torch.equal(out[neuron_name(name)], tensor), name

@@ -84,6 +84,10 @@ class GemmaInferenceConfig(InferenceConfig):
 
     def add_derived_config(self) -> None:
         self.num_cores_per_group = 1
+        # True: Gemma 2/3 norm weights hold `1 + w` (what fused kernels read); False: HF's float32 `1 + w` at run
+        # time, bit-exact in bf16 (see neuron/state_dict.py).
+        if not hasattr(self, "fold_norm_offset"):
+            self.fold_norm_offset = True
         if getattr(self, "gemma_hf_config", None) is None:
             # Loaded through NxDI's load_pretrained_config (transformers AutoConfig): re-read the file itself.
             self.gemma_hf_config = read_config_json(getattr(self, "_name_or_path", ""))

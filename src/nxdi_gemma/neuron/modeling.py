@@ -116,7 +116,7 @@ class NeuronGemmaAttention(NeuronAttentionBase):
     path (its W-1 roll, which needs a bucket >= W-1) is never taken."""
 
     def __init__(self, config: GemmaInferenceConfig, plan: GemmaPlan, layer: LayerPlan, state: ForwardState):
-        q_norm, k_norm, v_norm = attention_norms(plan, layer, folded=True)
+        q_norm, k_norm, v_norm = attention_norms(plan, layer, folded=config.fold_norm_offset)
         if layer.shares_kv and q_norm is not None:
             k_norm = make_norm(plan, layer.head_dim, with_weight=False)  # NxDI wants both; this K is never read
         super().__init__(
@@ -208,7 +208,7 @@ class NeuronGemmaDecoderLayer(GemmaBlock):
         dtype = config.neuron_config.torch_dtype
         experts = ParallelMoeExperts(plan.hidden_size, layer.moe, dtype) if layer.moe else None
         super().__init__(plan, layer, NeuronGemmaAttention(config, plan, layer, state),
-                         parallel_linear_factory(dtype), folded_norms=True, experts=experts)
+                         parallel_linear_factory(dtype), folded_norms=config.fold_norm_offset, experts=experts)
         self.window, self.state, self.index = layer.window, state, layer.index
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_value=None, **kwargs):
@@ -350,7 +350,7 @@ class NeuronGemmaModel(NeuronBaseModel):
         self.state = ForwardState()
         self.embed_tokens = GemmaEmbedding(plan, self.state, dtype)
         self.layers = nn.ModuleList(NeuronGemmaDecoderLayer(config, plan, layer, self.state) for layer in plan.layers)
-        self.norm = make_norm(plan, plan.hidden_size, folded=True)
+        self.norm = make_norm(plan, plan.hidden_size, folded=config.fold_norm_offset)
         self.lm_head = SoftcapColumnParallelLinear(
             plan.hidden_size, plan.vocab_size, bias=False, gather_output=not self.on_device_sampling, pad=True,
             dtype=dtype, softcap=plan.final_logit_softcap,
@@ -385,7 +385,8 @@ class NeuronGemmaForCausalLM(NeuronBaseForCausalLM):
     @staticmethod
     def convert_hf_to_neuron_state_dict(state_dict: dict, config: GemmaInferenceConfig) -> dict:
         return conversion.convert_hf_to_neuron_state_dict(
-            state_dict, config.gemma_plan, config.neuron_config.tp_degree, config.neuron_config.fused_qkv
+            state_dict, config.gemma_plan, config.neuron_config.tp_degree, config.neuron_config.fused_qkv,
+            fold_norm_offset=config.fold_norm_offset,
         )
 
     @staticmethod

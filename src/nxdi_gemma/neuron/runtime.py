@@ -42,8 +42,9 @@ def read_compile_config(path: str | Path) -> dict:
     return spec
 
 
-def build(model_path: str, neuron_config: dict, on_cpu: bool = False):
-    """Our causal LM with its config, from a checkpoint directory (config.json read by our parser)."""
+def build(model_path: str, neuron_config: dict, on_cpu: bool = False, fold_norm_offset: bool = True):
+    """Our causal LM with its config, from a checkpoint directory (config.json read by our parser).
+    fold_norm_offset=False keeps Gemma 2/3 norm offsets unfolded: bit-exact to HF in bf16 (see neuron/state_dict)."""
     modeling = import_nxdi()
     from .config import gemma_load_config
 
@@ -51,7 +52,8 @@ def build(model_path: str, neuron_config: dict, on_cpu: bool = False):
     settings = dict(neuron_config, on_cpu=True) if on_cpu else dict(neuron_config)
     if isinstance(settings.get("torch_dtype"), str):
         settings["torch_dtype"] = getattr(torch, settings["torch_dtype"])
-    config = cls.get_config_cls()(cls.get_neuron_config_cls()(**settings), load_config=gemma_load_config(model_path))
+    config = cls.get_config_cls()(cls.get_neuron_config_cls()(**settings), load_config=gemma_load_config(model_path),
+                                  fold_norm_offset=fold_norm_offset)
     return cls(model_path, config)
 
 
@@ -61,7 +63,10 @@ def compile_model(model_path: str, config_path: str, out_dir: str) -> Path:
     target = Path(out_dir)
     if target.exists() and any(target.iterdir()):
         raise InputError(f"--out {target} exists and is not empty; choose a new directory")
-    model = build(model_path, spec["neuron_config"])
+    fold = spec.get("fold_norm_offset", True)
+    if not isinstance(fold, bool):
+        raise ConfigError(f"--config {config_path}: fold_norm_offset={fold!r} must be true or false")
+    model = build(model_path, spec["neuron_config"], fold_norm_offset=fold)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
