@@ -8,6 +8,7 @@ Environment:
                              cannot run the model (Neuron machines pin 4.57: no Gemma 4, Gemma 3 configs misread)
 - NXDI_GEMMA_MODEL           a real checkpoint directory for the real-checkpoint test
 - NXDI_GEMMA_COMPILE_CONFIG  its compile config (default: none; CPU mode needs none)
+- NXDI_GEMMA_DTYPE           float32 (default) or bfloat16 for the real-checkpoint test
 Thresholds: float32 runs must match HF's greedy tokens exactly (100%) with max |logit diff| within the stated
 bound (tiny fixtures 1e-4, as the CPU runtime; real Gemma 4 geometry 2e-2 because HF's own float32 error there
 is ~1e-3, spec 8.1). bfloat16 on hardware: each prompt must agree on its first 4 tokens and the mean match rate
@@ -51,9 +52,9 @@ def transformers_can_run(model_dir: Path) -> bool:
     return int(transformers.__version__.split(".")[0]) >= 5 and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
-def reference(model_dir: Path, prompts: list[list[int]], tmp_path: Path):
+def reference(model_dir: Path, prompts: list[list[int]], tmp_path: Path, dtype: torch.dtype = torch.float32):
     if transformers_can_run(model_dir):
-        return hf_greedy(model_dir, prompts, NEW_TOKENS, torch.float32)
+        return hf_greedy(model_dir, prompts, NEW_TOKENS, dtype)
     python = os.environ.get("NXDI_GEMMA_REFERENCE_PYTHON")
     if not python:
         pytest.skip("this transformers cannot run the model; set NXDI_GEMMA_REFERENCE_PYTHON to an interpreter with "
@@ -61,7 +62,8 @@ def reference(model_dir: Path, prompts: list[list[int]], tmp_path: Path):
     prompt_file, golden = tmp_path / "prompts.json", tmp_path / "golden.json"
     prompt_file.write_text(json.dumps(prompts))
     subprocess.run([python, "-m", "nxdi_gemma.cli", "reference", "--model", str(model_dir), "--prompts",
-                    str(prompt_file), "--out", str(golden), "--max-new-tokens", str(NEW_TOKENS)], check=True)
+                    str(prompt_file), "--out", str(golden), "--max-new-tokens", str(NEW_TOKENS),
+                    "--dtype", str(dtype).removeprefix("torch.")], check=True)
     return read_golden(golden)[2]
 
 
@@ -135,49 +137,24 @@ def test_moe_shaped(tmp_path):
 
 @pytest.mark.skipif(not os.environ.get("NXDI_GEMMA_MODEL"), reason="set NXDI_GEMMA_MODEL to a real checkpoint dir")
 def test_real_checkpoint_code_prompts(tmp_path):
+    from nxdi_gemma.neuron import runtime
     from nxdi_gemma.tokenizer import load_tokenizer, prompts_to_ids
 
     model_dir = Path(os.environ["NXDI_GEMMA_MODEL"])
+    dtype = os.environ.get("NXDI_GEMMA_DTYPE", "float32")
     prompts = prompts_to_ids(DEFAULT_PROMPTS, load_tokenizer(model_dir), "default prompts")
-    check(model_dir, prompts, tmp_path, bound=2e-2)
-
-
-@pytest.mark.parametrize("kind", ["gemma3", "gemma4"])
-def test_continuous_batching_like_vllm(kind, tmp_path):
-    """vllm-neuron's mode: each prompt prefilled alone into its own cache slot (here out of order), then decoded
-    together with per-row positions and lengths. Every row must equal HF's greedy run of its prompt."""
-    from nxdi_gemma.neuron import runtime
-
-    if not CPU_MODE:
-        pytest.skip("drives the model step by step; on hardware vLLM covers this path")
-    config = TINY_CONFIGS[kind]
-    model_dir = write(tmp_path, config)
-    prompts = random_prompts(config["vocab_size"], lengths=(20, 11))
-    refs = reference(model_dir, prompts, tmp_path)
-    model = runtime.build(str(model_dir), dict(tp_degree=1, batch_size=2, ctx_batch_size=1, tkg_batch_size=2,
-                                               is_continuous_batching=True, seq_len=64, max_context_length=64,
-                                               torch_dtype="float32"), on_cpu=True)
-    model.to_cpu()
-    model.reset()
-    logits: list[list[torch.Tensor]] = [[], []]
-    for row in (1, 0):
-        ids = torch.tensor([prompts[row]])
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(ids.shape[1])[None],
-                    seq_ids=torch.tensor([row]))
-        logits[row].append(out.logits[0, -1].float())
-    lengths = [len(p) for p in prompts]
-    for step in range(NEW_TOKENS - 1):
-        tokens = torch.tensor([[int(logits[r][-1].argmax())] for r in (0, 1)])
-        mask = torch.zeros(2, max(lengths) + step, dtype=torch.long)
-        for r in (0, 1):
-            mask[r, : lengths[r] + step] = 1
-        out = model(input_ids=tokens, attention_mask=mask, position_ids=torch.tensor([[n + step] for n in lengths]),
-                    seq_ids=torch.tensor([0, 1]))
-        for r in (0, 1):
-            logits[r].append(out.logits[r, -1].float())
-    from nxdi_gemma.reference import Continuation
-
-    for r in (0, 1):
-        ours = Continuation([int(x.argmax()) for x in logits[r]], torch.stack(logits[r]))
-        result = compare(prompts[r], ours, refs[r])
-        assert result.match_rate == 1.0 and result.max_abs_logit_diff <= 1e-4, result
+    if dtype == "float32":
+        check(model_dir, prompts, tmp_path, bound=2e-2)
+        return
+    refs = reference(model_dir, prompts, tmp_path, torch.bfloat16)
+    config = os.environ.get("NXDI_GEMMA_COMPILE_CONFIG")
+    if not config:
+        pytest.skip("bfloat16 needs NXDI_GEMMA_COMPILE_CONFIG (a compile config with torch_dtype bfloat16)")
+    compiled = runtime.compile_model(str(model_dir), config, str(tmp_path / "compiled"))
+    ours = runtime.greedy(runtime.load_compiled(str(model_dir), str(compiled)), prompts, NEW_TOKENS)
+    results = [compare(p, o, r) for p, o, r in zip(prompts, ours, refs, strict=True)]
+    # bf16: rounding legitimately flips near-ties, after which the sequences differ; require agreement on the
+    # first 4 tokens of every prompt and a mean match rate of at least 0.5 (see the module docstring).
+    for r in results:
+        assert r.first_divergence is None or r.first_divergence >= 4, r
+    assert sum(r.match_rate for r in results) / len(results) >= 0.5
