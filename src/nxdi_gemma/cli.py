@@ -112,7 +112,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .config import load_plan
-    from .cpu import SamplingParams, generate, load_model
+    from .cpu import SamplingParams, cut_after_eos, generate, load_model
     from .tokenizer import load_tokenizer, prompts_to_ids
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
@@ -126,7 +126,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _check_lengths(ids, args.max_new_tokens, args.max_seq_len or plan.max_position_embeddings)
         if args.backend == "neuron":
             continuations = neuron_greedy(path, args.compiled, DTYPES[args.dtype])(ids, args.max_new_tokens)
-            tokens_per_prompt = [_cut_at_eos(c.tokens, plan.eos_token_ids) for c in continuations]
+            tokens_per_prompt = [cut_after_eos(c.tokens, plan.eos_token_ids) for c in continuations]
         else:
             model = load_model(path, DTYPES[args.dtype])
             tokens_per_prompt = generate(model, ids, args.max_new_tokens, sampling, max_seq_len=args.max_seq_len).tokens
@@ -163,13 +163,6 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if args.png:
         benchmark.write_chart(report, args.png)
     return 0
-
-
-def _cut_at_eos(tokens: list[int], eos_ids: tuple[int, ...]) -> list[int]:
-    for i, t in enumerate(tokens):
-        if t in eos_ids:
-            return tokens[: i + 1]
-    return tokens
 
 
 def cmd_compile(args: argparse.Namespace) -> int:

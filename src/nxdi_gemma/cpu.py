@@ -299,11 +299,12 @@ def generate(
             logits = model.forward_step(token[:, None], cache, pads, last_only=True)[:, -1]
     tokens = torch.stack(out, dim=1).tolist()
     if stop_on_eos:
-        tokens = [_cut_after_eos(row, plan.eos_token_ids) for row in tokens]
+        tokens = [cut_after_eos(row, plan.eos_token_ids) for row in tokens]
     return Generation(tokens, torch.stack(kept, dim=1) if keep_logits else None)
 
 
-def _cut_after_eos(row: list[int], eos_ids: tuple[int, ...]) -> list[int]:
+def cut_after_eos(row: list[int], eos_ids: tuple[int, ...]) -> list[int]:
+    """The tokens up to and including the first EOS."""
     for i, t in enumerate(row):
         if t in eos_ids:
             return row[: i + 1]
