@@ -139,13 +139,16 @@ class GemmaTextModel(nn.Module):
         self.plan = plan
         self.embed_tokens = nn.Embedding(plan.vocab_size, plan.hidden_size)
         self.layers = nn.ModuleList(GemmaBlock(plan, layer, CpuAttention(plan, layer)) for layer in plan.layers)
+        self.first_shared = next((layer.index for layer in plan.layers if layer.shares_kv), plan.num_layers)
         self.norm = make_norm(plan, plan.hidden_size)
         if plan.ple_dim:
             self.embed_tokens_per_layer = nn.Embedding(plan.ple_vocab_size, plan.num_layers * plan.ple_dim)
             self.per_layer_model_projection = nn.Linear(plan.hidden_size, plan.num_layers * plan.ple_dim, bias=False)
             self.per_layer_projection_norm = make_norm(plan, plan.ple_dim)
 
-    def forward(self, ids: torch.Tensor, step: _Step) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, step: _Step, last_only: bool = False) -> torch.Tensor:
+        """Hidden states after the final norm. last_only: only the last position's are needed, so KV-shared layers
+        (which write no cache) run on that position alone, as HF's generate() does (spec 5.4; numerically neutral)."""
         h = ops.scaled_embedding(self.embed_tokens.weight, ids, self.plan.hidden_size)
         ple = None
         if self.plan.ple_dim:
@@ -154,6 +157,9 @@ class GemmaTextModel(nn.Module):
                 self.per_layer_projection_norm,
             )
         for i, block in enumerate(self.layers):
+            if last_only and i == self.first_shared and h.shape[1] > 1:
+                h, step.slots, step.positions = h[:, -1:], step.slots[-1:], step.positions[:, -1:]
+                ple = None if ple is None else ple[:, -1:]
             attn = block.self_attn(block.attention_input(h), step)
             h = block.after_attention(h, attn, None if ple is None else ple[:, :, i])
         return self.norm(h)
@@ -187,7 +193,7 @@ class GemmaForCausalLM(nn.Module):
             )
         slots = torch.arange(past, past + ids.shape[1])
         positions = (slots[None, :] - pads[:, None]).clamp(min=0)
-        h = self.model(ids, _Step(cache, slots, positions, past))
+        h = self.model(ids, _Step(cache, slots, positions, past), last_only)
         cache.past = past + ids.shape[1]
         if last_only:
             h = h[:, -1:]
