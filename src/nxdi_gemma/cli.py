@@ -31,7 +31,7 @@ def model_dir(args: argparse.Namespace) -> Iterator[str]:
         yield str(path)
 
 
-def cpu_greedy(model_path: str, dtype: torch.dtype, max_seq_len: int | None = None):
+def cpu_greedy(model_path: str, dtype: torch.dtype):
     from .cpu import generate, load_model
     from .reference import Continuation
 
@@ -40,7 +40,7 @@ def cpu_greedy(model_path: str, dtype: torch.dtype, max_seq_len: int | None = No
     def greedy(prompt_ids: list[list[int]], max_new_tokens: int) -> list[Continuation]:
         out = []
         for ids in prompt_ids:
-            g = generate(model, [ids], max_new_tokens, stop_on_eos=False, max_seq_len=max_seq_len, keep_logits=True)
+            g = generate(model, [ids], max_new_tokens, stop_on_eos=False, keep_logits=True)
             out.append(Continuation(g.tokens[0], g.logits[0]))
         return out
 

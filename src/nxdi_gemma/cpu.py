@@ -319,13 +319,14 @@ def cut_after_eos(row: list[int], eos_ids: tuple[int, ...]) -> list[int]:
 
 def load_model(model_dir, dtype: torch.dtype = torch.float32, progress: bool = True) -> GemmaForCausalLM:
     """Build the plan from config.json and load the safetensors weights into a CPU model (no transformers)."""
-    from .checkpoint import expected_shapes, load_state_dict
+    from .checkpoint import load_state_dict
     from .config import load_plan
 
     plan = load_plan(model_dir)
     with torch.device("meta"):
         model = GemmaForCausalLM(plan)
-    state = load_state_dict(model_dir, plan, expected_shapes(plan), dtype, progress)
+    expected = {name: t.shape for name, t in model.state_dict().items()}
+    state = load_state_dict(model_dir, plan, expected, dtype, progress)
     model.load_state_dict(state, assign=True, strict=True)
     for block, layer in zip(model.model.layers, plan.layers, strict=True):
         block.self_attn.inv_freq = layer.rope.inv_freq()  # non-persistent buffers were built on "meta"

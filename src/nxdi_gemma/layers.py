@@ -60,7 +60,7 @@ class GemmaMLP(nn.Module):
 class MoeRouter(nn.Module):
     """Gemma 4 router: reads the un-normed residual through a weightless RMS, a learned scale and H^-0.5."""
 
-    def __init__(self, plan: GemmaPlan, moe: MoeSpec, linear: LinearFactory = plain_linear):
+    def __init__(self, plan: GemmaPlan, moe: MoeSpec):
         super().__init__()
         self.top_k, self.inv_sqrt_hidden = moe.top_k, plan.hidden_size**-0.5
         self.norm = make_norm(plan, plan.hidden_size, with_weight=False)
@@ -117,7 +117,7 @@ class GemmaBlock(nn.Module):
         self.mlp = GemmaMLP(hidden, layer.intermediate_size, linear)
         self.moe = layer.moe is not None
         if self.moe:
-            self.router = MoeRouter(plan, layer.moe, linear)
+            self.router = MoeRouter(plan, layer.moe)
             self.experts = experts if experts is not None else MoeExperts(hidden, layer.moe)
             self.pre_feedforward_layernorm_2 = make_norm(plan, hidden)
             self.post_feedforward_layernorm_1 = make_norm(plan, hidden)

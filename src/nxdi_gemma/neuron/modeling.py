@@ -261,7 +261,7 @@ class GemmaKVCacheManager(KVCacheManager):
                          layer_to_cache_size_mapping=[1] * plan.num_layers)
         batch = config.neuron_config.kv_cache_batch_size + config.neuron_config.kv_cache_padding_size
         self.windows = [layer.window for layer in plan.layers]
-        self.producers = [layer.index for layer in plan.layers if not layer.shares_kv]
+        self.producers = plan.kv_producers
         # KV-shared layers own no cache: they read their source layer's slot.
         slot = {index: n for n, index in enumerate(self.producers)}
         self.slot_of = [slot[layer.kv_source] for layer in plan.layers]
