@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# test/sim is the simulation tier: its own environment (scripts/sim_env.sh) and rootdir (test/sim/pytest.ini).
+collect_ignore = ["sim"]
+
 transformers = pytest.importorskip("transformers")
 
 from nxdi_gemma.cpu import GemmaForCausalLM, KVCache, load_model  # noqa: E402
