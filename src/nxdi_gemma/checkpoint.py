@@ -1,13 +1,18 @@
 """Hugging Face Gemma checkpoints on disk -> our weight names (= HF *ForCausalLM names), safely.
 
 Only safetensors are read (never unpickled). Single files and sharded (`model.safetensors.index.json`) layouts,
-and the text decoder of the multimodal checkpoints, are accepted. Any missing, extra or mis-shaped tensor is a
-CheckpointError naming it.
+and the text decoder of the multimodal checkpoints, are accepted. Any missing, extra or mis-shaped tensor, and any
+truncated file, is a CheckpointError naming it.
+
+`check_checkpoint` validates a directory from config.json and the safetensors headers alone (no tensor data is
+read), so the commands run it before Hugging Face or NxDI touch the directory. Expected shapes come from the plan
+and the shared layers (`layers.py`), never from a runtime.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -17,9 +22,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
-from .config import GemmaPlan
+from .config import GemmaPlan, LayerPlan, load_plan
 from .errors import CheckpointError
+from .layers import GemmaBlock, attention_norms, make_norm
 
 # Text-decoder prefixes on disk, most specific first (spec 4.5, 5.10).
 TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
@@ -32,6 +39,13 @@ SKIPPED_PREFIXES = (
 )
 _SHARED_LAYER_KV = re.compile(r"^layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm)\.weight$")
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Bytes per element of the safetensors dtypes whose size is a whole number of bytes.
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
+MISMATCH = "the weights do not match config.json; use the config.json they were saved with (or re-download both)"
 
 
 def safetensors_files(model_dir: str | Path) -> list[Path]:
@@ -63,12 +77,57 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
     raise CheckpointError(f"{root} has no *.safetensors weights; download the checkpoint's safetensors files")
 
 
-def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, Path]]:
-    """(tensor name on disk, file) for every tensor of the checkpoint, without loading any."""
+def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype, shape) of every tensor in a safetensors file, from its header alone; a file whose header
+    promises more bytes than it holds (an interrupted download) is refused here, before anything reads it."""
+    size = path.stat().st_size
+    redo = "re-download or re-convert it"
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: {size} bytes, too short for a safetensors file; {redo}")
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > min(MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(
+                f"{path}: truncated or not safetensors (header of {header_len} bytes, file of {size}); {redo}"
+            )
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable safetensors header ({err}); {redo}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object; {redo}")
+    header.pop("__metadata__", None)
+    out, end = {}, 0
+    for name, info in header.items():
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        shape = info.get("shape") if isinstance(info, dict) else None
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(dtype, str) and isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+                and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{path}: malformed safetensors entry for tensor {name}; {redo}")
+        if dtype in DTYPE_BYTES and offsets[1] - offsets[0] != math.prod(shape) * DTYPE_BYTES[dtype]:
+            raise CheckpointError(
+                f"{path}: tensor {name} ({dtype} {shape}) spans {offsets[1] - offsets[0]} bytes, expected "
+                f"{math.prod(shape) * DTYPE_BYTES[dtype]}; the file is corrupt, {redo}"
+            )
+        out[name] = (dtype, tuple(shape))
+        end = max(end, offsets[1])
+    data = size - 8 - header_len
+    if end > data:
+        raise CheckpointError(
+            f"{path}: truncated: its header describes {end} bytes of tensor data but the file holds {data}; {redo}"
+        )
+    return out
+
+
+def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, Path, tuple[int, ...]]]:
+    """(tensor name on disk, file, shape) for every tensor of the checkpoint, from the headers (no data read)."""
     for path in safetensors_files(model_dir):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                yield name, path
+        for name, (_, shape) in read_header(path).items():
+            yield name, path, shape
 
 
 def text_name(disk_name: str, plan: GemmaPlan) -> str | None:
@@ -87,6 +146,56 @@ def text_name(disk_name: str, plan: GemmaPlan) -> str | None:
     return disk_name
 
 
+def match_tensors(
+    model_dir: str | Path, plan: GemmaPlan, expected: dict[str, torch.Size]
+) -> dict[str, tuple[Path, str]]:
+    """our name -> (file, name on disk) for every expected tensor, after checking names and shapes against
+    `expected` from the safetensors headers alone."""
+    sources: dict[str, tuple[Path, str]] = {}
+    extra = []
+    for disk_name, path, shape in iter_tensors(model_dir):
+        name = text_name(disk_name, plan)
+        if name is None:
+            continue
+        if name not in expected:
+            extra.append(disk_name)
+        elif name in sources:
+            raise CheckpointError(f"{model_dir}: tensor {name} is stored twice ({disk_name}); remove the duplicate")
+        elif shape != tuple(expected[name]):
+            raise CheckpointError(
+                f"{path}: tensor {disk_name} has shape {list(shape)}, expected {list(expected[name])} from "
+                f"config.json; {MISMATCH}"
+            )
+        else:
+            sources[name] = (path, disk_name)
+    missing = sorted(set(expected) - set(sources))
+    if missing:
+        raise CheckpointError(
+            f"{model_dir}: missing tensor {missing[0]} (expected shape {list(expected[missing[0]])})"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+            + f"; {MISMATCH}"
+        )
+    if extra:
+        raise CheckpointError(
+            f"{model_dir}: unexpected tensor {extra[0]}" + (f" and {len(extra) - 1} more" if len(extra) > 1 else "")
+            + f"; {MISMATCH}"
+        )
+    return sources
+
+
+def check_checkpoint(model_dir: str | Path) -> GemmaPlan:
+    """The plan of a checkpoint directory whose config.json we can run and whose safetensors hold exactly the
+    tensors it implies, checked from config.json and the file headers (cheap: no tensor data is read). The commands
+    call this before Hugging Face or NxDI open the directory, so a bad checkpoint is one CheckpointError or
+    ConfigError line and pickle files are never reached."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: no such directory; point --model at a local checkpoint directory")
+    plan = load_plan(root)
+    match_tensors(root, plan, expected_shapes(plan))
+    return plan
+
+
 def load_state_dict(
     model_dir: str | Path,
     plan: GemmaPlan,
@@ -98,30 +207,7 @@ def load_state_dict(
     against `expected`."""
     from tqdm import tqdm
 
-    sources: dict[str, tuple[Path, str]] = {}
-    extra = []
-    for disk_name, path in iter_tensors(model_dir):
-        name = text_name(disk_name, plan)
-        if name is None:
-            continue
-        if name not in expected:
-            extra.append(disk_name)
-        elif name in sources:
-            raise CheckpointError(f"{model_dir}: tensor {name} is stored twice ({disk_name}); remove the duplicate")
-        else:
-            sources[name] = (path, disk_name)
-    missing = sorted(set(expected) - set(sources))
-    if missing:
-        raise CheckpointError(
-            f"{model_dir}: missing tensor {missing[0]} (expected shape {list(expected[missing[0]])})"
-            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-            + "; the checkpoint does not match its config.json"
-        )
-    if extra:
-        raise CheckpointError(
-            f"{model_dir}: unexpected tensor {extra[0]}" + (f" and {len(extra) - 1} more" if len(extra) > 1 else "")
-            + "; the checkpoint does not match its config.json"
-        )
+    sources = match_tensors(model_dir, plan, expected)
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for name, (path, disk_name) in sources.items():
@@ -130,12 +216,6 @@ def load_state_dict(
     for path, names in by_file.items():
         with safe_open(str(path), framework="pt") as f:
             for name, disk_name in names:
-                shape = tuple(f.get_slice(disk_name).get_shape())
-                if shape != tuple(expected[name]):
-                    raise CheckpointError(
-                        f"{path.name}: tensor {disk_name} has shape {list(shape)}, expected {list(expected[name])} "
-                        "from config.json; the checkpoint does not match its config"
-                    )
                 tensor = f.get_tensor(disk_name)
                 state[name] = tensor if dtype is None else tensor.to(dtype)
                 bar.update()
@@ -143,12 +223,42 @@ def load_state_dict(
     return state
 
 
-def expected_shapes(plan: GemmaPlan) -> dict[str, torch.Size]:
-    """Every tensor a checkpoint of this plan must hold (HF *ForCausalLM names), from a weightless model."""
-    from .cpu import GemmaForCausalLM
+class _AttentionWeights(nn.Module):
+    """The parameters of one attention layer under HF's names (what both runtimes' attention modules hold)."""
 
+    def __init__(self, plan: GemmaPlan, layer: LayerPlan):
+        super().__init__()
+        hidden, heads, kv, dim = plan.hidden_size, layer.num_heads, layer.num_kv_heads, layer.head_dim
+        self.q_proj = nn.Linear(hidden, heads * dim, bias=False)
+        if not layer.shares_kv:
+            self.k_proj = nn.Linear(hidden, kv * dim, bias=False)
+            if not layer.k_eq_v:
+                self.v_proj = nn.Linear(hidden, kv * dim, bias=False)
+        self.o_proj = nn.Linear(heads * dim, hidden, bias=False)
+        self.q_norm, self.k_norm, self.v_norm = attention_norms(plan, layer)
+
+
+class _TextWeights(nn.Module):
+    """The text decoder's parameters under HF's names below `model.`."""
+
+    def __init__(self, plan: GemmaPlan):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(plan.vocab_size, plan.hidden_size)
+        self.layers = nn.ModuleList(GemmaBlock(plan, layer, _AttentionWeights(plan, layer)) for layer in plan.layers)
+        self.norm = make_norm(plan, plan.hidden_size)
+        if plan.ple_dim:
+            self.embed_tokens_per_layer = nn.Embedding(plan.ple_vocab_size, plan.num_layers * plan.ple_dim)
+            self.per_layer_model_projection = nn.Linear(plan.hidden_size, plan.num_layers * plan.ple_dim, bias=False)
+            self.per_layer_projection_norm = make_norm(plan, plan.ple_dim)
+
+
+def expected_shapes(plan: GemmaPlan) -> dict[str, torch.Size]:
+    """Every tensor a checkpoint of this plan must hold (HF *ForCausalLM names), from weightless (meta) modules."""
     with torch.device("meta"):
-        return {name: t.shape for name, t in GemmaForCausalLM(plan).state_dict().items()}
+        shapes = {f"model.{name}": t.shape for name, t in _TextWeights(plan).state_dict().items()}
+    if not plan.tie_word_embeddings:
+        shapes["lm_head.weight"] = torch.Size([plan.vocab_size, plan.hidden_size])
+    return shapes
 
 
 def save_checkpoint(model_dir: str | Path, config: dict, tensors: dict[str, torch.Tensor], extra_files: dict[str, str]

@@ -12,23 +12,28 @@ from pathlib import Path
 
 import torch
 
+from .config import GemmaPlan
 from .errors import GemmaError, InputError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @contextlib.contextmanager
-def model_dir(args: argparse.Namespace) -> Iterator[str]:
-    """--model, or the embedded default: a small random checkpoint created deterministically in a temp dir."""
+def model_dir(args: argparse.Namespace) -> Iterator[tuple[str, GemmaPlan]]:
+    """--model, or the embedded default (a small random checkpoint created deterministically in a temp dir), with
+    its plan. The directory is validated by our own loader from config.json and the safetensors headers before any
+    command hands it to Hugging Face or NxDI, so a bad checkpoint is one line and no pickle file is ever opened."""
+    from .checkpoint import check_checkpoint
+
     if args.model:
-        yield args.model
+        yield args.model, check_checkpoint(args.model)
         return
     from .tiny import write_tiny_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="nxdi-gemma-tiny-") as tmp:
         path = write_tiny_checkpoint(Path(tmp) / f"tiny-{args.tiny}", args.tiny)
         print(f"no --model given: using the embedded random tiny {args.tiny} checkpoint", file=sys.stderr)
-        yield str(path)
+        yield str(path), check_checkpoint(path)
 
 
 def cpu_greedy(model_path: str, dtype: torch.dtype):
@@ -66,11 +71,9 @@ def load_prompts(args: argparse.Namespace, path: str) -> tuple[list, list[list[i
 
 def cmd_token_match(args: argparse.Namespace) -> int:
     from . import reference, token_match
-    from .config import load_plan
 
     dtype = DTYPES[args.dtype]
-    with model_dir(args) as path:
-        plan = load_plan(path)
+    with model_dir(args) as (path, plan):
         if args.reference:
             golden, prompt_ids, refs = reference.read_golden(args.reference)
             prompts = [item["prompt"] for item in golden["prompts"]]
@@ -101,7 +104,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
     from . import reference
 
     dtype = DTYPES[args.dtype]
-    with model_dir(args) as path:
+    with model_dir(args) as (path, _):
         prompts, prompt_ids = load_prompts(args, path)
         refs = reference.hf_greedy(path, prompt_ids, args.max_new_tokens, dtype)
         reference.write_golden(args.out, args.model or f"embedded tiny {args.tiny}", args.dtype, prompts,
@@ -111,15 +114,13 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .config import load_plan
     from .cpu import SamplingParams, cut_after_eos, generate, load_model
     from .tokenizer import load_tokenizer, prompts_to_ids
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     if args.backend == "neuron" and sampling.temperature:
         raise InputError("generate --backend neuron decodes greedily; drop --temperature (sample with vLLM instead)")
-    with model_dir(args) as path:
-        plan = load_plan(path)
+    with model_dir(args) as (path, plan):
         tokenizer = load_tokenizer(path)
         prompts = [json.loads(p) if args.token_ids else p for p in args.prompt]
         ids = prompts_to_ids(prompts, tokenizer, "--prompt")
@@ -141,7 +142,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 2 or args.prompt_len < 1 or args.runs < 1:
         raise InputError("benchmark needs --max-new-tokens >= 2, --prompt-len >= 1 and --runs >= 1")
-    with model_dir(args) as path:
+    with model_dir(args) as (path, _):
         if args.backend == "neuron":
             if not args.compiled:
                 raise InputError("benchmark --backend neuron needs --compiled DIR (the output of `nxdi-gemma compile`)")
@@ -166,9 +167,13 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
+    from .checkpoint import check_checkpoint
     from .neuron.runtime import compile_model, read_compile_config
 
-    read_compile_config(args.config)  # a bad config fails before NxDI is even imported
+    # The user's inputs (checkpoint, then compile config) are checked before NxDI is imported, so a bad checkpoint
+    # is reported as such even on a machine without the Neuron SDK, and NxDI never opens a directory we refuse.
+    check_checkpoint(args.model)
+    read_compile_config(args.config)
     print(compile_model(args.model, args.config, args.out))
     return 0
 

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from . import ops
-from .config import GemmaPlan, LayerPlan
+from .checkpoint import load_state_dict
+from .config import GemmaPlan, LayerPlan, load_plan
 from .errors import InputError
 from .layers import GemmaBlock, attention_norms, make_norm, per_layer_inputs
 
@@ -319,9 +320,6 @@ def cut_after_eos(row: list[int], eos_ids: tuple[int, ...]) -> list[int]:
 
 def load_model(model_dir, dtype: torch.dtype = torch.float32, progress: bool = True) -> GemmaForCausalLM:
     """Build the plan from config.json and load the safetensors weights into a CPU model (no transformers)."""
-    from .checkpoint import load_state_dict
-    from .config import load_plan
-
     plan = load_plan(model_dir)
     with torch.device("meta"):
         model = GemmaForCausalLM(plan)

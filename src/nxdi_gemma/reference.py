@@ -7,6 +7,7 @@ transformers is imported only here, and only when a reference is asked for; our 
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ def import_transformers():
 
 
 def load_hf_model(model_dir: str | Path, dtype: torch.dtype):
+    """HF's model of a checkpoint directory, from its safetensors only (pickle files are never opened). Callers
+    validate the directory with `checkpoint.check_checkpoint` first, so HF only ever sees a checkpoint we accept."""
     transformers = import_transformers()
     config = json.loads((Path(model_dir) / "config.json").read_text())
     auto = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -48,8 +51,14 @@ def load_hf_model(model_dir: str | Path, dtype: torch.dtype):
         )
     transformers.utils.logging.disable_progress_bar()
     return transformers.AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=dtype, attn_implementation="eager"
+        str(model_dir), dtype=dtype, attn_implementation="eager", use_safetensors=True
     ).eval()
+
+
+def cache_argument(model) -> str:
+    """The name under which this transformers' forward takes the KV cache: `cache` since 5.24 (where
+    `past_key_values` still works but warns on every run), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @torch.inference_mode()
@@ -58,17 +67,22 @@ def hf_greedy(model_dir: str | Path, prompts: list[list[int]], max_new_tokens: i
 
     A plain argmax loop over HF's forward with its KV cache, not `generate()`: with `min_new_tokens`, generate()
     masks the config's EOS ids out of the choice, which would make the reference differ from a pure argmax."""
+    transformers = import_transformers()
     model = load_hf_model(model_dir, dtype)
+    cache_kw = cache_argument(model)
     out = []
     for ids in prompts:
-        step = model(torch.tensor([ids]), use_cache=True)
+        # Our own cache object, updated in place by every forward, so the output's cache field (renamed across
+        # transformers versions) is never read. Built from the config as HF builds it when given none.
+        cache = transformers.DynamicCache(config=model.config)
+        step = model(torch.tensor([ids]), use_cache=True, **{cache_kw: cache})
         tokens, logits = [], []
         for i in range(max_new_tokens):
             last = step.logits[0, -1].float()
             logits.append(last)
             tokens.append(int(last.argmax()))
             if i + 1 < max_new_tokens:
-                step = model(torch.tensor([[tokens[-1]]]), past_key_values=step.past_key_values, use_cache=True)
+                step = model(torch.tensor([[tokens[-1]]]), use_cache=True, **{cache_kw: cache})
         out.append(Continuation(tokens, torch.stack(logits)))
     return out
 
