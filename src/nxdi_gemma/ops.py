@@ -98,6 +98,106 @@ def attention(
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
+def masked(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Scores with invisible keys at the dtype's lowest value. The fill value is a tensor of the scores' dtype: a
+    Python float here would enter a traced graph as a float64 scalar."""
+    lowest = torch.tensor(torch.finfo(scores.dtype).min, dtype=scores.dtype, device=scores.device)
+    return torch.where(visible, scores, lowest)
+
+
+def attention_over_segments(
+    q: torch.Tensor,
+    segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    scale: float,
+    logit_softcap: float | None,
+) -> torch.Tensor:
+    """One softmax over the keys of several segments (e.g. a KV cache read in place and the active tokens' K/V),
+    without concatenating or repeating K/V.
+
+    q: [B, Nq, S, D]; each segment (k, v, visible): k, v [B, Nkv, T_i, D], visible bool broadcastable to
+    [B, 1, S, T_i]. Grouped-query attention folds each KV head's query heads into rows ([B, Nkv, g*S, D]), so a
+    cache is read once per KV head instead of copied to every query head. Only the scores (activations, S x sum T_i)
+    are concatenated for the one float32 softmax of HF's eager order (spec 2.5); probabilities are rounded to q's
+    dtype, and the segments' P @ V products are summed. Returns [B, Nq, S, D].
+    """
+    batch, heads, length, dim = q.shape
+    kv_heads = segments[0][0].shape[1]
+    group = heads // kv_heads
+    rows = q.reshape(batch, kv_heads, group * length, dim)
+    scores = []
+    for k, _, visible in segments:
+        s = softcap(torch.matmul(rows, k.transpose(-1, -2)) * scale, logit_softcap)
+        s = s.view(batch, kv_heads, group, length, k.shape[2])
+        scores.append(masked(s, visible.unsqueeze(2)))
+    probs = torch.softmax(torch.cat(scores, dim=-1).float(), dim=-1).to(q.dtype)
+    out, start = None, 0
+    for k, v, _ in segments:
+        part = probs[..., start:start + k.shape[2]].reshape(batch, kv_heads, group * length, k.shape[2])
+        start += k.shape[2]
+        term = torch.matmul(part, v)
+        out = term if out is None else out + term
+    return out.view(batch, heads, length, dim)
+
+
+def sliding_chunk_attention(
+    q: torch.Tensor,
+    prior_k: torch.Tensor,
+    prior_v: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    first_position: torch.Tensor,
+    window: int,
+    scale: float,
+    logit_softcap: float | None,
+) -> torch.Tensor:
+    """Sliding-window attention of a chunk of C consecutive tokens, in S x W memory and work (not S x S).
+
+    q: [B, Nq, C, D]; k, v: [B, Nkv, C, D], the chunk at positions p0 .. p0+C-1 (first_position [B, 1] = p0);
+    prior_k, prior_v: [B, Nkv, W, D], the W positions before the chunk, oldest first (p0-W .. p0-1; negative
+    positions are empty and never visible). Each query sees q - W < k <= q (spec 2.6). Queries are taken in blocks
+    of W: block b needs only the keys of two consecutive W-blocks of [prior, chunk], so the scores are
+    [.., C, 2W]. Returns [B, Nq, C, D].
+    """
+    batch, heads, length, dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    if length <= window:
+        # One block: the prior ring and the chunk as two segments. Query i sees ring slot m (position p0-W+m)
+        # iff m > i and that position exists, and chunk key j iff j <= i (the band is wider than the chunk).
+        i = torch.arange(length, device=q.device, dtype=torch.int32)
+        m = torch.arange(window, device=q.device, dtype=torch.int32)
+        exists = (first_position.to(torch.int32) - window + m[None, :]) >= 0  # [B, W]
+        prior_visible = (m[None, :] > i[:, None])[None] & exists[:, None, :]  # [B, C, W]
+        causal = (i[None, :] <= i[:, None])[None]  # [1, C, C]
+        return attention_over_segments(
+            q, [(prior_k, prior_v, prior_visible[:, None]), (k, v, causal[:, None])], scale, logit_softcap
+        )
+    blocks = -(-length // window)
+    pad = blocks * window - length
+    if pad:  # padded queries are dropped; padded keys lie after every real query, so causality hides them
+        q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    keys = torch.cat([prior_k, k], dim=2).view(batch, kv_heads, blocks + 1, window, dim)
+    values = torch.cat([prior_v, v], dim=2).view(batch, kv_heads, blocks + 1, window, dim)
+    # Block b's keys: positions p0 + bW - W .. p0 + bW + W - 1.
+    block_k = torch.cat([keys[:, :, :-1], keys[:, :, 1:]], dim=3)
+    block_v = torch.cat([values[:, :, :-1], values[:, :, 1:]], dim=3)
+    rows = q.view(batch, kv_heads, group, blocks, window, dim).transpose(2, 3)
+    rows = rows.reshape(batch, kv_heads, blocks, group * window, dim)
+    scores = softcap(torch.matmul(rows, block_k.transpose(-1, -2)) * scale, logit_softcap)
+    # Query r of a block (position p0 + bW + r) and key t (position p0 + bW - W + t): q - k = W + r - t.
+    r = torch.arange(window, device=q.device, dtype=torch.int32)
+    t = torch.arange(2 * window, device=q.device, dtype=torch.int32)
+    band = (t[None, :] > r[:, None]) & (t[None, :] <= r[:, None] + window)  # [W, 2W]
+    starts = torch.arange(blocks, device=q.device, dtype=torch.int32) * window - window
+    exists = (first_position.to(torch.int32).view(batch, 1, 1) + starts[None, :, None] + t[None, None, :]) >= 0
+    visible = band[None, None] & exists[:, :, None, :]  # [B, blocks, W, 2W]
+    scores = masked(scores.view(batch, kv_heads, blocks, group, window, 2 * window), visible[:, None, :, None])
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    out = torch.matmul(probs.view(batch, kv_heads, blocks, group * window, 2 * window), block_v)
+    out = out.view(batch, kv_heads, blocks, group, window, dim).transpose(2, 3)
+    return out.reshape(batch, heads, blocks * window, dim)[:, :, :length]
+
+
 def visibility(
     query_slots: torch.Tensor,
     key_slots: torch.Tensor,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 from neuronx_distributed_inference.modules.attention.attention_base import (
-    FlashAttentionStrategy,
     NeuronAttentionBase,
+    NeuronAttentionBaseOutput,
 )
 from torch import nn
 
@@ -41,13 +41,14 @@ class ForwardState:
     def __init__(self):
         self.ple: torch.Tensor | None = None
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.valid: torch.Tensor | None = None  # context encoding: bool [B, C], False for padding tokens
 
 
 class NeuronGemmaAttention(NeuronAttentionBase):
     """Gemma attention on NxDI's projections, RoPE hook and cache plumbing, with Gemma's own core: score scale
     (query_pre_attn_scalar^-0.5, or 1.0 for Gemma 4), Gemma 2's tanh softcap before the mask, float32 softmax.
-    The sliding window is a mask built by the decoder layer; `sliding_window` stays None here so NxDI's windowed
-    path (its W-1 roll, which needs a bucket >= W-1) is never taken."""
+    `forward` is ours (NxDI's dispatches to kernels and windowed paths we do not use); `sliding_window` stays None
+    so NxDI never applies its own window."""
 
     def __init__(self, config: GemmaInferenceConfig, plan: GemmaPlan, layer: LayerPlan, state: ForwardState):
         q_norm, k_norm, v_norm = attention_norms(plan, layer, folded=config.fold_norm_offset)
@@ -86,51 +87,66 @@ class NeuronGemmaAttention(NeuronAttentionBase):
             self.state.kv[self.layer_index] = (K, V)
         return Q, K, V, cos, sin, residual
 
-    def get_flash_attention_strategy(self, q_len, has_attention_mask) -> FlashAttentionStrategy:
-        return FlashAttentionStrategy.NONE
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_value=None, adapter_ids=None,
+                rotary_position_ids: torch.Tensor | None = None, kv_mgr=None, residual=None, **kwargs):
+        """Projections, norms and RoPE through NxDI (`prep_qkv_tensors`), then Gemma's attention core.
 
-    def perform_prefill(self, Q, K, V, q_len, bsz, attention_mask):
-        out = ops.attention_heads(Q, K, V, attention_mask.to(torch.bool), self.gemma_scale, self.gemma_softcap)
-        return out, FlashAttentionStrategy.NONE
+        Context encoding runs one chunk of the prompt (positions p0 .. p0+C-1, p0 = position_ids[:, 0]) against the
+        cache written by the previous chunks (`GemmaKVCacheManager.prefill_prior`), so one fixed-size graph serves
+        every chunk of a long prompt; token generation attends the cache in place plus the active token. Masks
+        come from the positions alone: slot j of a full cache holds position j; a sliding ring holds the latest
+        position congruent to j mod W. Returns the chunk's (or token's) new K/V for the cache manager to write."""
+        original_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(self.torch_dtype)
+        batch, length, _ = hidden_states.shape
+        Q, K, V, cos, sin, residual = self.prep_qkv_tensors(
+            position_ids if rotary_position_ids is None else rotary_position_ids, hidden_states, past_key_value,
+            adapter_ids=adapter_ids, residual=residual,
+        )
+        if past_key_value is None:
+            prior = kv_mgr.prefill_prior(self.layer_index, kwargs.get("seq_ids"), batch, kwargs.get("kvcache_buffer"))
+            out = self.chunk_attention(Q, K, V, position_ids, prior)
+        else:
+            out = self.decode_attention(Q, K, V, position_ids, past_key_value)
+        out = out.transpose(1, 2).reshape(batch, length, -1)
+        out = self.get_o_proj()(out, adapter_ids=adapter_ids).to(original_dtype)
+        return NeuronAttentionBaseOutput(out, (K, V), cos, sin, residual)
 
-    def perform_prefill_windowed_attn(self, Q, K, V, q_len, bsz, attention_mask, window_size):
-        return self.perform_prefill(Q, K, V, q_len, bsz, attention_mask)
-
-    def compute_for_token_gen(self, Q, K, V, position_ids, past_key_value, attention_mask, active_mask,
-                              is_prefix_caching=False):
-        """One softmax over the cached keys (visible per `attention_mask`) and the active token(s)."""
-        k_prior, v_prior = past_key_value
-        prior_visible = attention_mask.to(torch.bool).expand(Q.shape[0], 1, Q.shape[2], k_prior.shape[2])
+    def chunk_attention(self, Q, K, V, position_ids, prior):
+        """A prompt chunk: sliding layers see the ring (read oldest first) and the chunk within the band, in
+        C x 2W blocks; full layers see the cache slots before p0 (`prior` None: the prompt always fits one chunk,
+        so there is nothing before it) and the chunk causally."""
+        first = position_ids[:, :1].to(torch.int32)
+        length = Q.shape[2]
         if self.gemma_window is not None:
-            # The ring holds position p at slot p % W; read it oldest first (from slot pos % W), the order HF's
-            # cache has, so that bf16 sums round the same way.
-            order = (torch.arange(self.gemma_window, device=Q.device)[None, :] + position_ids[:, :1]) % self.gemma_window
-            index = order[:, None, :, None].expand(k_prior.shape)
-            k_prior, v_prior = torch.gather(k_prior, 2, index), torch.gather(v_prior, 2, index.expand(v_prior.shape))
-            prior_visible = torch.gather(prior_visible, 3, order[:, None, None, :].expand(prior_visible.shape))
-        active_visible = torch.ones(Q.shape[0], 1, Q.shape[2], K.shape[2], dtype=torch.bool, device=Q.device)
-        if Q.shape[2] > 1:
-            active_visible = active_visible.tril()
-        keys, values = torch.cat([k_prior, K], dim=2), torch.cat([v_prior, V], dim=2)
-        visible = torch.cat([prior_visible, active_visible], dim=-1)
-        return ops.attention_heads(Q, keys, values, visible, self.gemma_scale, self.gemma_softcap)
+            window = self.gemma_window
+            # Slot (p0 + i) % W holds position p0 - W + i (if it exists): oldest first.
+            order = (first + torch.arange(window, device=Q.device, dtype=torch.int32)[None, :]) % window
+            index = order[:, None, :, None].to(torch.int64).expand(prior[0].shape)
+            prior_k, prior_v = (torch.gather(t, 2, index) for t in prior)
+            return ops.sliding_chunk_attention(Q, prior_k, prior_v, K, V, first, window, self.gemma_scale,
+                                               self.gemma_softcap)
+        i = torch.arange(length, device=Q.device, dtype=torch.int32)
+        segments = [(K, V, (i[None, :] <= i[:, None])[None, None])]
+        if prior is not None:
+            slots = torch.arange(prior[0].shape[2], device=Q.device, dtype=torch.int32)
+            segments.insert(0, (prior[0], prior[1], (slots[None, :] < first)[:, None, None, :]))
+        return ops.attention_over_segments(Q, segments, self.gemma_scale, self.gemma_softcap)
 
-
-def sliding_mask(attention_mask: torch.Tensor, position_ids: torch.Tensor, window: int, is_prefill: bool) -> torch.Tensor:
-    """Visible keys of a sliding layer (spec 2.6: q - W < k <= q).
-
-    Prefill: the causal mask [B, 1, S, S] and the band. Decode: the W-slot ring of `GemmaKVCacheManager` holds
-    position p at slot p % W; before the current token is written at pos % W that slot still holds pos - W (out of
-    the window) and slots >= pos are unfilled, so slot j is visible iff j < pos and j != pos % W.
-    """
-    if is_prefill:
-        n = attention_mask.shape[-1]
-        i = torch.arange(n, device=attention_mask.device)
-        band = (i[:, None] - i[None, :]) < window
-        return attention_mask.to(torch.bool) & band[None, None]
-    pos = position_ids[:, :1]
-    slot = torch.arange(window, device=position_ids.device)[None, :]
-    visible = (slot < pos) & (slot != pos % window)
-    return visible[:, None, None, :]
-
-
+    def decode_attention(self, Q, K, V, position_ids, past_key_value):
+        """Token generation: the cache in place (no copy, no per-head repeat) and the active token(s)."""
+        k_prior, v_prior = past_key_value
+        pos = position_ids[:, :1].to(torch.int32)
+        slots = torch.arange(k_prior.shape[2], device=Q.device, dtype=torch.int32)[None, :]
+        if self.gemma_window is not None:
+            # Before this step's write, slot j holds position pos-1 - ((pos-1-j) mod W), in [pos-W, pos-1]:
+            # visible iff it exists and is inside the window (only slot pos % W, holding pos-W, is not).
+            held = pos - 1 - torch.remainder(pos - 1 - slots, self.gemma_window)
+            prior_visible = (held >= 0) & (held > pos - self.gemma_window)
+        else:
+            prior_visible = slots < pos
+        i = torch.arange(Q.shape[2], device=Q.device, dtype=torch.int32)
+        segments = [(k_prior, v_prior, prior_visible[:, None, None, :]),
+                    (K, V, (i[None, :] <= i[:, None])[None, None])]
+        return ops.attention_over_segments(Q, segments, self.gemma_scale, self.gemma_softcap)

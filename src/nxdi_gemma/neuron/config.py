@@ -30,11 +30,26 @@ UNSUPPORTED_FLAGS = (
 
 class GemmaNeuronConfig(NeuronConfig):
     """NeuronConfig with the attention kernels off (our attention is plain torch, compiled by the Neuron compiler:
-    Gemma's score scale, softcap and head dims up to 512 are outside what the NKI kernels implement)."""
+    Gemma's score scale, softcap and head dims up to 512 are outside what the NKI kernels implement).
+
+    `fold_norm_offset` (ours, default False) lives here, not on the model config, because the neuron config is what
+    vllm-neuron builds from `override_neuron_config` and what neuron_config.json reloads. False: Gemma 2/3 norms
+    keep HF's weights and add 1 in float32 at run time, as HF does (bit-exact in bf16). True: `1 + w` is folded into
+    the weights at conversion, rounded to the model dtype (3.7e-2 max logit diff on the Gemma 3 fixture in bf16);
+    it would only pay off for a fused norm kernel reading raw weights, and every NKI kernel is off here."""
 
     def __init__(self, **kwargs: Any):
         kwargs.setdefault("attn_kernel_enabled", False)
+        fold = kwargs.pop("fold_norm_offset", False)
+        if not isinstance(fold, bool):
+            raise ConfigError(f"neuron config fold_norm_offset={fold!r} must be true or false")
+        chunk = kwargs.pop("prefill_chunk_size", None)
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 2):
+            raise ConfigError(f"neuron config prefill_chunk_size={chunk!r} must be an integer >= 2 (or omitted)")
         super().__init__(**kwargs)
+        self.fold_norm_offset = fold
+        # Prompt tokens per context-encoding call (None: chosen from the model in GemmaInferenceConfig).
+        self.prefill_chunk_size = chunk
         enabled = [flag for flag in UNSUPPORTED_FLAGS if getattr(self, flag, False)]
         if self.attn_kernel_enabled:
             enabled.append("attn_kernel_enabled")
@@ -67,6 +82,12 @@ class GemmaInferenceConfig(InferenceConfig):
     compiled model's neuron_config.json reloads to the same plan)."""
 
     def __init__(self, neuron_config, fused_spec_config=None, load_config=None, metadata=None, **kwargs):
+        if "fold_norm_offset" in kwargs:
+            # Where nxdi-gemma kept it before it moved into the neuron config (also a neuron_config.json top-level
+            # key of those builds): refused rather than guessed, since the compiled graph depends on it.
+            raise ConfigError(f"fold_norm_offset={kwargs['fold_norm_offset']!r} given to the model config: set it "
+                              "in the neuron config (neuron_config / override_neuron_config), and recompile models "
+                              "compiled before it moved there")
         super().__init__(neuron_config, fused_spec_config=fused_spec_config, load_config=load_config,
                          metadata=metadata, **kwargs)
 
@@ -79,15 +100,17 @@ class GemmaInferenceConfig(InferenceConfig):
                 "vocab_size", "pad_token_id"]
 
     @property
+    def fold_norm_offset(self) -> bool:
+        """The neuron config's choice (a property, so neuron_config.json stores it once, inside neuron_config)."""
+        # A plain NxDI NeuronConfig (not ours) cannot carry the field: the exact default.
+        return getattr(self.neuron_config, "fold_norm_offset", False)
+
+    @property
     def gemma_plan(self) -> GemmaPlan:
         return plan_from_config(self.gemma_hf_config, source=f"{getattr(self, '_name_or_path', '?')}/config.json")
 
     def add_derived_config(self) -> None:
         self.num_cores_per_group = 1
-        # True: Gemma 2/3 norm weights hold `1 + w` (what fused kernels read); False: HF's float32 `1 + w` at run
-        # time, bit-exact in bf16 (see neuron/state_dict.py).
-        if not hasattr(self, "fold_norm_offset"):
-            self.fold_norm_offset = True
         if getattr(self, "gemma_hf_config", None) is None:
             # Loaded through NxDI's load_pretrained_config (transformers AutoConfig): re-read the file itself.
             self.gemma_hf_config = read_config_json(getattr(self, "_name_or_path", ""))
@@ -124,8 +147,43 @@ class GemmaInferenceConfig(InferenceConfig):
         for what, width in widths.items():
             if width % tp:
                 raise ConfigError(f"tp_degree={tp} does not divide the {what} ({width}); choose a TP that does")
+        plan_prefill_chunks(self.neuron_config, plan)
         if self.neuron_config.max_length > plan.max_position_embeddings:
             raise ConfigError(
                 f"neuron config max_length={self.neuron_config.max_length} exceeds the model's "
                 f"max_position_embeddings={plan.max_position_embeddings}"
             )
+
+
+# Float32 score budget of one full-attention layer in a prompt chunk: scores [B, Nq/TP, C, max_length + C] (XLA
+# holds about two such values at once), so the chunk graph stays far below a NeuronCore's HBM at any context.
+PREFILL_SCORE_BUDGET = 512 * 2**20
+MAX_PREFILL_CHUNK = 4096
+
+
+def default_prefill_chunk(neuron_config: NeuronConfig, plan: GemmaPlan) -> int:
+    """The largest power-of-two chunk (<= 4096) whose full-layer score tensor fits PREFILL_SCORE_BUDGET, or the
+    whole context when it fits in one chunk."""
+    heads = -(-max(layer.num_heads for layer in plan.layers) // neuron_config.tp_degree)
+    batch, length = neuron_config.ctx_batch_size, neuron_config.max_length
+    chunk = MAX_PREFILL_CHUNK
+    while chunk > 128 and 4 * batch * heads * chunk * (length + chunk) > PREFILL_SCORE_BUDGET:
+        chunk //= 2
+    return min(chunk, neuron_config.max_context_length)
+
+
+def plan_prefill_chunks(neuron_config: NeuronConfig, plan: GemmaPlan) -> None:
+    """Prompts longer than `prefill_chunk_size` run as consecutive chunks through one context-encoding graph (its
+    buckets capped at the chunk), each chunk reading the KV cache its predecessors wrote: activation memory grows
+    with the chunk, not the prompt. Token generation keeps its buckets (one of seq_len unless the user set them)."""
+    if neuron_config.prefill_chunk_size is None:
+        neuron_config.prefill_chunk_size = default_prefill_chunk(neuron_config, plan)
+    chunk = neuron_config.prefill_chunk_size
+    if neuron_config.max_context_length <= chunk:
+        return
+    buckets = neuron_config.context_encoding_buckets if neuron_config.enable_bucketing else None
+    buckets = sorted({b for b in (buckets or []) if b < chunk} | {chunk})
+    if not neuron_config.enable_bucketing:
+        neuron_config.token_generation_buckets = [neuron_config.seq_len]
+        neuron_config.enable_bucketing = True
+    neuron_config.context_encoding_buckets = buckets

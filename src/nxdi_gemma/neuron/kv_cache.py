@@ -10,21 +10,31 @@ import torch
 from neuronx_distributed_inference.modules.kvcache.kv_cache_manager import KVCacheManager
 from torch import nn
 
+from .attention import ForwardState
 from .config import GemmaInferenceConfig
 
 
 class GemmaKVCacheManager(KVCacheManager):
-    """Per-layer cache shapes: full layers hold max_length slots (sliced to the bucket when read), sliding layers a
-    ring of W slots written at position % W, each with its own KV heads and head dim."""
+    """Per-layer cache shapes: full layers hold max_length slots (position p at slot p; sliced to the bucket for
+    token generation), sliding layers a ring of W slots (position p at slot p % W), each with its own KV heads and
+    head dim; KV-shared Gemma 4 layers own none and read their source layer's.
 
-    def __init__(self, config: GemmaInferenceConfig, layers: nn.ModuleList, global_rank):
+    Context encoding runs the prompt in chunks (one fixed-size graph per chunk, see `NeuronGemmaForCausalLM`):
+    `prefill_prior` gives a chunk's attention the cache rows of its sequences, and the chunk's K/V are written at
+    their positions (full layers) or merged into the ring (sliding layers), in place. Token generation writes
+    through NxDI's scatter at position (or position % W)."""
+
+    def __init__(self, config: GemmaInferenceConfig, layers: nn.ModuleList, global_rank, state: ForwardState):
         plan = config.gemma_plan
         # The base allocates one cache per layer from this mapping; give it 1-slot stubs and build ours below.
         super().__init__(config, num_kv_head=config.num_key_value_heads, global_rank=global_rank,
                          layer_to_cache_size_mapping=[1] * plan.num_layers)
         batch = config.neuron_config.kv_cache_batch_size + config.neuron_config.kv_cache_padding_size
+        self.state = state
         self.windows = [layer.window for layer in plan.layers]
         self.producers = plan.kv_producers
+        # Full layers read the cache in context encoding only when a prompt can span several chunks.
+        self.chunked_prefill = config.neuron_config.max_context_length > config.neuron_config.prefill_chunk_size
         # KV-shared layers own no cache: they read their source layer's slot.
         slot = {index: n for n, index in enumerate(self.producers)}
         self.slot_of = [slot[layer.kv_source] for layer in plan.layers]
@@ -66,31 +76,64 @@ class GemmaKVCacheManager(KVCacheManager):
             k_cache, v_cache = k_cache[:, :, :seq_len], v_cache[:, :, :seq_len]
         return k_cache, v_cache
 
+    def _rows(self, seq_ids: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+        """Cache rows of a context-encoding batch: its seq_ids under continuous batching, else rows 0..B-1 (NxDI
+        fills them in order)."""
+        if self.is_continuous_batching and seq_ids is not None:
+            return seq_ids.reshape(-1).to(torch.int64)
+        return torch.arange(batch, device=device, dtype=torch.int64)
+
+    def prefill_prior(self, idx: int, seq_ids, batch: int, kvcache_buffer=None):
+        """What a prompt chunk attends besides itself: its sequences' rows of layer idx's cache (the W-slot ring of
+        a sliding layer; every slot of a full layer, or None when a prompt always fits one chunk)."""
+        if self.windows[idx] is None and not self.chunked_prefill:
+            return None
+        k_cache, v_cache = self._fetch_cache(idx, kvcache_buffer)
+        rows = k_cache.shape[0] - self.kv_cache_padding_size
+        if batch == rows and not self.is_continuous_batching:
+            return k_cache[:rows], v_cache[:rows]  # every row in order: read in place
+        index = self._rows(seq_ids, batch, k_cache.device)
+        return k_cache.index_select(0, index), v_cache.index_select(0, index)
+
     def update_kv_by_layer_id(self, idx, is_for_context_encoding, seq_ids, position_ids, kv_per_layer, seq_len,
-                              **kwargs):
+                              kvcache_buffer=None, **kwargs):
+        if not is_for_context_encoding:
+            return super().update_kv_by_layer_id(
+                idx=idx, is_for_context_encoding=is_for_context_encoding, seq_ids=seq_ids, position_ids=position_ids,
+                kv_per_layer=kv_per_layer, seq_len=seq_len, kvcache_buffer=kvcache_buffer, **kwargs,
+            )
+        k_cache, v_cache = self._fetch_cache(idx, kvcache_buffer)
+        batch, heads, length, _ = kv_per_layer[0].shape
+        rows = self._rows(seq_ids, batch, k_cache.device)[:, None, None]
+        head = torch.arange(heads, device=k_cache.device)[None, :, None]
+        first = position_ids[:, :1].to(torch.int32)
+        valid = self.state.valid  # [B, C]: False for the padding NxDI (or the caller) appended
         window = self.windows[idx]
-        if window is not None and is_for_context_encoding:
-            kv_per_layer = tuple(ring_from_prefill(t, position_ids, window) for t in kv_per_layer)
-        return super().update_kv_by_layer_id(
-            idx=idx, is_for_context_encoding=is_for_context_encoding, seq_ids=seq_ids, position_ids=position_ids,
-            kv_per_layer=kv_per_layer, seq_len=seq_len, **kwargs,
-        )
+        if window is None:
+            # Chunk token i goes to slot p0 + i. Padding writes back what its slot holds (no change), so a padded
+            # chunk, or a row whose prompt ended in an earlier chunk, never overwrites cached tokens. Clamped so
+            # the last slot is never passed (there, only padding of a prompt that fills the cache collides).
+            offsets = torch.arange(length, device=k_cache.device, dtype=torch.int32)[None, :]
+            slots = (first + offsets).clamp(max=k_cache.shape[2] - 1).to(torch.int64)[:, None, :]
+            keep = valid[:, None, :, None]
+            return [cache.index_put((rows, head, slots), torch.where(keep, new, cache[rows, head, slots]))
+                    for cache, new in zip((k_cache, v_cache), kv_per_layer, strict=True)]
+        # Ring slot j ends holding the latest position <= last (the chunk's last real token) with p % W == j:
+        # from the chunk if that position is in it, else unchanged.
+        last = torch.where(valid, position_ids.to(torch.int32), -1).amax(dim=1, keepdim=True)
+        slot = torch.arange(window, device=k_cache.device, dtype=torch.int32)[None, :]
+        held = last - torch.remainder(last - slot, window)
+        source = torch.where(held >= first, window + held - first, slot).to(torch.int64)  # into [ring, chunk]
+        ring_slots = slot.to(torch.int64)[:, None, :]
+        updated = []
+        for cache, new in zip((k_cache, v_cache), kv_per_layer, strict=True):
+            merged = torch.cat([cache[rows, head, ring_slots], new], dim=2)
+            ring = torch.gather(merged, 2, source[:, None, :, None].expand(batch, heads, window, new.shape[3]))
+            updated.append(cache.index_put((rows, head, ring_slots), ring))
+        return updated
 
     def _get_index_to_update_new_position(self, seq_ids, scatter_index, position_ids, full_k, transposed, layer_idx):
         window = self.windows[layer_idx]
         if window is not None:
             position_ids = position_ids % window
         return position_ids.view(-1, 1, position_ids.shape[-1], 1).expand_as(full_k)
-
-
-def ring_from_prefill(kv: torch.Tensor, position_ids: torch.Tensor, window: int) -> torch.Tensor:
-    """The W-slot ring after a prefill: slot j holds the latest position p <= last with p % W == j.
-    kv: [B, H, S, D] for positions 0..S-1 (right padded); returns [B, H, W, D] (slots past the prompt hold
-    position 0's values and stay masked until written)."""
-    last = position_ids.amax(dim=1, keepdim=True)  # [B, 1]
-    slot = torch.arange(window, device=kv.device)[None, :]
-    source = (last - torch.remainder(last - slot, window)).clamp(min=0)  # [B, W]
-    index = source[:, None, :, None].expand(kv.shape[0], kv.shape[1], window, kv.shape[3])
-    return torch.gather(kv, 2, index)
-
-

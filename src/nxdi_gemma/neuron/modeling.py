@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from neuronx_distributed.parallel_layers import parallel_state
 from neuronx_distributed.parallel_layers.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from neuronx_distributed_inference.models.model_base import NeuronBaseForCausalLM, NeuronBaseModel
 from neuronx_distributed_inference.modules.generation.sampling import create_sampler
@@ -26,9 +27,10 @@ from torch import nn
 from .. import ops
 from ..checkpoint import expected_shapes, load_state_dict
 from ..config import GemmaPlan, LayerPlan
+from ..errors import ConfigError
 from ..layers import GemmaBlock, make_norm, per_layer_inputs
 from . import state_dict as conversion
-from .attention import ForwardState, NeuronGemmaAttention, sliding_mask
+from .attention import ForwardState, NeuronGemmaAttention
 from .config import GemmaInferenceConfig, GemmaNeuronConfig
 from .kv_cache import GemmaKVCacheManager
 from .moe import ParallelMoeExperts
@@ -74,14 +76,46 @@ class GemmaEmbedding(ParallelEmbedding):
 
 
 class SoftcapColumnParallelLinear(ColumnParallelLinear):
-    """LM head with the final logit softcap; elementwise, so correct on a vocab shard and on gathered logits."""
+    """LM head with the final logit softcap (elementwise, so correct on a vocab shard and on gathered logits), for a
+    vocabulary the TP degree need not divide: the weight is zero-padded to a multiple of TP rows at sharding.
 
-    def __init__(self, *args, softcap: float | None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.softcap = softcap
+    NxD's `pad=True` strips the padding when it gathers, yet NxDI's model forward (0.8 cd3abf3 and 0.9 c63afe0:
+    `mask_padded_logits` after `lm_head` whenever it has a `pad_size`) then sets the last `pad_size` columns of those
+    already unpadded logits to finfo.min: the last real tokens could never be generated. So:
+    - gathered logits (no on-device sampling): the padding is ours (`vocab_pad`, no `pad_size` attribute, so NxDI
+      masks nothing) and the pad columns are cut after the gather: exactly the vocabulary's columns leave the graph;
+    - sharded logits (on-device sampling): NxD's own `pad=True`; NxDI's mask is right there (the last rank's last
+      `pad_size` columns are the padding) and keeps the sampler off them. Logits gathered for `output_logits` keep
+      the padded width, the pad columns at finfo.min."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, *, gather_output: bool, dtype: torch.dtype,
+                 softcap: float | None):
+        tp = parallel_state.get_tensor_model_parallel_size()
+        pad = -vocab_size % tp
+        if gather_output:
+            super().__init__(hidden_size, vocab_size + pad, bias=False, gather_output=True, dtype=dtype)
+        else:
+            super().__init__(hidden_size, vocab_size, bias=False, gather_output=False, pad=True, dtype=dtype)
+            if pad > self.output_size_per_partition:  # NxDI masks pad columns on the last rank only
+                raise ConfigError(f"vocab_size {vocab_size} is too small to shard over {tp} ranks with on-device "
+                                  "sampling; use a smaller tp_degree")
+        self.vocab_size, self.softcap = vocab_size, softcap
+        self.vocab_pad = pad if gather_output else 0  # sharded: NxD's pad_size holds it
+
+    def preshard_hook(self, model_state_dict: dict, prefix: str) -> None:
+        if not self.vocab_pad:
+            super().preshard_hook(model_state_dict, prefix)
+            return
+        weight = model_state_dict[prefix]
+        if weight.shape[0] != self.vocab_size:
+            raise ConfigError(f"{prefix} has {weight.shape[0]} rows, expected the vocab_size {self.vocab_size}")
+        model_state_dict[prefix] = nn.functional.pad(weight, (0, 0, 0, self.vocab_pad))
 
     def forward(self, input_: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return ops.softcap(super().forward(input_, *args, **kwargs), self.softcap)
+        logits = super().forward(input_, *args, **kwargs)
+        if self.vocab_pad:
+            logits = logits[..., : self.vocab_size]
+        return ops.softcap(logits, self.softcap)
 
 
 class NeuronGemmaDecoderLayer(GemmaBlock):
@@ -93,18 +127,14 @@ class NeuronGemmaDecoderLayer(GemmaBlock):
         experts = ParallelMoeExperts(plan.hidden_size, layer.moe, dtype) if layer.moe else None
         super().__init__(plan, layer, NeuronGemmaAttention(config, plan, layer, state),
                          parallel_linear_factory(dtype), folded_norms=config.fold_norm_offset, experts=experts)
-        self.window, self.state, self.index = layer.window, state, layer.index
+        self.state, self.index = state, layer.index
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_value=None, **kwargs):
         for handed_over in ("cos_cache", "sin_cache", "residual", "local_mask"):
             kwargs.pop(handed_over, None)
-        is_prefill = kwargs.get("is_for_context_encoding", past_key_value is None)
-        mask = attention_mask
-        if self.window is not None:
-            mask = sliding_mask(attention_mask, position_ids, self.window, is_prefill)
         out = self.self_attn(
-            hidden_states=self.attention_input(hidden_states), attention_mask=mask, position_ids=position_ids,
-            past_key_value=past_key_value, cos_cache=None, sin_cache=None, **kwargs,
+            hidden_states=self.attention_input(hidden_states), attention_mask=attention_mask,
+            position_ids=position_ids, past_key_value=past_key_value, cos_cache=None, sin_cache=None, **kwargs,
         )
         ple = None if self.state.ple is None else self.state.ple[:, :, self.index]
         hidden_states = self.after_attention(hidden_states, out[0], ple)
@@ -132,14 +162,23 @@ class NeuronGemmaModel(NeuronBaseModel):
         self.layers = nn.ModuleList(NeuronGemmaDecoderLayer(config, plan, layer, self.state) for layer in plan.layers)
         self.norm = make_norm(plan, plan.hidden_size, folded=config.fold_norm_offset)
         self.lm_head = SoftcapColumnParallelLinear(
-            plan.hidden_size, plan.vocab_size, bias=False, gather_output=not self.on_device_sampling, pad=True,
-            dtype=dtype, softcap=plan.final_logit_softcap,
+            plan.hidden_size, plan.vocab_size, gather_output=not self.on_device_sampling, dtype=dtype,
+            softcap=plan.final_logit_softcap,
         )
 
     def init_inference_optimization(self, config: GemmaInferenceConfig) -> None:
         if self.on_device_sampling:
             self.sampler = create_sampler(config.neuron_config, self.lm_head.tensor_parallel_group.size())
-        self.kv_mgr = GemmaKVCacheManager(config, self.layers, global_rank=self.rank_util)
+        self.kv_mgr = GemmaKVCacheManager(config, self.layers, global_rank=self.rank_util, state=self.state)
+
+    def create_attn_mask(self, attention_mask, is_for_context_encoding, is_for_speculation, position_ids=None,
+                         **kwargs):
+        """NxDI's masks, unchanged (our attention derives its masks from the positions); context encoding also
+        keeps which tokens of the chunk are real ([B, C] from the 2-D mask) for the cache writes."""
+        if is_for_context_encoding:
+            self.state.valid = attention_mask.to(torch.bool)
+        return super().create_attn_mask(attention_mask, is_for_context_encoding, is_for_speculation,
+                                        position_ids=position_ids, **kwargs)
 
 
 class NeuronGemmaForCausalLM(NeuronBaseForCausalLM):
@@ -173,6 +212,37 @@ class NeuronGemmaForCausalLM(NeuronBaseForCausalLM):
     def update_state_dict_for_tied_weights(state_dict: dict) -> None:
         state_dict.setdefault("lm_head.weight", state_dict["embed_tokens.weight"].clone())
 
+    def _is_prefill(self, position_ids: torch.Tensor) -> bool:
+        """A call with more than one token per sequence is a prompt chunk, run by the context-encoding graph. NxDI
+        asks whether positions start at 0, which every chunk after the first does not."""
+        return position_ids.shape[-1] > 1
+
+    def forward(self, input_ids=None, seq_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        """NxDI's forward, with prompts longer than `prefill_chunk_size` run as consecutive chunks through the one
+        context-encoding graph (each chunk attends the cache the previous ones wrote). Host code, not traced."""
+        chunk = self.neuron_config.prefill_chunk_size
+        if input_ids is None or input_ids.shape[-1] <= chunk:
+            return super().forward(input_ids=input_ids, seq_ids=seq_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids, **kwargs)
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        starts = list(range(0, length, chunk))
+        if length - starts[-1] == 1:
+            starts[-1] -= 1  # a one-token chunk would be routed to token generation: end on two tokens instead
+        last_token = attention_mask.long().sum(-1) - 1  # per sequence
+        combined = None
+        for begin, end in zip(starts, [*starts[1:], length], strict=True):
+            out = super().forward(input_ids=input_ids[:, begin:end], seq_ids=seq_ids,
+                                  attention_mask=attention_mask[:, begin:end],
+                                  position_ids=position_ids[:, begin:end], **kwargs)
+            # Each sequence's next-token output comes from the chunk holding its last prompt token.
+            mine = (last_token >= begin) & (last_token < end)
+            combined = out if combined is None else _select_rows(combined, out, mine)
+        return combined
+
     @staticmethod
     def load_hf_model(model_path, **kwargs):
         from ..errors import CheckpointError
@@ -184,6 +254,16 @@ class NeuronGemmaForCausalLM(NeuronBaseForCausalLM):
         def _get_captured_tensors_offset(self) -> int:
             capture = getattr(self.neuron_config, "tensor_capture_config", None)
             return capture.get_offset() if capture else 0
+
+
+def _select_rows(previous, current, take_current: torch.Tensor):
+    """NxDI's output object with rows of `current` where take_current, else `previous` (logits, tokens, hidden)."""
+    for name in ("logits", "tokens", "hidden_states"):
+        new, old = getattr(current, name, None), getattr(previous, name, None)
+        if isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor) and new.shape == old.shape:
+            mask = take_current.view(-1, *([1] * (new.dim() - 1)))
+            setattr(current, name, torch.where(mask, new, old))
+    return current
 
 
 # The names vLLM's architecture lookup and users expect; one implementation serves every generation.
