@@ -37,8 +37,8 @@ def tiny(kind: str, **overrides):
     return plan_from_config(dict(TINY_CONFIGS[kind], **overrides), source=f"tiny {kind}")
 
 
-def convert(state, plan, tp=2, fused=False):
-    return convert_hf_to_neuron_state_dict(dict(state), plan, tp, fused)
+def convert(state, plan, tp=2, fused=False, fold=False):
+    return convert_hf_to_neuron_state_dict(dict(state), plan, tp, fused, fold_norm_offset=fold)
 
 
 def attn(index: int) -> str:
@@ -73,18 +73,18 @@ def check_shapes(state, out):
         assert out[target].shape == tensor.shape, name
 
 
-def check_norms(plan, state, out):
+def check_norms(plan, state, out, folded=False):
     norms = [name for name in state if NORM.search(name)]
     assert "model.norm.weight" in norms
     for name in norms:
         got = out[neuron_name(name)]
-        if plan.norm_adds_one:
+        if folded and plan.norm_adds_one:
             # Gemma 2/3 scale by (1 + w): folded once, in float32, and kept in float32.
             expected = 1.0 + state[name].float()
             assert got.dtype == torch.float32, name
             assert torch.equal(got, expected), name
         else:
-            assert torch.equal(got, state[name]), f"Gemma 4 norm {name} must not be folded"
+            assert torch.equal(got, state[name]), f"norm {name} must not be folded"
             assert got.dtype == state[name].dtype, name
 
 
@@ -160,8 +160,8 @@ def test_norms_fold_plus_one_gemma2_3(kind, dtype):
     plan = tiny(kind)
     assert plan.norm_adds_one
     state = random_state(plan, dtype)
-    out = convert(state, plan)
-    check_norms(plan, state, out)
+    out = convert(state, plan, fold=True)
+    check_norms(plan, state, out, folded=True)
     check_untouched(state, out)
     folded = {neuron_name(n) for n in state if NORM.search(n)}
     assert "norm.weight" in folded
@@ -173,7 +173,7 @@ def test_norms_fold_plus_one_gemma2_3(kind, dtype):
 def test_fold_keeps_float32_precision_of_bf16_weights():
     plan = tiny("gemma3")
     state = random_state(plan, torch.bfloat16)
-    out = convert(state, plan)
+    out = convert(state, plan, fold=True)
     w = state["model.norm.weight"]
     # 1 + w rounded back to bf16 loses w's low bits; the conversion must keep the float32 sum.
     assert not torch.equal((1.0 + w).float(), 1.0 + w.float())
@@ -185,9 +185,10 @@ def test_norms_not_folded_gemma4():
     assert not plan.norm_adds_one
     for dtype in (torch.float32, torch.bfloat16):
         state = random_state(plan, dtype)
-        out = convert(state, plan)
-        check_norms(plan, state, out)
-        check_untouched(state, out)
+        for fold in (False, True):  # Gemma 4 norms scale by w: nothing to fold either way
+            out = convert(state, plan, fold=fold)
+            check_norms(plan, state, out, folded=fold)
+            check_untouched(state, out)
 
 
 @pytest.mark.parametrize("kind", TINY)
@@ -310,6 +311,7 @@ def test_public_geometry(name, layers):
     check_untouched(state, out)
     check_ranks(plan, out, tp)
     check_tied_head(plan, out)
+    check_norms(plan, state, convert(state, plan, tp=tp, fold=True), folded=True)
     del out
     fused = convert(state, plan, tp=tp, fused=True)
     check_names(state, fused)
@@ -319,10 +321,10 @@ def test_public_geometry(name, layers):
 
 @pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
 def test_unfolded_norms_stay_offsets(kind):
-    # fold_norm_offset=False: the NxDI norms add 1 in float32 at run time (bit-exact to HF in bf16).
+    # The default (fold_norm_offset=False): the NxDI norms add 1 in float32 at run time, as HF does.
     plan = tiny(kind)
     state = random_state(plan, torch.bfloat16)
-    out = convert_hf_to_neuron_state_dict(state, plan, tp_degree=1, fold_norm_offset=False)
+    out = convert_hf_to_neuron_state_dict(state, plan, tp_degree=1)
     for name, tensor in state.items():
         if NORM.search(name):
             assert torch.equal(out[neuron_name(name)], tensor), name

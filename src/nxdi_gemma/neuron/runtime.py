@@ -39,12 +39,15 @@ def read_compile_config(path: str | Path) -> dict:
         raise ConfigError(f"--config {path}: cannot read a compile config ({err})") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("neuron_config"), dict):
         raise ConfigError(f"--config {path}: expected an object with a 'neuron_config' object (see compile_configs/)")
+    if "fold_norm_offset" in spec:  # where earlier versions read it; now a neuron config field
+        raise ConfigError(f"--config {path}: move \"fold_norm_offset\" into \"neuron_config\"")
     return spec
 
 
-def build(model_path: str, neuron_config: dict, on_cpu: bool = False, fold_norm_offset: bool = True):
-    """Our causal LM with its config, from a checkpoint directory (config.json read by our parser).
-    fold_norm_offset=False keeps Gemma 2/3 norm offsets unfolded: bit-exact to HF in bf16 (see neuron/state_dict)."""
+def build(model_path: str, neuron_config: dict, on_cpu: bool = False):
+    """Our causal LM with its config, from a checkpoint directory (config.json read by our parser). Every option,
+    ours included (`fold_norm_offset`, see neuron/config.GemmaNeuronConfig), goes in `neuron_config`, as through
+    vllm-neuron's override_neuron_config."""
     modeling = import_nxdi()
     from .config import gemma_load_config
 
@@ -52,8 +55,7 @@ def build(model_path: str, neuron_config: dict, on_cpu: bool = False, fold_norm_
     settings = dict(neuron_config, on_cpu=True) if on_cpu else dict(neuron_config)
     if isinstance(settings.get("torch_dtype"), str):
         settings["torch_dtype"] = getattr(torch, settings["torch_dtype"])
-    config = cls.get_config_cls()(cls.get_neuron_config_cls()(**settings), load_config=gemma_load_config(model_path),
-                                  fold_norm_offset=fold_norm_offset)
+    config = cls.get_config_cls()(cls.get_neuron_config_cls()(**settings), load_config=gemma_load_config(model_path))
     return cls(model_path, config)
 
 
@@ -63,10 +65,7 @@ def compile_model(model_path: str, config_path: str, out_dir: str) -> Path:
     target = Path(out_dir)
     if target.exists() and any(target.iterdir()):
         raise InputError(f"--out {target} exists and is not empty; choose a new directory")
-    fold = spec.get("fold_norm_offset", True)
-    if not isinstance(fold, bool):
-        raise ConfigError(f"--config {config_path}: fold_norm_offset={fold!r} must be true or false")
-    model = build(model_path, spec["neuron_config"], fold_norm_offset=fold)
+    model = build(model_path, spec["neuron_config"])
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

@@ -1,10 +1,10 @@
 """HF Gemma weights (our names = HF *ForCausalLM names) -> the names and layout of our NxDI modules.
 
-No NxDI import: this runs and is tested on any machine. By default the norm weights of Gemma 2/3 get their `+1`
-folded in here (computed in float32), so every norm on Neuron is `rms(x) * w` and fused kernels can read the weights
-raw. In a bfloat16 build that rounds `1 + w` to bf16 where HF adds in float32 (measured on the Gemma 3 fixture:
-3.7e-2 max logit diff); `fold_norm_offset=False` keeps the offsets and adds 1 in float32 at run time, bit-exact to
-HF bf16.
+No NxDI import: this runs and is tested on any machine. Gemma 2/3 norm weights stay HF's offsets by default and
+the NxDI norms add 1 in float32 at run time, as HF does. `fold_norm_offset=True` (the neuron config's field) folds
+`1 + w` in here instead (computed in float32), so every norm is `rms(x) * w`, what a fused norm kernel would read; in
+a bfloat16 build that rounds `1 + w` to bf16 where HF adds in float32 (Gemma 3 fixture: 3.7e-2 max logit diff),
+and no kernel reads it while every NKI kernel is off.
 """
 
 from __future__ import annotations
@@ -54,10 +54,10 @@ def is_norm_weight(hf_name: str) -> bool:
 
 def convert_hf_to_neuron_state_dict(
     state: dict[str, torch.Tensor], plan: GemmaPlan, tp_degree: int, fused_qkv: bool = False,
-    fold_norm_offset: bool = True,
+    fold_norm_offset: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Rename, fold norm offsets (unless asked not to), fuse QKV if asked, materialise the tied LM head and K=V
-    values, add rank tensors."""
+    """Rename, fold norm offsets if asked, fuse QKV if asked, materialise the tied LM head and K=V values, add rank
+    tensors."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         if fold_norm_offset and plan.norm_adds_one and is_norm_weight(name):
