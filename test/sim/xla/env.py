@@ -1,0 +1,42 @@
+"""Set up a process for XLA tracing: the simulation's import stand-ins in `xla` mode (real torch-xla on PJRT CPU),
+serving our `generate_hlo` and `xla_hlo_call` as torch-neuronx's. Must run before torch_xla, NxD or NxDI are
+imported; `sitecustomize` in test/sim/standins installs the stand-ins in every process whose PYTHONPATH has that
+folder, otherwise we load them from their file here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+STANDINS_DIR = Path(__file__).resolve().parent.parent / "standins"
+
+
+def standins() -> ModuleType:
+    if "standins" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("standins", STANDINS_DIR / "__init__.py",
+                                                      submodule_search_locations=[str(STANDINS_DIR)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["standins"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["standins"]
+
+
+def install(xla_dump: str | None = None) -> ModuleType:
+    """Stand-ins in xla mode with our tracer; `xla_dump`: a folder for XLA's dumps (optimized HLO, buffer
+    assignment), which XLA reads from XLA_FLAGS once, so it must be given before torch_xla is first used."""
+    if xla_dump:
+        if "torch_xla" in sys.modules:
+            raise RuntimeError("xla_dump must be set before torch_xla is imported (XLA reads XLA_FLAGS once)")
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_dump_to={xla_dump} --xla_dump_hlo_as_text".strip()
+    module = standins()
+    module.install("xla")
+    from .lower import generate_hlo, xla_hlo_call
+
+    module.provide("torch_neuronx.xla_impl.trace", "generate_hlo", generate_hlo)
+    module.provide("torch_neuronx.xla_impl.ops", "xla_hlo_call", xla_hlo_call)
+    return module

@@ -1,0 +1,232 @@
+"""Trace an NxDI causal LM through NxD's ModelBuilder HLO stage, then replay the graphs on PJRT CPU through NxDI's
+host code, as a Neuron device runs the compiled NEFFs.
+
+- `trace_model`: the HLO stage of `ModelBuilder.trace` (mock_distributed, initialize_model_parallel, aot mode,
+  `_generate_hlo` over every submodel and bucket, KV cache as `input_output_aliases`), with our `generate_hlo`
+  installed as torch-neuronx's (see lower.py).
+- `Graph`: one traced graph executed as compiled: real inputs, the weights of NxD's sharded checkpoint (rank 0),
+  and the state (KV cache) carried from call to call through the aliased outputs. Traced ONCE with NxDI's example
+  inputs, so anything value-dependent the trace baked in shows up as wrong logits.
+- `Router`: stands where NxD's traced ScriptModule sits in `ModelWrapper.model` (it is a ScriptModule, so NxDI's
+  `is_neuron()` holds without touching NxDI), picks the bucket graph by input shapes, returns the logits.
+- `greedy`: decoding through `NeuronBaseForCausalLM.forward` with the inputs `nxdi_gemma.neuron.runtime.greedy` and
+  vllm-neuron pass.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from .lower import HloGraph
+
+
+def parallel_stage(builder):
+    """The distributed setup ModelBuilder.trace and shard_checkpoint use, as a context manager."""
+    import contextlib
+
+    from neuronx_distributed.parallel_layers import parallel_state
+    from neuronx_distributed.trace.mock_torchdist import mock_distributed
+
+    @contextlib.contextmanager
+    def stage():
+        with mock_distributed(world_size=builder.world_size):
+            torch.distributed.init_process_group("xla", rank=0, world_size=builder.world_size)
+            parallel_state.initialize_model_parallel(
+                tensor_model_parallel_size=builder.tp_degree, pipeline_model_parallel_size=builder.pp_degree,
+                expert_model_parallel_size=builder.ep_degree, skip_collective_init=True,
+                lnc_size=builder.logical_nc_config)
+            parallel_state.set_aot_mode(True)
+            if builder.init_custom_process_group_fn:
+                builder.init_custom_process_group_fn()
+            try:
+                yield
+            finally:
+                parallel_state.set_aot_mode(False)
+                parallel_state.destroy_model_parallel()
+                torch.distributed.destroy_process_group()
+
+    return stage()
+
+
+def builder_of(model):
+    """NxDI's own ModelBuilder for the model (every submodel, bucket and example input), working in a private
+    folder: ModelBuilder's default /tmp/nxd_model/ would be shared by every process on the machine."""
+    os.environ.setdefault("BASE_COMPILE_WORK_DIR", tempfile.mkdtemp(prefix="nxdi_gemma_sim_"))
+    return model.get_builder()
+
+
+def trace_model(model) -> dict[str, list[HloGraph]]:
+    """Submodel tag -> one HloGraph per bucket, in bucket order."""
+    builder = builder_of(model)
+    graphs = {}
+    with parallel_stage(builder):
+        for key in builder.model_collection:
+            graphs[key] = builder._generate_hlo(key)
+    return graphs
+
+
+def sharded_weights(model) -> dict[str, torch.Tensor]:
+    """Rank 0 of NxD's own checkpoint preprocessing and sharding (what a Neuron rank loads)."""
+    return builder_of(model).shard_checkpoint()[0]
+
+
+class Graph:
+    """One traced graph, run as compiled on the XLA device."""
+
+    def __init__(self, name: str, hlo: HloGraph, weights: dict[str, torch.Tensor] | None):
+        import torch_xla
+        import torch_xla.core.xla_builder as xb
+
+        self.name, self.hlo = name, hlo
+        self.device = torch_xla.device()
+        self.computation = xb.computation_from_module_proto(name, hlo.hlo_module)
+        self.fixed: dict[int, torch.Tensor] = {}
+        self.weight_problems: list[str] = []
+        for wname, pid in hlo.weights.items():
+            ref = hlo.param_values[pid]
+            value = ref
+            if weights is not None:
+                if wname not in weights:
+                    self.weight_problems.append(f"{wname}: not in the sharded checkpoint")
+                else:
+                    value = weights[wname]
+                    if tuple(value.shape) != tuple(ref.shape) or value.dtype != ref.dtype:
+                        self.weight_problems.append(f"{wname}: checkpoint {tuple(value.shape)} {value.dtype}, "
+                                                    f"graph {tuple(ref.shape)} {ref.dtype}")
+            self.fixed[pid] = value.to(self.device)
+        for pid, value in hlo.constants.items():
+            self.fixed[pid] = value.to(self.device)
+
+    def takes(self, args) -> bool:
+        return [tuple(a.shape) for a in args[: len(self.hlo.example_shapes)]] == self.hlo.example_shapes[: len(args)]
+
+    def zero_state(self) -> dict[str, torch.Tensor]:
+        return {name: torch.zeros_like(self.hlo.param_values[pid]).to(self.device)
+                for pid, name in self.hlo.states.values() if pid >= 0}
+
+    def example_args(self) -> list[torch.Tensor]:
+        return [torch.zeros_like(self.hlo.param_values[pid]) if pid >= 0 else torch.zeros(shape)
+                for pid, shape in zip(self.hlo.user_inputs, self.hlo.example_shapes, strict=True)]
+
+    def launch(self, args, state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Queue one execution (lazily): outputs are XLA tensors, nothing is compiled or run yet."""
+        import torch_xla
+
+        params: list[torch.Tensor | None] = [None] * self.hlo.num_params
+        for pos, pid in enumerate(self.hlo.user_inputs):
+            if pid < 0:
+                continue
+            ref, arg = self.hlo.param_values[pid], args[pos]
+            if tuple(arg.shape) != tuple(ref.shape) or arg.dtype != ref.dtype:
+                raise RuntimeError(f"{self.name}: input {pos} is {tuple(arg.shape)} {arg.dtype}, traced as "
+                                   f"{tuple(ref.shape)} {ref.dtype}")
+            params[pid] = arg.to(self.device)
+        for pid, name in self.hlo.states.values():
+            if pid >= 0:
+                params[pid] = state[name]
+        for pid, value in self.fixed.items():
+            params[pid] = value
+        missing = [pid for pid, p in enumerate(params) if p is None]
+        if missing:
+            raise RuntimeError(f"{self.name}: HLO parameters {missing} have no value")
+        return list(torch_xla._XLAC._xla_user_computation(f"xla::{self.name}", params, self.computation))
+
+    def __call__(self, args, state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Run once; the aliased outputs become the next call's state (the device updates them in place)."""
+        import torch_xla
+
+        outs = self.launch(args, state)
+        for out_idx, (pid, name) in self.hlo.states.items():
+            if pid >= 0:
+                state[name] = outs[out_idx]
+        torch_xla.sync()
+        return outs
+
+    def compile_only(self) -> dict[int, int]:
+        """Have XLA compile this graph (with zero inputs) without executing it. Returns, for each aliased state,
+        its parameter number in the module XLA compiled -> its bytes (torch-xla wraps our graph in a module of its
+        own whose parameters it orders itself; a LoweringContext over the same outputs numbers them the same way,
+        and `stats.bytes_accessed` checks the shapes)."""
+        import torch_xla
+
+        state = self.zero_state()
+        outs = self.launch(self.example_args(), state)
+        ctx = torch_xla._XLAC.lowering.LoweringContext("numbering")
+        ctx.build(outs)
+        numbers = {ctx.tensor_parameter_id(t): t.numel() * t.element_size() for t in state.values()}
+        torch_xla._XLAC._xla_warm_up_cache(outs, [])
+        return {n: b for n, b in numbers.items() if n >= 0}
+
+
+class Router(torch.jit.ScriptModule):
+    """In ModelWrapper.model's place: NxDI sees a ScriptModule (a Neuron model) and gets logits only."""
+
+    def __init__(self, tag: str, graphs: list[Graph], session: Session):
+        super().__init__()
+        self.tag, self.graphs, self.session = tag, graphs, session
+
+    def forward(self, *args):
+        graph = next((g for g in self.graphs if g.takes(args)), None)
+        if graph is None:
+            raise RuntimeError(f"{self.tag}: no traced bucket takes inputs {[tuple(a.shape) for a in args]}")
+        self.session.calls[graph.name] += 1
+        return graph(args, self.session.state)[0].cpu()
+
+
+@dataclass
+class Session:
+    """The replayed model: graphs per submodel, the shared KV state, call counts per graph."""
+
+    graphs: dict[str, list[Graph]]
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    calls: Counter = field(default_factory=Counter)
+
+    @property
+    def weight_problems(self) -> dict[str, list[str]]:
+        return {g.name: g.weight_problems for gs in self.graphs.values() for g in gs if g.weight_problems}
+
+
+def attach(model, traced: dict[str, list[HloGraph]], weights: dict[str, torch.Tensor]) -> Session:
+    """Put the replayed graphs where NxDI expects its loaded Neuron models; one KV state shared by CTE and TKG (on
+    Neuron both submodels alias the same device buffers)."""
+    session = Session({tag: [Graph(f"{tag}_bk{b}", h, weights) for b, h in enumerate(hs)]
+                       for tag, hs in traced.items()})
+    for graphs in session.graphs.values():
+        for g in graphs:
+            for name, value in g.zero_state().items():
+                session.state.setdefault(name, value)
+    for wrapper in model.models:
+        wrapper.model = Router(wrapper.tag, session.graphs[wrapper.tag], session)
+    return session
+
+
+@torch.no_grad()  # not inference_mode: NxD's autograd Functions bump version counters
+def greedy(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding through NxDI's host code, with the inputs runtime.greedy and vllm-neuron pass: prefill at
+    positions 0..S-1, then one token per step with a mask over the cached tokens (NxDI adds the active one).
+    Returns tokens [B, N] and the logits that chose them [B, N, V]."""
+    model.reset()
+    batch, prompt = input_ids.shape
+    ids, positions, mask = input_ids, torch.arange(prompt)[None].repeat(batch, 1), torch.ones_like(input_ids)
+    tokens, logits = [], []
+    for step in range(new_tokens):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, seq_ids=torch.arange(batch))
+        last = out.logits[:, -1].float()
+        logits.append(last)
+        tokens.append(last.argmax(-1))
+        ids = tokens[-1][:, None]
+        positions = torch.full((batch, 1), prompt + step)
+        mask = torch.ones(batch, prompt + step, dtype=torch.long)
+    return torch.stack(tokens, 1), torch.stack(logits, 1)
+
+
+def xla_compiles() -> int:
+    import torch_xla.debug.metrics as met
+
+    data = met.metric_data("CompileTime")
+    return int(data[0]) if data else 0

@@ -1,0 +1,218 @@
+"""Figures of a traced graph: from the HLO text we hand to the compiler (what neuronx-cc would receive) and, after
+a compile-only run, from XLA:CPU's own dump (optimized HLO and buffer assignment).
+
+Per traced graph (`hlo_stats`): instruction and op counts, float64 anywhere, int64 values with two sequence-length
+dimensions (an S x S index tensor, e.g. a band mask built from arange), the largest values, dot FLOPs,
+collectives, parameter bytes by kind (input / state / weight / constant).
+
+Per compiled graph (`xla_dump_stats`): XLA's buffer assignment (the temp arena = the peak of all intermediates as
+XLA's heap simulator laid them out; the largest temp values) and an HloCostAnalysis-style bytes-accessed estimate
+over the optimized entry computation.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+from .lower import HloGraph
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128)\[([\d,]*)\]")
+# name = shape opcode(operands), attributes   (shape may be a tuple)
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\(.*?\)|\S+)\s+([a-z][\w\-]*)\((.*)$")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
+               "all-reduce-start", "all-gather-start", "collective-permute-start")
+
+
+def _dims(text: str) -> list[int]:
+    return [int(d) for d in text.split(",") if d]
+
+
+def array_bytes(shape_text: str) -> int:
+    """Bytes of every array in a (possibly tuple) HLO shape."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(shape_text):
+        n = _BYTES.get(dtype, 4)
+        for d in _dims(dims):
+            n *= d
+        total += n
+    return total
+
+
+def _instructions(text: str):
+    for line in text.splitlines():
+        m = _INSTR.match(line)
+        if m:
+            yield m.groups()
+
+
+def hlo_stats(graph: HloGraph, seq_lens: set[int]) -> dict:
+    """Statistics of one traced graph. `seq_lens`: the sequence lengths of the graph (bucket, cache length), for
+    spotting int64 values with two such dimensions."""
+    ops, f64, s64_seq_seq, values, collectives = Counter(), [], [], [], Counter()
+    flops = 0
+    for _name, shape, opcode, rest in _instructions(graph.hlo_text):
+        ops[opcode] += 1
+        if "f64[" in shape or re.search(r"\bf64\[", rest):
+            f64.append(f"{opcode} {shape}")
+        for dtype, dims in _ARRAY.findall(shape):
+            if dtype == "s64" and sum(d in seq_lens and d > 1 for d in _dims(dims)) >= 2:
+                s64_seq_seq.append(f"{opcode} {dtype}[{dims}]")
+        if opcode not in ("parameter", "tuple", "get-tuple-element"):
+            values.append((array_bytes(shape), f"{opcode} {shape[:80]}"))
+        if opcode in COLLECTIVES:
+            groups = re.search(r"replica_groups=(\{[^=]*?\}\})", rest)
+            collectives[f"{opcode} {shape[:48]} groups={groups.group(1) if groups else '?'}"] += 1
+        if opcode in ("dot", "convolution"):
+            out = _ARRAY.findall(shape)
+            operands = _ARRAY.findall(rest)
+            contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+            if out and operands:
+                n = 1
+                for d in _dims(out[0][1]):
+                    n *= d
+                lhs = _dims(operands[0][1])
+                for axis in _dims(contracting.group(1)) if contracting else []:
+                    n *= lhs[axis]
+                flops += 2 * n
+    values.sort(reverse=True)
+    kinds = graph.kind_of()
+    param_bytes: Counter = Counter()
+    for pid, value in graph.param_values.items():
+        param_bytes[kinds[pid]] += value.numel() * value.element_size()
+    return {
+        "instructions": sum(ops.values()),
+        "ops": dict(ops.most_common()),
+        "f64": f64,
+        "s64_seq_by_seq": s64_seq_seq,
+        "largest_values": [f"{b / 2**20:.2f} MiB {what}" for b, what in values[:5]],
+        "largest_value_bytes": values[0][0] if values else 0,
+        "dot_flops": flops,
+        "collectives": dict(collectives),
+        "param_bytes": dict(param_bytes),
+        "trace_host_syncs": graph.trace_host_syncs,
+        "alias_problems": graph.alias_problems,
+        "states": {str(out): [pid, name] for out, (pid, name) in sorted(graph.states.items())},
+    }
+
+
+# ------------------------------------------------------------------------------------------------- XLA dump
+
+
+def buffer_assignment(text: str) -> dict:
+    """XLA's memory plan: the preallocated temp arena (peak of intermediates) and its largest values."""
+    temp, params, live_out, biggest = 0, 0, 0, []
+    for m in re.finditer(r"^allocation (\d+): size (\d+), ([^\n]*)\n((?: value:[^\n]*\n)*)", text, re.M):
+        size, kind, body = int(m.group(2)), m.group(3), m.group(4)
+        if "preallocated-temp" in kind:
+            temp += size
+            for name, vsize, shape in re.findall(r"value: <\d+ ([\w.\-{}]+) @\d+> \(size=(\d+),offset=\d+\): (\S+)",
+                                                 body):
+                biggest.append((int(vsize), f"{name} {shape}"))
+        elif "parameter" in kind:
+            params += size
+        elif "maybe-live-out" in kind or "output" in kind:
+            live_out += size
+    biggest.sort(reverse=True)
+    return {"temp_arena_bytes": temp, "parameter_bytes": params, "live_out_bytes": live_out,
+            "largest_temp_values": [f"{b / 2**20:.2f} MiB {v}" for b, v in biggest[:5]]}
+
+
+def _computations(text: str) -> dict[str, list[str]]:
+    """Computation name -> its instruction lines (the ENTRY computation under the key 'ENTRY')."""
+    comps, current = {}, None
+    for line in text.splitlines():
+        head = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if head and not line.startswith(" "):
+            current = "ENTRY" if head.group(1) else head.group(2)
+            comps[current] = []
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            comps[current].append(line)
+    return comps
+
+
+_FREE = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "after-all", "partition-id",
+         "replica-id", "iota"}
+
+
+def bytes_accessed(optimized_hlo: str, state_params: dict[int, int]) -> dict:
+    """Memory traffic of one execution, estimated as XLA's HloCostAnalysis does over the ENTRY computation of the
+    optimized module: every top-level instruction (fusion, dot, copy, ...) reads its operands and writes its output
+    once; reuse inside a fusion is free.
+
+    In-place updates of aliased state: the graph's KV cache is an input aliased to an output, and the device writes
+    that buffer in place. So a dynamic-update-slice or scatter (top level, or the root of a fusion) whose updated
+    operand is such a parameter (directly or through a bitcast/copy) counts only the bytes it updates (the update
+    read + the same bytes written), as HloCostAnalysis itself counts dynamic-update-slice; and a copy of such a
+    parameter counts nothing, since XLA:CPU makes it only because our compile-only run does not donate the buffer.
+    `state_params`: ENTRY parameter number -> bytes, of every aliased state.
+    """
+    comps = _computations(optimized_hlo)
+    size, origin, found = {}, {}, set()
+    fused_root = {}
+    for cname, lines in comps.items():
+        for line in lines:
+            m = _INSTR.match(line)
+            if m and line.lstrip().startswith("ROOT"):
+                fused_root[cname] = m.group(3)
+    total, by_op = 0, Counter()
+    for line in comps.get("ENTRY", []):
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        name, shape, opcode, rest = m.groups()
+        size[name] = array_bytes(shape)
+        operands = re.findall(r"%([\w.\-]+)", rest.split("),")[0] if ")," in rest else rest)
+        if opcode == "parameter":
+            number = int(re.match(r"\s*(\d+)", rest).group(1))
+            if number in state_params:
+                if size[name] != state_params[number]:
+                    raise RuntimeError(f"parameter {number} of the compiled module is {shape}, not the aliased state "
+                                       f"of {state_params[number]} bytes: parameter numbering differs")
+                origin[name] = name
+                found.add(number)
+            continue
+        if opcode in ("bitcast", "copy") and operands and operands[0] in origin:
+            origin[name] = origin[operands[0]]
+            if opcode == "copy":
+                continue  # see docstring: no copy on a device that aliases the buffer
+        if opcode in _FREE:
+            continue
+        kind = opcode
+        if opcode == "fusion":
+            called = re.search(r"calls=%?([\w.\-]+)", rest)
+            kind = fused_root.get(called.group(1), "fusion") if called else "fusion"
+        if kind in ("dynamic-update-slice", "scatter") and operands and operands[0] in origin:
+            updated = sum(size.get(o, 0) for o in operands[1:])  # update (+ indices), read once
+            data_update = size.get(operands[-1] if kind == "scatter" else operands[1], 0)
+            b = updated + data_update
+            by_op[f"{kind} (in place)"] += b
+            total += b
+            origin[name] = origin[operands[0]]
+            continue
+        b = size[name] + sum(size.get(o, 0) for o in operands)
+        total += b
+        by_op[opcode] += b
+    if found != set(state_params):
+        raise RuntimeError(f"aliased state parameters {sorted(set(state_params) - found)} not in the compiled module")
+    return {"bytes_accessed": total, "by_op": dict(by_op.most_common(8))}
+
+
+def xla_dump_stats(files: list[Path], state_params: dict[int, int]) -> dict:
+    """Summarize the files XLA dumped while compiling one graph."""
+    out: dict = {}
+    ba = [f for f in files if f.name.endswith("buffer-assignment.txt")]
+    opt = [f for f in files if f.name.endswith("after_optimizations.txt")]
+    if ba:
+        out.update(buffer_assignment(max(ba, key=lambda f: f.stat().st_size).read_text()))
+    if opt:
+        text = max(opt, key=lambda f: f.stat().st_size).read_text()
+        out.update(bytes_accessed(text, state_params))
+        out["optimized_instructions"] = sum(1 for _ in _instructions(text))
+        out["optimized_f64"] = text.count("f64[")
+    return out
