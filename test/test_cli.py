@@ -1,8 +1,12 @@
 """The `nxdi-gemma` commands end to end on the embedded tiny checkpoints, against HF transformers."""
 
 import json
+import pickle
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from nxdi_gemma.cli import main
 from nxdi_gemma.tiny import write_tiny_checkpoint
@@ -156,3 +160,140 @@ def test_benchmark_cpu_writes_json_and_chart(tiny4, tmp_path, capsys):
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     code, _, err = run(["benchmark", "--model", tiny4, "--backend", "neuron"], capsys)
     assert code == 2 and "--compiled" in err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad checkpoints: validated by our loader before Hugging Face or NxDI open the directory; nothing is unpickled.
+
+
+class _PlantedPickle:
+    """Unpickling this (as torch.load(weights_only=False) or pickle.load would) creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture
+def no_unpickling(monkeypatch):
+    """Every way a loader could unpickle a file fails the test (the marker file catches the rest)."""
+    import pickle
+
+    import torch
+
+    calls = []
+
+    def tripwire(name):
+        def refuse(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"{name} called: something tried to unpickle a checkpoint file")
+
+        return refuse
+
+    for module, name in ((torch, "load"), (pickle, "load"), (pickle, "loads")):
+        monkeypatch.setattr(module, name, tripwire(f"{module.__name__}.{name}"))
+    return calls
+
+
+def _edit_config(path, change):
+    config = json.loads((path / "config.json").read_text())
+    change(config)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def _bad_checkpoint(kind, tiny4, tmp_path):
+    """(directory, file the error must name, words of the advice) for each kind of bad checkpoint."""
+    import shutil
+
+    bad = tmp_path / f"bad-{kind}"
+    if kind == "missing directory":
+        return bad, str(bad), "point --model at"
+    shutil.copytree(tiny4, bad)
+    weights = bad / "model.safetensors"
+    if kind == "unsupported model_type":
+        _edit_config(bad, lambda c: c.update(model_type="llama"))
+        return bad, str(bad / "config.json"), "expected one of"
+    if kind == "missing field":
+        _edit_config(bad, lambda c: c.pop("hidden_size"))
+        return bad, str(bad / "config.json"), "copy the checkpoint's full config.json"
+    if kind == ".bin only":
+        weights.unlink()
+        (bad / "pytorch_model.bin").write_bytes(pickle.dumps({"weight": _PlantedPickle(tmp_path / "MARKER")}))
+        return bad, "pytorch_model.bin", "convert them once"
+    if kind == "truncated safetensors":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) - 1000])  # an interrupted download: the header is intact
+        return bad, str(weights), "re-download"
+    if kind == "shape mismatch":
+        _edit_config(bad, lambda c: c.update(intermediate_size=2 * c["intermediate_size"]))
+        return bad, str(weights), "use the config.json they were saved with"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["missing directory", "unsupported model_type", "missing field", ".bin only",
+                                  "truncated safetensors", "shape mismatch"])
+def test_bad_checkpoint_through_token_match_is_one_line(kind, tiny4, tmp_path, capsys, no_unpickling):
+    path, names, advice = _bad_checkpoint(kind, tiny4, tmp_path)
+    code, out, err = run(["token-match", "--model", str(path), "--max-new-tokens", "2"], capsys)
+    assert code == 2 and out == "", (out, err)
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert names in err and advice in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "MARKER").exists() and not no_unpickling
+
+
+@pytest.mark.parametrize("command", [
+    ["token-match"], ["reference", "--out", "OUT"], ["generate", "--prompt", "def"], ["benchmark"],
+    ["compile", "--config", "compile_configs/gemma-3-1b__inf2.xlarge.json", "--out", "OUT"],
+])
+def test_pickle_only_checkpoint_is_never_unpickled_by_any_command(command, tiny4, tmp_path, capsys, no_unpickling):
+    """compile checks the checkpoint before the compile config and before importing NxDI: the checkpoint error
+    comes first whether or not the Neuron SDK is installed."""
+    path, _, _ = _bad_checkpoint(".bin only", tiny4, tmp_path)
+    argv = [str(tmp_path / "out") if arg == "OUT" else arg for arg in command]
+    code, out, err = run([*argv, "--model", str(path)], capsys)
+    assert code == 2 and out == "", (out, err)
+    assert len(err.splitlines()) == 1 and "pytorch_model.bin" in err and "never unpickled" in err, err
+    assert not (tmp_path / "MARKER").exists() and not no_unpickling
+    assert not (tmp_path / "out").exists()
+
+
+def test_planted_pickle_would_leave_the_marker(tmp_path):
+    """The trap is real: unpickling the planted file does create the marker (so its absence above means something)."""
+    marker = tmp_path / "MARKER"
+    pickle.loads(pickle.dumps({"weight": _PlantedPickle(marker)}))
+    assert marker.exists()
+
+
+def test_hf_is_asked_for_safetensors_only(tiny4, tmp_path, no_unpickling):
+    """Defence in depth behind our validation: HF itself is told to read safetensors only, so even called on a
+    pickle-only directory it refuses instead of unpickling."""
+    from nxdi_gemma.reference import load_hf_model
+
+    path, _, _ = _bad_checkpoint(".bin only", tiny4, tmp_path)
+    with pytest.raises(OSError, match="model.safetensors"):
+        load_hf_model(path, torch.float32)
+    assert not (tmp_path / "MARKER").exists() and not no_unpickling
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nxdi_gemma.cli", *argv], capture_output=True, text=True,
+                          timeout=600, check=False)
+
+
+def test_main_job_output_is_free_of_warnings():
+    """`nxdi-gemma token-match` on the embedded default, as a user runs it: stderr holds only our notice (no
+    transformers deprecation warnings, e.g. for `past_key_values`)."""
+    result = _cli("token-match", "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["no --model given: using the embedded random tiny gemma3 checkpoint"]
+    assert "mean match rate: 100.0%" in result.stdout
+
+
+def test_truncated_checkpoint_through_the_real_entry_point(tiny4, tmp_path):
+    path, _, _ = _bad_checkpoint("truncated safetensors", tiny4, tmp_path)
+    result = _cli("token-match", "--model", str(path))
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and "truncated" in result.stderr, result.stderr

@@ -99,7 +99,7 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object; {redo}")
     header.pop("__metadata__", None)
-    out, end = {}, 0
+    out, spans = {}, []
     for name, info in header.items():
         dtype = info.get("dtype") if isinstance(info, dict) else None
         shape = info.get("shape") if isinstance(info, dict) else None
@@ -114,12 +114,21 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
                 f"{math.prod(shape) * DTYPE_BYTES[dtype]}; the file is corrupt, {redo}"
             )
         out[name] = (dtype, tuple(shape))
-        end = max(end, offsets[1])
+        spans.append((offsets[0], offsets[1], name))
+    # The format requires the tensors to tile the data region exactly (safetensors refuses the file otherwise).
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            raise CheckpointError(f"{path}: tensor {name} starts at byte {begin}, expected {end}; the file is corrupt, "
+                                  f"{redo}")
+        end = stop
     data = size - 8 - header_len
     if end > data:
         raise CheckpointError(
             f"{path}: truncated: its header describes {end} bytes of tensor data but the file holds {data}; {redo}"
         )
+    if end < data:
+        raise CheckpointError(f"{path}: {data - end} bytes after the last tensor; the file is corrupt, {redo}")
     return out
 
 
