@@ -8,8 +8,10 @@ Choice, per (model, instance):
 - TP: the largest degree <= the instance's NeuronCores that splits the query heads, splits or replicates every layer
   type's KV heads (`planning.check_tp`) and divides the hidden size and every MLP / expert width (the NxDI classes
   shard all of them). More TP = more HBM and bandwidth per token; the heads cap it for the small models.
-- seq_len: the longest of 8192 / 4096 / 2048 (capped by max_position_embeddings) whose batch-1 plan stays within
-  FILL of the HBM per core; max_context_length = seq_len (the plan counts context encoding at the full length).
+- seq_len: the longest of 32768 / 16384 / 8192 / 4096 / 2048 (capped by max_position_embeddings) whose batch-1 plan
+  stays within FILL of the HBM per core; max_context_length = seq_len. Prompts run in chunks of
+  `prefill_chunk_size` (planning.prefill_chunk: the context-encoding buckets stop there), so the context is bounded
+  by the KV cache, not by S x S activations.
 - batch: the largest power of two <= MAX_BATCH that stays within FILL at that seq_len.
 FILL < 1 leaves headroom for what the estimate does not see (compiler scratch, fragmentation). A combination
 with no such plan gets no file.
@@ -23,7 +25,7 @@ import sys
 from pathlib import Path
 
 from nxdi_gemma.errors import InputError
-from nxdi_gemma.planning import GIB, INSTANCES, MemoryPlan, check_tp, memory_plan
+from nxdi_gemma.planning import GIB, INSTANCES, MemoryPlan, check_tp, memory_plan, prefill_chunk
 from nxdi_gemma.public_models import public_plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +48,7 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "gemma-4-31b": ("trn1.32xlarge", "trn2.3xlarge", "inf2.48xlarge"),
     "gemma-4-26b-a4b": ("trn1.32xlarge", "trn2.3xlarge"),
 }
-SEQ_LENS = (8192, 4096, 2048)
+SEQ_LENS = (32768, 16384, 8192, 4096, 2048)
 MAX_BATCH = 4
 FILL = 0.9  # share of the HBM per core a plan may use
 MIN_BUCKET = 512
@@ -143,14 +145,16 @@ def compile_config(model: str, instance: str) -> dict | None:
         return None
     seq_len = chosen.seq_len
     context = seq_len
+    chunk = prefill_chunk(plan, chosen.tp, chosen.batch, seq_len, context)
     neuron_config = {
         "tp_degree": chosen.tp,
         "batch_size": chosen.batch,
         "seq_len": seq_len,
         "max_context_length": context,
+        "prefill_chunk_size": chunk,
         "torch_dtype": DTYPE,
         "enable_bucketing": True,
-        "context_encoding_buckets": buckets(context),
+        "context_encoding_buckets": buckets(chunk),
         "token_generation_buckets": buckets(seq_len),
         "fused_qkv": True,
         "attn_kernel_enabled": False,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from nxdi_gemma.planning import INSTANCES, check_tp, memory_plan
+from nxdi_gemma.planning import INSTANCES, check_tp, memory_plan, prefill_chunk
 from nxdi_gemma.public_models import PUBLIC_CONFIGS, public_plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,11 +31,11 @@ KNOWN_FIELDS = {
     "tp_degree", "batch_size", "seq_len", "max_context_length", "max_length", "n_positions", "torch_dtype",
     "enable_bucketing", "buckets", "context_encoding_buckets", "token_generation_buckets", "fused_qkv",
     "attn_kernel_enabled", "on_device_sampling_config", "logical_nc_config", "padding_side", "output_logits",
-    "attention_dtype", "rpl_reduce_dtype", "cast_type", "vocab_parallel",
+    "attention_dtype", "rpl_reduce_dtype", "cast_type", "vocab_parallel", "prefill_chunk_size",
 }
 SAMPLING_FIELDS = {"do_sample", "top_k", "top_p", "temperature", "dynamic", "deterministic", "global_topk"}
 SCHEMA_KEYS = [
-    "tp_degree", "batch_size", "seq_len", "max_context_length", "torch_dtype", "enable_bucketing",
+    "tp_degree", "batch_size", "seq_len", "max_context_length", "prefill_chunk_size", "torch_dtype", "enable_bucketing",
     "context_encoding_buckets", "token_generation_buckets", "fused_qkv", "attn_kernel_enabled",
     "on_device_sampling_config",
 ]
@@ -137,7 +137,12 @@ def test_lengths_and_buckets(entry):
     plan = public_plan(config["model"])
     context, seq_len = nc["max_context_length"], nc["seq_len"]
     assert context <= seq_len <= plan.max_position_embeddings
-    for key, limit in (("context_encoding_buckets", context), ("token_generation_buckets", seq_len)):
+    # Prompts run in chunks through the context-encoding graph: its buckets stop at the chunk, which is the
+    # planner's choice for this TP, batch and length (what GemmaInferenceConfig would pick by itself).
+    chunk = nc["prefill_chunk_size"]
+    assert chunk == prefill_chunk(plan, nc["tp_degree"], nc["batch_size"], seq_len, context)
+    assert 2 <= chunk <= context
+    for key, limit in (("context_encoding_buckets", chunk), ("token_generation_buckets", seq_len)):
         buckets = nc[key]
         assert buckets, key
         assert buckets == sorted(set(buckets)), f"{key} not strictly increasing: {buckets}"

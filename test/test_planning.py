@@ -6,7 +6,7 @@ import pytest
 
 from nxdi_gemma.cli import main
 from nxdi_gemma.errors import InputError
-from nxdi_gemma.planning import kv_cache_bytes, largest_fit, memory_plan
+from nxdi_gemma.planning import kv_cache_bytes, largest_fit, memory_plan, prefill_activation_bytes
 from nxdi_gemma.public_models import public_plan
 
 
@@ -54,6 +54,26 @@ def test_fit_monotonic_and_big_models_do_not_fit_small_instances():
     context, batch = largest_fit(public_plan("gemma-3-1b"), "inf2.xlarge")
     assert context >= 8192 and batch >= 1
     assert memory_plan(public_plan("gemma-3-1b"), "inf2.xlarge", seq_len=context).fits
+
+
+def test_long_contexts_fit_now_that_prefill_is_chunked():
+    # Issue 11: the context-encoding graph runs fixed-size chunks, so only the KV cache grows with the context.
+    assert largest_fit(public_plan("gemma-4-31b"), "trn2.3xlarge", tp=4)[0] >= 131072
+    assert largest_fit(public_plan("gemma-3-27b"), "trn1.32xlarge")[0] >= 131072
+    plan = public_plan("gemma-3-1b")
+    short = prefill_activation_bytes(plan, 1, 1, 4096, 4096, 2)
+    long = prefill_activation_bytes(plan, 1, 1, 131072, 131072, 2)
+    assert long <= 2 * short and long < 2 * 2**30
+
+
+def test_largest_batch_is_reported_at_the_requested_context():
+    plan = public_plan("gemma-3-4b")
+    for seq_len in (4096, 32768):
+        _, batch = largest_fit(plan, "inf2.xlarge", 2, seq_len=seq_len)
+        assert batch >= 1
+        assert memory_plan(plan, "inf2.xlarge", 2, batch, seq_len).fits
+        assert batch == 1024 or not memory_plan(plan, "inf2.xlarge", 2, 2 * batch, seq_len).fits
+    assert largest_fit(plan, "inf2.xlarge", 2, seq_len=32768)[1] < largest_fit(plan, "inf2.xlarge", 2, seq_len=4096)[1]
 
 
 def test_plan_cli_from_directory_and_name(tmp_path, capsys):

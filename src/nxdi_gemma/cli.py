@@ -207,7 +207,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise InputError("plan needs --model DIR|NAME and --instance NAME (or --table)")
     plan = resolve_plan(args.model)
     result = planning.memory_plan(plan, args.instance, args.tp, args.batch, args.seq_len, args.dtype)
-    context, batch = planning.largest_fit(plan, args.instance, result.tp, args.dtype)
+    context, batch = planning.largest_fit(plan, args.instance, result.tp, args.dtype, result.seq_len)
     if args.json:
         print(json.dumps({**result.to_json(), "max_context_batch1": context, "max_batch": batch}, indent=2))
     else:

@@ -126,7 +126,13 @@ def attention_over_segments(
     rows = q.reshape(batch, kv_heads, group * length, dim)
     scores = []
     for k, _, visible in segments:
-        s = softcap(torch.matmul(rows, k.transpose(-1, -2)) * scale, logit_softcap)
+        if group * length < k.shape[2]:
+            # Few query rows against many keys (decode): K @ Q^T contracts the cache in its stored layout, where
+            # Q @ K^T would have the compiler materialise K^T, a copy of the whole cache per step (seen in XLA).
+            raw = torch.matmul(k, rows.transpose(-1, -2)).transpose(-1, -2)
+        else:
+            raw = torch.matmul(rows, k.transpose(-1, -2))
+        s = softcap(raw * scale, logit_softcap)
         s = s.view(batch, kv_heads, group, length, k.shape[2])
         scores.append(masked(s, visible.unsqueeze(2)))
     probs = torch.softmax(torch.cat(scores, dim=-1).float(), dim=-1).to(q.dtype)

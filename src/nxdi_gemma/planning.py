@@ -6,8 +6,11 @@ Counts (all per core, bytes):
 - KV cache: per producer layer 2 x batch x cache_len x kv_heads_per_core x head_dim x dtype bytes, with cache_len
   = min(window, seq_len) on sliding layers and seq_len on full layers; KV-shared Gemma 4 layers own nothing.
   KV heads are replicated when TP exceeds them (kv_heads_per_core = max(1, kv / TP)).
-- activations: the context-encoding pass at the full context length: hidden states, the MLP intermediate
-  shard, and the attention scores (batch x q_heads_per_core x seq^2 in float32, as without flash kernels).
+- activations: the context-encoding graph as built (`neuron/attention.py`): prompts run in chunks of C tokens
+  (`prefill_chunk`), so its peak is the float32 attention scores of one chunk, [batch, q_heads_per_core, C,
+  keys] with keys = C (+ max_length when a prompt spans several chunks) on full layers and 2W (or W + C) on sliding
+  layers, held about twice (scores and probabilities: XLA's buffer assignment of the Gemma 3 1B geometry), plus
+  the chunk's hidden states and MLP shard. It no longer grows with the square of the context.
 - a fixed runtime reserve per core.
 Decode roofline: batch / (bytes read per step / HBM bandwidth), where a step reads every weight except the
 embedding tables (only a few rows are gathered), plus the KV cache in use. For MoE it counts every expert, because
@@ -170,10 +173,7 @@ def memory_plan(plan: GemmaPlan, instance: str, tp: int | None = None, batch: in
     counts = parameter_counts(plan)
     weights = (counts["sharded"] + counts["tables"]) * nbytes // tp + counts["replicated"] * nbytes
     kv = kv_cache_bytes(plan, tp, batch, seq_len, nbytes)
-    widest_mlp = max(layer.intermediate_size for layer in plan.layers)
-    q_heads = plan.num_heads // tp
-    activations = batch * seq_len * (4 * plan.hidden_size + 2 * widest_mlp // tp) * nbytes
-    activations += batch * q_heads * seq_len * seq_len * 4
+    activations = prefill_activation_bytes(plan, tp, batch, seq_len, seq_len, nbytes)
     # Decode: stream the active weights once per step plus the KV cache in use, for the whole batch.
     step_bytes = counts["active"] * nbytes / tp + kv
     decode = batch * inst.bandwidth_per_core / step_bytes
@@ -182,8 +182,10 @@ def memory_plan(plan: GemmaPlan, instance: str, tp: int | None = None, batch: in
                       RUNTIME_RESERVE, int(inst.hbm_per_core), decode, prefill)
 
 
-def largest_fit(plan: GemmaPlan, instance: str, tp: int | None = None, dtype: str = "bfloat16") -> tuple[int, int]:
-    """(largest power-of-two context at batch 1, largest batch at that plan's default context) that fit; 0 if none."""
+def largest_fit(plan: GemmaPlan, instance: str, tp: int | None = None, dtype: str = "bfloat16",
+                seq_len: int | None = None) -> tuple[int, int]:
+    """(largest power-of-two context at batch 1, largest batch at `seq_len`, the requested context (default: the
+    plan's default)) that fit; 0 if none."""
     context = 0
     length = 128
     while length <= plan.max_position_embeddings:
@@ -191,12 +193,50 @@ def largest_fit(plan: GemmaPlan, instance: str, tp: int | None = None, dtype: st
             context = length
         length *= 2
     batch = 0
-    default = memory_plan(plan, instance, tp, 1, None, dtype)
+    requested = memory_plan(plan, instance, tp, 1, seq_len, dtype).seq_len
     b = 1
-    while b <= 1024 and memory_plan(plan, instance, tp, b, default.seq_len, dtype).fits:
+    while b <= 1024 and memory_plan(plan, instance, tp, b, requested, dtype).fits:
         batch = b
         b *= 2
     return context, batch
+
+
+# Float32 score budget of one full-attention layer in a prompt chunk (see prefill_chunk).
+PREFILL_SCORE_BUDGET = 512 * 2**20
+MAX_PREFILL_CHUNK = 4096
+MIN_PREFILL_CHUNK = 128
+
+
+def prefill_chunk(plan: GemmaPlan, tp: int, batch: int, max_length: int, max_context_length: int) -> int:
+    """Prompt tokens per context-encoding call: the largest power of two <= 4096 (and >= 128) whose float32
+    full-layer scores [batch, q_heads_per_core, C, max_length + C] fit PREFILL_SCORE_BUDGET, or the whole context
+    when it is shorter. The NxDI config uses it as `prefill_chunk_size` unless the user sets one."""
+    heads = -(-max(layer.num_heads for layer in plan.layers) // tp)
+    chunk = MAX_PREFILL_CHUNK
+    while chunk > MIN_PREFILL_CHUNK and 4 * batch * heads * chunk * (max_length + chunk) > PREFILL_SCORE_BUDGET:
+        chunk //= 2
+    return min(chunk, max_context_length)
+
+
+def prefill_activation_bytes(plan: GemmaPlan, tp: int, batch: int, max_length: int, max_context_length: int,
+                             dtype_bytes: int, chunk: int | None = None) -> int:
+    """Peak activations of the context-encoding (chunk) graph per core, as `neuron/attention.py` builds it: the
+    float32 scores of the widest layer held twice, or the chunk's widest MLP shard, whichever is larger, plus the
+    residual stream. Within 3% of XLA's temp arena for the Gemma 3 1B geometry at 4096 and 16384 (sim tier)."""
+    chunk = chunk or prefill_chunk(plan, tp, batch, max_length, max_context_length)
+    chunked = max_context_length > chunk
+    widest = 0
+    for layer in plan.layers:
+        if layer.window is None:
+            keys = chunk + (max_length if chunked else 0)
+        else:
+            keys = layer.window + chunk if chunk <= layer.window else 2 * layer.window
+        widest = max(widest, -(-layer.num_heads // tp) * chunk * keys)
+    mlp = max(layer.intermediate_size for layer in plan.layers) // tp
+    # Attention and MLP peak at different times; the residual stream lives throughout.
+    attention = 2 * 4 * batch * widest
+    feed_forward = batch * chunk * (2 * mlp + 4 * plan.hidden_size) * dtype_bytes
+    return max(attention, feed_forward) + 2 * batch * chunk * plan.hidden_size * dtype_bytes
 
 
 def format_plan(p: MemoryPlan) -> str:

@@ -16,7 +16,7 @@ from neuronx_distributed_inference.models.config import InferenceConfig, NeuronC
 
 from ..config import FULL, GemmaPlan, plan_from_config, read_config_json, text_config_of
 from ..errors import ConfigError
-from ..planning import check_tp
+from ..planning import check_tp, prefill_chunk
 
 # NeuronConfig features our classes do not implement: refused instead of silently producing wrong outputs.
 UNSUPPORTED_FLAGS = (
@@ -155,29 +155,14 @@ class GemmaInferenceConfig(InferenceConfig):
             )
 
 
-# Float32 score budget of one full-attention layer in a prompt chunk: scores [B, Nq/TP, C, max_length + C] (XLA
-# holds about two such values at once), so the chunk graph stays far below a NeuronCore's HBM at any context.
-PREFILL_SCORE_BUDGET = 512 * 2**20
-MAX_PREFILL_CHUNK = 4096
-
-
-def default_prefill_chunk(neuron_config: NeuronConfig, plan: GemmaPlan) -> int:
-    """The largest power-of-two chunk (<= 4096) whose full-layer score tensor fits PREFILL_SCORE_BUDGET, or the
-    whole context when it fits in one chunk."""
-    heads = -(-max(layer.num_heads for layer in plan.layers) // neuron_config.tp_degree)
-    batch, length = neuron_config.ctx_batch_size, neuron_config.max_length
-    chunk = MAX_PREFILL_CHUNK
-    while chunk > 128 and 4 * batch * heads * chunk * (length + chunk) > PREFILL_SCORE_BUDGET:
-        chunk //= 2
-    return min(chunk, neuron_config.max_context_length)
-
 
 def plan_prefill_chunks(neuron_config: NeuronConfig, plan: GemmaPlan) -> None:
     """Prompts longer than `prefill_chunk_size` run as consecutive chunks through one context-encoding graph (its
     buckets capped at the chunk), each chunk reading the KV cache its predecessors wrote: activation memory grows
     with the chunk, not the prompt. Token generation keeps its buckets (one of seq_len unless the user set them)."""
     if neuron_config.prefill_chunk_size is None:
-        neuron_config.prefill_chunk_size = default_prefill_chunk(neuron_config, plan)
+        neuron_config.prefill_chunk_size = prefill_chunk(plan, neuron_config.tp_degree, neuron_config.ctx_batch_size,
+                                                         neuron_config.max_length, neuron_config.max_context_length)
     chunk = neuron_config.prefill_chunk_size
     if neuron_config.max_context_length <= chunk:
         return
