@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -24,7 +26,7 @@ from conftest import (
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from nxdi_gemma.checkpoint import safetensors_files
+from nxdi_gemma.checkpoint import check_checkpoint, expected_shapes, read_header, safetensors_files
 from nxdi_gemma.cpu import KVCache, load_model
 from nxdi_gemma.errors import CheckpointError, ConfigError
 from nxdi_gemma.tiny import TINY_CONFIGS, write_tiny_checkpoint
@@ -235,3 +237,98 @@ def test_index_listing_a_missing_shard(gemma2_dir, tmp_path):
     shard.unlink()
     message = one_line_error(CheckpointError, sharded)
     assert shard.name in message
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation from config.json and the safetensors headers (what every command runs before HF or NxDI)
+
+
+def test_expected_shapes_come_from_the_plan_and_equal_the_cpu_runtime():
+    """`expected_shapes` is built from the plan and the shared layers, not from the CPU runtime; both must name and
+    shape every tensor identically, on the tiny fixtures and on every public checkpoint's real geometry."""
+    from nxdi_gemma.config import plan_from_config
+    from nxdi_gemma.cpu import GemmaForCausalLM
+    from nxdi_gemma.public_models import PUBLIC_CONFIGS, public_plan
+
+    plans = [plan_from_config(c) for c in TINY_CONFIGS.values()]
+    plans += [plan_from_config(dict(GEMMA4_TINY_ALL, model_type="gemma4_text"))]
+    plans += [public_plan(name) for name in PUBLIC_CONFIGS]
+    for plan in plans:
+        with torch.device("meta"):
+            runtime = {name: t.shape for name, t in GemmaForCausalLM(plan).state_dict().items()}
+        assert expected_shapes(plan) == runtime, plan.model_type
+
+
+def test_checkpoint_module_does_not_import_the_cpu_runtime(tmp_path):
+    """No checkpoint <-> cpu import circle: validating a checkpoint never loads the CPU runtime."""
+    path = write_tiny_checkpoint(tmp_path / "g4", "gemma4")
+    code = (f"import sys; from nxdi_gemma.checkpoint import check_checkpoint; check_checkpoint({str(path)!r}); "
+            "assert 'nxdi_gemma.cpu' not in sys.modules, 'the CPU runtime was imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_check_checkpoint_reads_headers_only(tmp_path, monkeypatch):
+    import nxdi_gemma.checkpoint as checkpoint
+
+    path = write_tiny_checkpoint(tmp_path / "g4", "gemma4")
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("check_checkpoint opened tensor data")
+
+    monkeypatch.setattr(checkpoint, "safe_open", no_data)
+    plan = check_checkpoint(path)
+    assert plan.model_type == "gemma4_text" and plan.num_layers == TINY_CONFIGS["gemma4"]["num_hidden_layers"]
+
+
+def raw_safetensors(path, header: dict, data: bytes) -> None:
+    blob = json.dumps(header).encode()
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + data)
+
+
+@pytest.mark.parametrize(
+    "header, data, needle",
+    [
+        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 10, "truncated"),
+        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 20, "4 bytes after the last tensor"),
+        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}, b"\0" * 12, "spans 12 bytes, expected 16"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+          "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}, b"\0" * 12, "tensor b starts at byte 8"),
+        ({"a": {"dtype": "F32", "shape": [1]}}, b"\0" * 4, "malformed safetensors entry for tensor a"),
+    ],
+)
+def test_safetensors_header_problems_are_one_line(tmp_path, header, data, needle):
+    file = tmp_path / "model.safetensors"
+    raw_safetensors(file, header, data)
+    with pytest.raises(CheckpointError) as err:
+        read_header(file)
+    assert needle in str(err.value) and str(file) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_truncated_anywhere_is_refused_by_name(tmp_path):
+    """An interrupted download cut inside the data, inside the header, or inside the length prefix."""
+    path = write_tiny_checkpoint(tmp_path / "g3", "gemma3")
+    file = path / "model.safetensors"
+    whole = file.read_bytes()
+    header_end = 8 + int.from_bytes(whole[:8], "little")
+    for keep, needle in ((len(whole) - 1, "truncated"), (header_end - 5, "truncated"), (5, "too short")):
+        file.write_bytes(whole[:keep])
+        for call in (check_checkpoint, lambda p: load_model(p, progress=False)):
+            with pytest.raises(CheckpointError) as err:
+                call(path)
+            assert needle in str(err.value) and str(file) in str(err.value), (keep, str(err.value))
+
+
+def test_truncated_shard_of_a_sharded_checkpoint_is_named(gemma2_dir, tmp_path):
+    sharded = save_hf(gemma2_dir[1], tmp_path / "sharded", max_shard_size="200KB")
+    shard = sorted(sharded.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-64])
+    with pytest.raises(CheckpointError, match="truncated") as err:
+        check_checkpoint(sharded)
+    assert shard.name in str(err.value)
+
+
+def test_missing_directory_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="no such directory") as err:
+        check_checkpoint(tmp_path / "nope")
+    assert str(tmp_path / "nope") in str(err.value)
