@@ -297,3 +297,16 @@ def test_truncated_checkpoint_through_the_real_entry_point(tiny4, tmp_path):
     result = _cli("token-match", "--model", str(path))
     assert result.returncode == 2 and result.stdout == ""
     assert len(result.stderr.splitlines()) == 1 and "truncated" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("name, text", [("tokenizer.json", '{"model": '), ("tokenizer.json", "{}"),
+                                        ("tokenizer_config.json", '{"bos_token": 3')])
+def test_unreadable_tokenizer_files_are_one_line(name, text, tiny4, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad-tokenizer"
+    shutil.copytree(tiny4, bad)
+    (bad / name).write_text(text)
+    code, out, err = run(["token-match", "--model", str(bad), "--max-new-tokens", "2"], capsys)
+    assert code == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith("error: ") and str(bad / name) in err and "re-download" in err

@@ -13,9 +13,19 @@ class TextTokenizer:
         from tokenizers import Tokenizer
 
         root = Path(model_dir)
-        self.tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
+        path = root / "tokenizer.json"
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as err:  # the tokenizers library raises bare Exception for unreadable files
+            raise InputError(f"{path}: not a tokenizer the `tokenizers` library can read ({err}); re-download it, "
+                             "or delete it and give token-id prompts") from None
         settings_path = root / "tokenizer_config.json"
-        settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+        try:
+            settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+        except json.JSONDecodeError as err:
+            raise InputError(f"{settings_path}: not valid JSON ({err}); fix or re-download the file") from None
+        if not isinstance(settings, dict):
+            raise InputError(f"{settings_path}: expected a JSON object; fix or re-download the file")
         bos = settings.get("bos_token")
         bos = bos.get("content") if isinstance(bos, dict) else bos
         self.bos_id = self.tokenizer.token_to_id(bos) if bos and settings.get("add_bos_token", False) else None
