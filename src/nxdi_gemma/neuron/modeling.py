@@ -217,16 +217,18 @@ class NeuronGemmaForCausalLM(NeuronBaseForCausalLM):
         asks whether positions start at 0, which every chunk after the first does not."""
         return position_ids.shape[-1] > 1
 
-    def forward(self, input_ids=None, seq_ids=None, attention_mask=None, position_ids=None, **kwargs):
+    def forward(self, input_ids=None, seq_ids=None, attention_mask=None, position_ids=None, *args, **kwargs):
         """NxDI's forward, with prompts longer than `prefill_chunk_size` run as consecutive chunks through the one
         context-encoding graph (each chunk attends the cache the previous ones wrote). Host code, not traced."""
         chunk = self.neuron_config.prefill_chunk_size
-        if input_ids is None or input_ids.shape[-1] <= chunk:
-            return super().forward(input_ids=input_ids, seq_ids=seq_ids, attention_mask=attention_mask,
-                                   position_ids=position_ids, **kwargs)
+        if not isinstance(input_ids, torch.Tensor) or input_ids.shape[-1] <= chunk:
+            return super().forward(input_ids, seq_ids, attention_mask, position_ids, *args, **kwargs)
         batch, length = input_ids.shape
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            # What NxDI infers for the whole prompt (vllm-neuron passes positions only): token i is real iff its
+            # position is >= i.
+            attention_mask = (torch.ones_like(input_ids) if position_ids is None else
+                              (position_ids >= torch.arange(length)[None, :]).to(position_ids.dtype))
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         starts = list(range(0, length, chunk))
@@ -235,9 +237,8 @@ class NeuronGemmaForCausalLM(NeuronBaseForCausalLM):
         last_token = attention_mask.long().sum(-1) - 1  # per sequence
         combined = None
         for begin, end in zip(starts, [*starts[1:], length], strict=True):
-            out = super().forward(input_ids=input_ids[:, begin:end], seq_ids=seq_ids,
-                                  attention_mask=attention_mask[:, begin:end],
-                                  position_ids=position_ids[:, begin:end], **kwargs)
+            out = super().forward(input_ids[:, begin:end], seq_ids, attention_mask[:, begin:end],
+                                  position_ids[:, begin:end], *args, **kwargs)
             # Each sequence's next-token output comes from the chunk holding its last prompt token.
             mine = (last_token >= begin) & (last_token < end)
             combined = out if combined is None else _select_rows(combined, out, mine)
