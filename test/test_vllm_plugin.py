@@ -107,24 +107,86 @@ def test_checkpoint_hf_overrides_and_command_line(tmp_path, capsys):
 # ------------------------------------------------------------------------------------- transformers config classes
 
 
-def test_register_configs_registers_exactly_the_missing_types():
-    calls: list[tuple[str, type]] = []
-    known_457 = {"gemma", "gemma2", "gemma3", "gemma3_text", "llama"}  # transformers 4.57: no Gemma 4
-    added = vllm_plugin.register_configs(lambda t, cls: calls.append((t, cls)), known_457)
-    assert added == ["gemma4", "gemma4_text"]
-    assert [t for t, _ in calls] == ["gemma4", "gemma4_text"]
+class _Gemma3TextConfig457:
+    """Stands for transformers 4.57's Gemma3TextConfig: legacy RoPE keywords, no rope_parameters."""
+
+    def __init__(self, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, rope_scaling=None, **kwargs):
+        pass
+
+
+class _Gemma3TextConfig5:
+    def __init__(self, rope_parameters=None, **kwargs):
+        pass
+
+
+def test_register_configs_under_transformers_457():
+    calls: list[tuple[str, type, bool]] = []
+    mapping_457 = {"gemma": Other, "gemma2": Other, "gemma3": Other, "gemma3_text": _Gemma3TextConfig457,
+                   "llama": Other}  # no Gemma 4; Gemma 3 classes without rope_parameters
+    added = vllm_plugin.register_configs(lambda t, cls, exist_ok=False: calls.append((t, cls, exist_ok)), mapping_457)
+    assert [t for t, _, _ in calls] == ["gemma3", "gemma3_text", "gemma4", "gemma4_text"]
+    assert all(exist_ok for _, _, exist_ok in calls)
+    assert added == [cls for _, cls, _ in calls]
     pytest.importorskip("transformers")
-    for model_type, cls in calls:
-        assert cls is vllm_plugin.gemma_config_class(model_type) and cls.model_type == model_type
+    assert added == [vllm_plugin.gemma3_rope_config_class("gemma3"), vllm_plugin.gemma3_rope_config_class("gemma3_text"),
+                     vllm_plugin.gemma_config_class("gemma4"), vllm_plugin.gemma_config_class("gemma4_text")]
+    assert [cls.model_type for cls in added] == ["gemma3", "gemma3_text", "gemma4", "gemma4_text"]
+    # A second call (vLLM runs register() in every process, sometimes twice) finds our classes and re-registers none,
+    # but still returns them (their tokenizer mapping is re-applied).
+    mapping_457.update({t: cls for t, cls, _ in calls})
+    assert vllm_plugin.register_configs(lambda *a, **k: pytest.fail(f"registered {a}"), mapping_457) == added
+
+
+def test_register_configs_registers_nothing_under_transformers_5():
+    mapping_5 = {t: Other for t in vllm_plugin.GEMMA_MODEL_KEYS} | {"gemma3_text": _Gemma3TextConfig5}
+    assert vllm_plugin.register_configs(lambda *a, **k: pytest.fail(f"registered {a}"), mapping_5) == []
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if int(transformers.__version__.split(".")[0]) >= 5:  # the installed transformers itself needs nothing
+        assert vllm_plugin.register_configs(lambda *a, **k: pytest.fail(f"registered {a}"), CONFIG_MAPPING) == []
+
+
+def test_register_tokenizers_maps_our_configs_to_the_gemma_tokenizer():
+    calls: list[tuple[type, dict]] = []
+    vllm_plugin.register_tokenizers(lambda cls, **kw: calls.append((cls, kw)), [Dummy, Other], (int, str))
+    assert calls == [(Dummy, {"exist_ok": True, "slow_tokenizer_class": int, "fast_tokenizer_class": str}),
+                     (Other, {"exist_ok": True, "slow_tokenizer_class": int, "fast_tokenizer_class": str})]
+    calls.clear()
+    vllm_plugin.register_tokenizers(lambda cls, **kw: calls.append((cls, kw)), [Dummy], float)  # transformers 5
+    assert calls == [(Dummy, {"exist_ok": True, "tokenizer_class": float})]
+
+
+@pytest.mark.parametrize("kind", ["tiny", "gemma-3-1b", "gemma-3-27b"])
+def test_gemma3_rope_class_gives_transformers_the_same_rope(kind):
+    """The legacy fields our Gemma 3 class writes for transformers 4.x read back, in transformers 5's own
+    conversion of those fields, as exactly the rope_parameters of the original config."""
+    transformers = pytest.importorskip("transformers")
+    if not vllm_plugin.reads_layer_typed_rope(transformers.Gemma3TextConfig):
+        pytest.skip("needs transformers 5 as the reference")
+    from nxdi_gemma.tiny import TINY_CONFIGS
+
+    raw = dict(TINY_CONFIGS["gemma3"]) if kind == "tiny" else public_config(kind)
+    text = raw.get("text_config", raw)
+    legacy = vllm_plugin.legacy_rope_fields(text)
+    if "rope_parameters" in text:
+        assert "rope_parameters" not in legacy and {"rope_theta", "rope_local_base_freq", "rope_scaling"} <= set(legacy)
+    else:
+        assert legacy is text  # Hub-style configs pass unchanged
+    want = transformers.Gemma3TextConfig(**text).rope_parameters
+    assert transformers.Gemma3TextConfig(**legacy).rope_parameters == want
+    assert vllm_plugin.gemma3_rope_config_class("gemma3_text")(**text).rope_parameters == want
+    multimodal = vllm_plugin.gemma3_rope_config_class("gemma3")(text_config=dict(text))
+    assert isinstance(multimodal, transformers.Gemma3Config)  # vLLM's Gemma 3 processor checks this
+    assert multimodal.text_config.rope_parameters == want
 
 
 def test_register_configs_registers_nothing_when_all_are_known():
-    def refuse(model_type, cls):
+    def refuse(model_type, cls, exist_ok=False):
         raise AssertionError(f"registered {model_type}")
 
-    known = set(vllm_plugin.GEMMA_MODEL_KEYS) | {"llama"}
+    known = {t: Other for t in vllm_plugin.GEMMA_MODEL_KEYS} | {"gemma3_text": _Gemma3TextConfig5, "llama": Other}
     assert vllm_plugin.register_configs(refuse, known) == []
-    assert vllm_plugin.register_configs(refuse, iter(known)) == []  # any iterable, e.g. CONFIG_MAPPING.keys()
 
 
 def test_register_architectures_registers_the_stand_in_for_missing_ones():
@@ -225,13 +287,17 @@ def test_register_with_nxdi_wires_model_types_and_configs(monkeypatch):
     monkeypatch.setitem(sys.modules, modeling.__name__, modeling)
     registered: list[str] = []
     monkeypatch.setattr(transformers.AutoConfig, "register", lambda t, cls, exist_ok=False: registered.append(t))
+    tokenizers: list[type] = []
+    monkeypatch.setattr(transformers.AutoTokenizer, "register", lambda cls, **kw: tokenizers.append(cls))
     monkeypatch.delitem(sys.modules, "vllm", raising=False)  # no vLLM: its model registry is left alone
     vllm_plugin.register()
     assert model_types["gemma3"] == {"causal-lm": Dummy} and model_types["gemma4"] == {"causal-lm": Dummy}
     assert model_types["llama"] == {"causal-lm": Other}
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    assert registered == [t for t in vllm_plugin.GEMMA_MODEL_KEYS if t not in CONFIG_MAPPING.keys()]
+    expected = vllm_plugin.register_configs(lambda *a, **k: None, CONFIG_MAPPING)  # [] under transformers 5
+    assert registered == [cls.model_type for cls in expected]
+    assert tokenizers == expected
 
 
 def test_register_with_nxdi_but_broken_modeling_fails_loudly(monkeypatch):

@@ -2,37 +2,50 @@
 
 Declared in pyproject.toml as the `vllm.general_plugins` entry point `nxdi_gemma`; vLLM calls `register()` once in
 every process it starts (API server, engine core, workers, its model-inspection subprocess). Importing this module
-imports nothing from NxDI, vLLM or transformers: those are imported inside `register()` and `gemma_config_class()`.
+imports nothing from NxDI, vLLM or transformers: those are imported inside `register()` and the class factories.
 
-What `register()` does (checked against vllm-neuron 0.2.0 / main a5ef7c8, which pins vLLM 0.11.0):
+Checked against vllm-neuron 0.4.1 (commit 4fac6b7, pins vLLM 0.13.0; Neuron SDK 2.28, NxDI 0.8) and vllm-neuron
+0.5.0 (commit 3afb0a9, pins vLLM 0.16.0; SDK 2.29, NxDI 0.9), both with transformers 4.57 as NxDI pins it; line
+numbers are 0.4.1's (0.5.0's differ by a few lines). What `register()` does:
 
-1. NxDI model classes. vllm-neuron picks the NxDI class from `architectures[0]`
-   (`_get_neuron_model_cls`, vllm_neuron/worker/neuronx_distributed_model_loader.py:639-659): "Gemma3ForCausalLM" and
+1. NxDI model classes. vllm-neuron picks the NxDI class from `architectures[0]` (`_get_neuron_model_cls`,
+   vllm_neuron/worker/neuronx_distributed_model_loader.py:921-978): "Gemma3ForCausalLM" and
    "Gemma3ForConditionalGeneration" -> MODEL_TYPES["gemma3"]["causal-lm"], "Gemma2ForCausalLM" -> ["gemma2"],
-   "Gemma4For..." -> ["gemma4"]. It imports NxDI's MODEL_TYPES by reference (loader.py:39), so `register_models`
+   "Gemma4For..." -> ["gemma4"]. It imports NxDI's MODEL_TYPES by reference (loader.py:42), so `register_models`
    mutates that dict in place: every Gemma key maps to `NeuronGemmaForCausalLM`, replacing NxDI's own gemma3 class.
 
-2. transformers configs. vLLM parses config.json with transformers' AutoConfig. Neuron machines pin transformers
-   4.57, which has no gemma4 / gemma4_text: `register_configs` registers `gemma_config_class(model_type)` for every
-   Gemma model type the installed transformers lacks (none under transformers 5). These classes keep every key and
-   expose the text decoder's fields at top level, because vllm-neuron reads `num_key_value_heads` / `head_dim` from
-   the top level of the hf_config (`_get_model_configs`, loader.py:612-631) and `get_text_config().vocab_size`
-   (loader.py:66). Our NxDI config re-reads config.json itself, so these classes only feed vLLM.
+2. transformers configs (`register_configs`). vLLM parses config.json with transformers' AutoConfig.
+   - gemma4 / gemma4_text: transformers 4.57 has neither, so `gemma_config_class(model_type)` is registered for every
+     Gemma model type the installed transformers lacks (none under transformers 5). These classes keep every key and
+     expose the text decoder's fields at top level, because vllm-neuron reads `num_key_value_heads` / `head_dim`
+     from the top level of the hf_config (`_get_model_configs`, loader.py:895-913) and `get_text_config().vocab_size`
+     (loader.py:75).
+   - gemma3 / gemma3_text: transformers 4.57's Gemma 3 classes do not know `rope_parameters` keyed by layer type (the
+     form transformers 5 writes). They keep it as a plain attribute and set their default rope_theta, and vLLM >= 0.13
+     (`patch_rope_parameters`, vllm/transformers_utils/config.py) then adds that rope_theta into the nested dict and
+     rejects it ("rope_parameters should have a 'rope_type' key"). Where the installed Gemma 3 classes cannot read
+     that form, `gemma3_rope_config_class` subclasses them and rewrites it into the fields those classes read
+     (rope_theta, rope_local_base_freq, rope_scaling) before their own __init__; Hub-style configs pass unchanged.
+   Our NxDI config re-reads config.json itself, so these classes only feed vLLM.
 
-3. vLLM architectures. vLLM refuses architectures its model registry does not know (vLLM 0.11 has no Gemma 4), even
-   though on Neuron it never builds its own model class. On the Neuron platform only, `register_architectures` maps
-   every Gemma architecture vLLM lacks to a text-only stand-in (`VLLM_STAND_IN`, used for inspection only: vllm-neuron
-   builds the NxDI model itself).
+3. transformers tokenizers (`register_tokenizers`). AutoTokenizer finds the tokenizer of a directory whose
+   tokenizer_config.json names no tokenizer_class through TOKENIZER_MAPPING, keyed by config class; a class it does
+   not know raises KeyError (its name). Every config class registered in 2 is mapped to the tokenizer classes the
+   installed transformers uses for Gemma (TOKENIZER_MAPPING[GemmaConfig]).
 
-Multimodal Gemma 3 checkpoints ("Gemma3ForConditionalGeneration") under transformers 4.57: transformers' Gemma3Config
-has no top-level num_key_value_heads / head_dim, so `_get_model_configs` raises "Missing required fields". vllm-neuron
-reads `text_config` instead only for architectures in NEURON_MULTI_MODAL_MODELS (loader.py:620), but membership in
-that list also routes every step to `model.execute_model(...)` (neuronx_distributed_model_runner.py:280-284), which
-only the multimodal wrappers built for Llava / Llama 4 have (loader.py:672-679; a Gemma model is a NeuronCausalLM).
-Adding Gemma to the list would therefore fail at the first step, so this plugin does not touch it. Instead pass the
-text decoder's fields as top-level overrides: `vllm serve ... --hf-overrides "$(python -m
-nxdi_gemma.neuron.vllm_plugin MODEL_DIR)"` (or `LLM(hf_overrides=checkpoint_hf_overrides(MODEL_DIR))`);
-`hf_overrides_for` computes them and scripts/serve_vllm.sh and scripts/offline_inference.py pass them.
+4. vLLM architectures. vLLM refuses architectures its model registry does not know, even though on Neuron it never
+   builds its own model class. On the Neuron platform only, `register_architectures` maps every Gemma architecture
+   vLLM lacks to a text-only stand-in (`VLLM_STAND_IN`, used for inspection only: vllm-neuron builds the NxDI model).
+
+Multimodal Gemma checkpoints ("...ForConditionalGeneration") under transformers 4.57: transformers' Gemma3Config has
+no top-level num_key_value_heads / head_dim, so `_get_model_configs` raises "Missing required fields". vllm-neuron
+reads `text_config` instead only for architectures in NEURON_MULTI_MODAL_MODELS (loader.py:902), but membership in
+that list also routes every step to `model.execute_model(...)` (neuronx_distributed_model_runner.py:749), which only
+vllm-neuron's own multimodal wrappers have (a Gemma model is a NeuronCausalLM). Adding Gemma to the list would fail
+at the first step, so this plugin does not touch it. Instead pass the text decoder's fields as top-level overrides:
+`vllm serve ... --hf-overrides "$(python -m nxdi_gemma.neuron.vllm_plugin MODEL_DIR)"` (or
+`LLM(hf_overrides=checkpoint_hf_overrides(MODEL_DIR))`); scripts/serve_vllm.sh and scripts/offline_inference.py
+pass them.
 
 VLLM_PLUGINS: when set, vLLM loads only the plugins it lists (comma-separated), for general AND platform plugins
 alike (vllm/plugins/__init__.py `load_plugins_by_group`). It must then list both `neuron` (vllm-neuron's platform
@@ -42,10 +55,11 @@ plugin) and `nxdi_gemma`, e.g. VLLM_PLUGINS=neuron,nxdi_gemma. Unset, every inst
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +97,9 @@ _CONFIG_CLASS_NAMES = {
     "gemma4": "Gemma4CompatConfig",
     "gemma4_text": "Gemma4TextCompatConfig",
 }
+# Subclasses of transformers' own Gemma 3 configs that read rope_parameters keyed by layer type (see the docstring).
+_ROPE_CLASS_NAMES = {"gemma3": "Gemma3RopeCompatConfig", "gemma3_text": "Gemma3TextRopeCompatConfig"}
+_TRANSFORMERS_GEMMA3 = {"gemma3": "Gemma3Config", "gemma3_text": "Gemma3TextConfig"}
 
 INSTALL_HINT = (
     "install the Neuron SDK's neuronx-distributed-inference and vllm-neuron "
@@ -195,23 +212,109 @@ def gemma_config_class(model_type: str) -> type:
     return type(name, (PretrainedConfig,), namespace)
 
 
+def legacy_rope_fields(text: dict[str, Any], source: str = "config.json") -> dict[str, Any]:
+    """A Gemma 3 text config dict with `rope_parameters` keyed by layer type (transformers 5) rewritten into the
+    fields transformers 4.x reads: rope_theta (full layers), rope_local_base_freq (sliding layers), rope_scaling (the
+    full layers' scaling, None when default). Values come from our plan, i.e. what NxDI runs. Any other dict is
+    returned unchanged (Hub-style configs)."""
+    from ..config import FULL, SLIDING, plan_from_config
+
+    rope = text.get("rope_parameters")
+    if not isinstance(rope, dict) or not set(rope) & {FULL, SLIDING}:
+        return text
+    plan = plan_from_config({**text, "model_type": "gemma3_text"}, source=source)
+    specs = {layer.attention_type: layer.rope for layer in reversed(plan.layers)}  # the first layer of a type wins
+    legacy = {key: value for key, value in text.items() if key != "rope_parameters"}
+    if FULL in specs:
+        full = specs[FULL]
+        legacy["rope_theta"] = full.theta
+        legacy["rope_scaling"] = None if full.kind == "default" else {"rope_type": full.kind, "factor": full.factor}
+    if SLIDING in specs:
+        legacy["rope_local_base_freq"] = specs[SLIDING].theta
+    return legacy
+
+
+def reads_layer_typed_rope(config_class: type) -> bool:
+    """Whether a transformers config class takes `rope_parameters` (transformers 5's Gemma 3 classes do, 4.x's not)."""
+    return "rope_parameters" in inspect.signature(config_class.__init__).parameters
+
+
+@functools.cache
+def gemma3_rope_config_class(model_type: str) -> type:
+    """A subclass of the installed transformers' Gemma3Config ("gemma3") or Gemma3TextConfig ("gemma3_text") whose
+    __init__ first applies `legacy_rope_fields` (to `text_config` for "gemma3"). isinstance checks against
+    transformers' classes (vLLM's Gemma 3 processor info) still hold; instances pickle by name, as
+    `gemma_config_class`'s do."""
+    if model_type not in _ROPE_CLASS_NAMES:
+        raise KeyError(f"no Gemma 3 RoPE config class for {model_type!r}; known: {', '.join(_ROPE_CLASS_NAMES)}")
+    import transformers
+
+    base = getattr(transformers, _TRANSFORMERS_GEMMA3[model_type])
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if model_type == "gemma3_text":
+            kwargs = legacy_rope_fields(kwargs, source="gemma3_text config")
+        elif isinstance(kwargs.get("text_config"), dict):
+            kwargs["text_config"] = legacy_rope_fields(kwargs["text_config"], source="gemma3 config text_config")
+        base.__init__(self, *args, **kwargs)
+
+    name = _ROPE_CLASS_NAMES[model_type]
+    namespace = {
+        "__module__": __name__,
+        "__qualname__": name,
+        "__doc__": f"transformers' {base.__name__}, reading rope_parameters keyed by layer type (see vllm_plugin).",
+        "__init__": __init__,
+    }
+    return type(name, (base,), namespace)
+
+
 def __getattr__(name: str) -> type:
     """Lets pickle find the config classes by name in a process that has not created them yet."""
     for model_type, class_name in _CONFIG_CLASS_NAMES.items():
         if name == class_name:
             return gemma_config_class(model_type)
+    for model_type, class_name in _ROPE_CLASS_NAMES.items():
+        if name == class_name:
+            return gemma3_rope_config_class(model_type)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def register_configs(register: Callable[[str, type], None], known_model_types: Iterable[str]) -> list[str]:
-    """Register `gemma_config_class(t)` with `register(t, cls)` (AutoConfig.register) for every model type t in
-    GEMMA_MODEL_KEYS that `known_model_types` (the installed transformers' CONFIG_MAPPING keys) lacks. Returns the
-    registered types: ["gemma4", "gemma4_text"] under transformers 4.57, [] under transformers 5."""
-    known = set(known_model_types)
-    missing = [model_type for model_type in GEMMA_MODEL_KEYS if model_type not in known]
-    for model_type in missing:
-        register(model_type, gemma_config_class(model_type))
-    return missing
+def register_configs(register: Callable[..., None], config_mapping: Mapping[str, type]) -> list[type]:
+    """Register our config classes with `register(model_type, cls, exist_ok=True)` (AutoConfig.register), given the
+    installed transformers' CONFIG_MAPPING: `gemma_config_class(t)` for every t in GEMMA_MODEL_KEYS it lacks, and
+    `gemma3_rope_config_class(t)` in place of its Gemma 3 classes when they cannot read rope_parameters keyed by layer
+    type. Returns our classes now in the mapping: Gemma 3's and Gemma 4's under transformers 4.57, none under
+    transformers 5. Idempotent: register() runs more than once per process."""
+    classes: list[type] = []
+    for model_type in GEMMA_MODEL_KEYS:
+        # `in` and [] only: transformers' lazy CONFIG_MAPPING is a dict subclass whose inherited .get() sees nothing.
+        current = config_mapping[model_type] if model_type in config_mapping else None
+        if current is None:
+            cls = gemma_config_class(model_type)
+        elif current.__module__ == __name__:  # registered by an earlier call
+            cls = current
+        elif model_type in _ROPE_CLASS_NAMES and "gemma3_text" in config_mapping \
+                and not reads_layer_typed_rope(config_mapping["gemma3_text"]):  # Gemma3Config nests the text class
+            cls = gemma3_rope_config_class(model_type)
+        else:
+            continue
+        if current is not cls:
+            register(model_type, cls, exist_ok=True)
+        classes.append(cls)
+    return classes
+
+
+def register_tokenizers(register: Callable[..., None], config_classes: Iterable[type], gemma_tokenizer: Any) -> None:
+    """Map every class of `config_classes` to the Gemma tokenizer in transformers' TOKENIZER_MAPPING through
+    `register` (AutoTokenizer.register). `gemma_tokenizer` is TOKENIZER_MAPPING[GemmaConfig]: a (slow, fast) pair in
+    transformers 4.x (either may be None when sentencepiece / tokenizers is missing), one class in transformers 5."""
+    if isinstance(gemma_tokenizer, tuple):
+        slow, fast = gemma_tokenizer
+        kwargs = {"slow_tokenizer_class": slow, "fast_tokenizer_class": fast}
+    else:
+        kwargs = {"tokenizer_class": gemma_tokenizer}
+    for config_class in config_classes:
+        register(config_class, exist_ok=True, **kwargs)
 
 
 def register_architectures(register: Callable[[str, str], None], supported: Iterable[str]) -> list[str]:
@@ -254,19 +357,22 @@ def register() -> None:
 
     register_models(MODEL_TYPES, NeuronGemmaForCausalLM)
 
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
 
-    configs = register_configs(AutoConfig.register, CONFIG_MAPPING.keys())
+    configs = register_configs(AutoConfig.register, CONFIG_MAPPING)
+    register_tokenizers(AutoTokenizer.register, configs, TOKENIZER_MAPPING[CONFIG_MAPPING["gemma"]])
 
     architectures: list[str] = []
     if "vllm" in sys.modules and _on_neuron_platform():
         from vllm import ModelRegistry
 
         architectures = register_architectures(ModelRegistry.register_model, ModelRegistry.get_supported_archs())
-    logger.info("nxdi_gemma vLLM plugin: NxDI MODEL_TYPES %s -> %s; transformers configs added: %s; "
-                "vLLM architectures added: %s", list(GEMMA_MODEL_KEYS), NeuronGemmaForCausalLM.__name__,
-                configs or "none", architectures or "none")
+    logger.info("nxdi_gemma vLLM plugin: NxDI MODEL_TYPES %s -> %s; transformers config classes (with the Gemma "
+                "tokenizer) registered: %s; vLLM architectures added: %s", list(GEMMA_MODEL_KEYS),
+                NeuronGemmaForCausalLM.__name__, [cls.__name__ for cls in configs] or "none",
+                architectures or "none")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,94 @@
+"""One vLLM start in the simulation tier: real vLLM `LLM()` + real vllm-neuron + the project's `nxdi_gemma` plugin,
+NxDI in CPU mode, greedy generation of token-id prompts; writes what happened as JSON.
+
+    python vllm_driver.py SPEC.json OUT.json
+
+Run by test_vllm.py in the tier's environment with vllm_site/ first on PYTHONPATH, NxD and NxDI sources after it,
+and NXDI_GEMMA_SIM_VLLM=1 (so the stand-ins of vllm_standins.py and `standins` are installed at start-up).
+SPEC keys: ckpt, prompts (token-id lists), max_tokens (one per prompt), max_model_len, max_num_seqs, dtype,
+skip_tokenizer_init, hf_overrides (bool: pass the plugin's checkpoint_hf_overrides), override_neuron_config,
+limit_images (bool: limit_mm_per_prompt image 0, for multimodal checkpoints served text-only).
+OUT keys: versions, tokens (per prompt), texts (detokenized, when a tokenizer is loaded), events (stand-in uses),
+closed_calls_while_generating, neuron_config and final_norm_weight (of the loaded NxDI model), model_types (what the plugin registered),
+hf_config_class (what transformers parsed config.json into).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+# The engine core runs in this process, so the stand-in record and the loaded model are visible here.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local checkpoints only
+
+
+def _free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def main(spec_path: str, out_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", _free_port())  # NxD's CPU-mode process group (one rank)
+    import standins
+    import vllm_standins
+
+    if standins.mode() != "cpu" or "vllm_standins" not in sys.modules:
+        raise SystemExit("vllm_driver: the stand-ins are not installed; put test/sim/vllm_site first on PYTHONPATH "
+                         "and set NXDI_GEMMA_SIM_VLLM=1")
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from nxdi_gemma.neuron.vllm_plugin import checkpoint_hf_overrides
+
+    override = {"on_cpu": True, **spec.get("override_neuron_config", {})}
+    kwargs = {}
+    if spec.get("hf_overrides"):
+        kwargs["hf_overrides"] = checkpoint_hf_overrides(spec["ckpt"]) or None
+    if spec.get("limit_images"):
+        kwargs["limit_mm_per_prompt"] = {"image": 0}
+    llm = LLM(model=spec["ckpt"], tensor_parallel_size=1, max_model_len=spec["max_model_len"],
+              max_num_seqs=spec["max_num_seqs"], dtype=spec["dtype"], seed=0, enable_prefix_caching=False,
+              skip_tokenizer_init=spec.get("skip_tokenizer_init", False),
+              additional_config={"override_neuron_config": override}, **kwargs)
+    hf_config = llm.llm_engine.model_config.hf_config
+
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]]
+    # ignore_eos: HF's reference is a plain argmax over max_tokens steps. More prompts than max_num_seqs and
+    # different lengths: slots free up at different steps, so prefills land between other sequences' decodes.
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True,
+                             detokenize=not spec.get("skip_tokenizer_init", False)) for n in spec["max_tokens"]]
+    before = standins.mark()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    closed_calls = standins.calls(since=before)
+
+    from neuronx_distributed_inference.utils.constants import MODEL_TYPES
+
+    model = vllm_standins.MODELS[-1] if vllm_standins.MODELS else None
+    report = {
+        "versions": {name: version(name) for name in ("vllm", "vllm-neuron", "transformers", "torch")},
+        "tokens": [list(out.outputs[0].token_ids) for out in outputs],
+        "texts": [out.outputs[0].text for out in outputs],
+        "events": vllm_standins.EVENTS,
+        "closed_calls_while_generating": closed_calls,
+        "neuron_config": None if model is None else json.loads(model.config.to_json_string())["neuron_config"],
+        # the final norm's weight as the CPU-mode model holds it: w, or 1 + w when fold_norm_offset folds the offset
+        "final_norm_weight": None if model is None else model.models[0].model.state_dict()["norm.weight"].tolist(),
+        "model_class": None if model is None else type(model).__module__ + "." + type(model).__qualname__,
+        "model_types": {key: MODEL_TYPES[key]["causal-lm"].__name__ for key in ("gemma2", "gemma3", "gemma4")},
+        "hf_config_class": type(hf_config).__name__,
+    }
+    Path(out_path).write_text(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))

@@ -1,0 +1,102 @@
+"""What a Neuron machine provides to real vLLM + real vllm-neuron, stood in for the simulation tier (test code only).
+
+Active in every process of a run whose environment has NXDI_GEMMA_SIM_VLLM=1 (installed by vllm_site/sitecustomize.py,
+after the closed-source package stand-ins of `standins`). Each takes effect right after its module is imported:
+
+1. `vllm_neuron._is_neuron_dev` (a glob for /dev/neuron*) answers yes, so vLLM picks vllm-neuron's NeuronPlatform.
+2. NxDI `NeuronApplicationBase.compile(path)` runs only its real first step, `self.config.save(path)` (the
+   neuron_config.json that vllm-neuron's precompiled-load path reads back on the next start); tracing, neuronx-cc
+   and weight sharding need the SDK.
+3. NxDI `NeuronApplicationBase.load(path)` becomes NxDI's own CPU path `self.to_cpu()` (the checkpoint's weights
+   loaded into the CPU-mode model) instead of loading NEFFs onto NeuronCores.
+
+Everything else is the real code: vLLM, vllm-neuron (platform, scheduler, worker, runner, loader with its
+compile-or-load logic), the project's plugin and NxDI classes. `EVENTS` records each stand-in use, and `MODELS` the
+NxDI applications loaded in this process (for the driver's report).
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+EVENTS: list[str] = []
+MODELS: list[Any] = []
+
+
+def _event(message: str) -> None:
+    EVENTS.append(message)
+    print(f"[sim vllm stand-in, pid {os.getpid()}] {message}", file=sys.stderr, flush=True)
+
+
+def _neuron_device_probe(module: ModuleType) -> None:
+    def _is_neuron_dev() -> bool:
+        _event("vllm_neuron._is_neuron_dev -> True")
+        return True
+
+    module._is_neuron_dev = _is_neuron_dev
+
+
+def _application_base(module: ModuleType) -> None:
+    base = module.NeuronApplicationBase
+
+    def compile(self: Any, compiled_model_path: str, *args: Any, **kwargs: Any) -> None:
+        self.config.save(compiled_model_path)
+        _event(f"{type(self).__name__}.compile({compiled_model_path}): saved neuron_config.json only")
+
+    def load(self: Any, compiled_model_path: str, *args: Any, **kwargs: Any) -> None:
+        _event(f"{type(self).__name__}.load({compiled_model_path}): to_cpu()")
+        self.to_cpu()
+        MODELS.append(self)
+
+    base.compile, base.load = compile, load
+
+
+HOOKS: dict[str, Callable[[ModuleType], None]] = {
+    "vllm_neuron": _neuron_device_probe,
+    "neuronx_distributed_inference.models.application_base": _application_base,
+}
+
+
+class _HookedLoader(importlib.abc.Loader):
+    def __init__(self, inner: importlib.abc.Loader, hook: Callable[[ModuleType], None]) -> None:
+        self.inner, self.hook = inner, hook
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self.inner.exec_module(module)
+        self.hook(module)
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    """Finds the hooked modules through the other finders and runs the hook after the module body."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        hook = HOOKS.get(fullname)
+        if hook is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _HookedLoader(spec.loader, hook)
+                return spec
+        return None
+
+
+def install() -> None:
+    """Idempotent. Must run before vllm_neuron and NxDI are imported (modules already loaded are not hooked)."""
+    already = [name for name in HOOKS if name in sys.modules]
+    if already:
+        raise RuntimeError(f"vllm_standins.install(): {already} imported before the stand-ins; install them first")
+    if not any(isinstance(finder, _PostImportFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _PostImportFinder())
