@@ -2,16 +2,14 @@
 Hugging Face's on every Gemma family and config form, offline (`LLM()`), after a restart from saved artifacts, and
 over HTTP through scripts/serve_vllm.sh.
 
-Runs in the simulation tier's environment (vLLM 0.13.0 + vllm-neuron 0.4.1 for SDK 2.28, transformers 4.57, NxD and
-NxDI sources; see scripts/sim_env.sh). Each vLLM start is a subprocess (vllm_driver.py, or `vllm serve`) whose
-processes start with vllm_site/sitecustomize.py: the tier's closed-source stand-ins plus vllm_standins.py (the
-/dev/neuron probe says yes; NxDI compile() only saves neuron_config.json; load() is NxDI's CPU path to_cpu()). The
-HF goldens come from the reference Python (NXDI_GEMMA_REFERENCE_PYTHON, transformers >= 5) through
-vllm_fixtures.py. TP 1: vllm-neuron drives every core from one process, while NxDI CPU mode needs a process per rank.
-
-Environment: NXDI_SOURCES (default ../shared/nxdi-src beside the repository) and NXDI_GEMMA_SIM_RELEASE (default
-sdk-2.28) select the NxD / NxDI trees; NXDI_GEMMA_REFERENCE_PYTHON the HF reference; NXDI_GEMMA_SIM_VLLM_WORK
-(optional) a folder to keep checkpoints and goldens between runs.
+Runs in the simulation tier's environment (vLLM 0.13.0 + vllm-neuron 0.4.1 as Neuron SDK 2.28 ships them,
+transformers 4.57; scripts/sim_env.sh) with the NxD / NxDI trees of NXDI_GEMMA_SIM_VLLM_RELEASE (default sdk-2.28;
+the tier's `sim` fixture finds them under NXDI_SOURCES). Each vLLM start is a subprocess (vllm_driver.py, or
+`vllm serve`) whose processes start with vllm_site/sitecustomize.py: the tier's closed-source stand-ins plus
+vllm_standins.py (the /dev/neuron probe says yes; NxDI compile() only saves neuron_config.json; load() is NxDI's
+CPU path to_cpu()). Checkpoints and HF goldens come from the tier's make_goldens.py in the reference Python
+(NXDI_GEMMA_REFERENCE_PYTHON). TP 1: vllm-neuron drives every core from one process, while NxDI CPU mode needs one
+process per rank. vLLM starts are slow, so each start generates all six prompts and cases share starts.
 """
 
 from __future__ import annotations
@@ -34,8 +32,11 @@ import pytest
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 SITE = HERE / "vllm_site"
+RELEASE = os.environ.get("NXDI_GEMMA_SIM_VLLM_RELEASE", "sdk-2.28")
 MAX_MODEL_LEN = 128
 MAX_NUM_SEQS = 4  # fewer than the 6 prompts: sequences join and leave the batch while others decode
+PROMPT_LENGTHS = [3, 9, 17, 26, 33, 40]  # the tiny models' sliding window is 8
+NEW_TOKENS = 16
 START_TIMEOUT = 900
 
 
@@ -45,133 +46,169 @@ def _missing() -> str | None:
         try:
             version(package)
         except PackageNotFoundError:
-            return f"{package} is not installed in this environment (build the tier's environment: scripts/sim_env.sh)"
+            return f"{package} is not installed in this environment (run the tier in the venv of scripts/sim_env.sh)"
     if not any(ep.name == "nxdi_gemma" for ep in entry_points(group="vllm.general_plugins")):
-        return "the nxdi_gemma vLLM plugin is not installed here (pip install --no-deps -e . in the tier's environment)"
-    if not _nxdi_src("neuronx-distributed-inference").is_dir():
-        return (f"no NxDI source at {_nxdi_src('neuronx-distributed-inference')}: set NXDI_SOURCES to a folder laid out "
-                "like ../shared/nxdi-src (<release>/neuronx-distributed[-inference]/src)")
-    reference = os.environ.get("NXDI_GEMMA_REFERENCE_PYTHON")
-    if not reference or not Path(reference).exists():
-        return "set NXDI_GEMMA_REFERENCE_PYTHON to a Python with transformers >= 5 and the project (HF goldens)"
+        return "the nxdi_gemma vLLM plugin is not installed here (pip install --no-deps -e . in the tier's venv)"
     return None
-
-
-def _nxdi_src(repo: str) -> Path:
-    sources = Path(os.environ.get("NXDI_SOURCES") or ROOT.parent / "shared" / "nxdi-src")
-    return sources / os.environ.get("NXDI_GEMMA_SIM_RELEASE", "sdk-2.28") / repo / "src"
 
 
 pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
 
 
-def _env(**extra: str) -> dict[str, str]:
-    path = [str(SITE), str(_nxdi_src("neuronx-distributed")), str(_nxdi_src("neuronx-distributed-inference"))]
-    env = dict(os.environ, NXDI_GEMMA_SIM_VLLM="1", NXDI_GEMMA_SIM_MODE="cpu", HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join(path + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+def _checkpoints() -> dict[str, dict]:
+    """config.json of every case (weights: nxdi_gemma.tiny.random_weights, seed 0, named as each class stores them)."""
+    from nxdi_gemma.tiny import TINY_CONFIGS
+
+    def text(kind: str, **changes: object) -> dict:
+        return {**{k: v for k, v in TINY_CONFIGS[kind].items() if k != "architectures"}, **changes}
+
+    gemma3 = TINY_CONFIGS["gemma3"]
+    full, sliding = gemma3["rope_parameters"]["full_attention"], gemma3["rope_parameters"]["sliding_attention"]
+    assert (full["rope_type"], sliding["rope_type"]) == ("linear", "default")
+    # The transformers-4 RoPE fields of Gemma 3 checkpoints on the Hub, for the same RoPE.
+    hub = {k: v for k, v in gemma3.items() if k != "rope_parameters"}
+    hub.update(rope_theta=full["rope_theta"], rope_local_base_freq=sliding["rope_theta"],
+               rope_scaling={"rope_type": "linear", "factor": full["factor"]})
+    return {
+        "gemma2": TINY_CONFIGS["gemma2"],
+        "gemma3": gemma3,  # rope_parameters keyed by layer type, as transformers 5 saves it
+        "gemma3hub": hub,
+        # `nxdi-gemma make-tiny --kind gemma4`: text-only Gemma4ForCausalLM with MoE, PLE, KV sharing, K=V
+        "gemma4moe": TINY_CONFIGS["gemma4"],
+        # dense Gemma 4 in the multimodal layout of the Hub's Gemma 4 checkpoints (weights under model.language_model.)
+        "gemma4mm": {
+            "model_type": "gemma4", "architectures": ["Gemma4ForConditionalGeneration"], "initializer_range": 0.2,
+            "tie_word_embeddings": True,
+            "text_config": text("gemma4", model_type="gemma4_text", enable_moe_block=False, num_experts=None,
+                                top_k_experts=None, moe_intermediate_size=None),
+        },
+        # multimodal Gemma 3 (text served; weights under language_model.model.), transformers-5 RoPE in text_config
+        "gemma3mm": {
+            "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"], "initializer_range": 0.2,
+            "tie_word_embeddings": True, "text_config": text("gemma3"),
+            "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                              "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
+            "mm_tokens_per_image": 4, "boi_token_index": 261, "eoi_token_index": 262, "image_token_index": 263,
+        },
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cases(sim) -> dict[str, dict]:
+    """name -> {"ckpt", "prompts", "tokens" (HF's), "max_tokens" (per prompt), "transformers"}. Every checkpoint gets
+    the byte tokenizer.json and no tokenizer_config.json, so transformers must find the tokenizer class from the
+    config class (what failed for Gemma 4 before the plugin registered it)."""
+    from nxdi_gemma.tiny import byte_tokenizer_json
+
+    sim.need(RELEASE)
+    specs = {f"vllm_{name}": {"config": config, "seed": 0, "prompt_lengths": PROMPT_LENGTHS, "prompt_seed": 2026,
+                              "new_tokens": NEW_TOKENS} for name, config in _checkpoints().items()}
+    out = {}
+    for name, case_dir in sim.goldens(specs).items():
+        golden = json.loads((case_dir / "golden.json").read_text())
+        tokenizer = case_dir / "ckpt" / "tokenizer.json"
+        if not tokenizer.exists():
+            tokenizer.write_text(byte_tokenizer_json())
+        out[name.removeprefix("vllm_")] = {
+            "ckpt": case_dir / "ckpt", "prompts": golden["prompts"], "tokens": golden["tokens"],
+            "transformers": golden["transformers"],
+            # different lengths: slots free up at different steps, so prefills land between other decodes
+            "max_tokens": [NEW_TOKENS if i % 2 == 0 else NEW_TOKENS - 5 * i // 2 for i in range(len(PROMPT_LENGTHS))],
+        }
+    return out
+
+
+def _env(sim, **extra: str) -> dict[str, str]:
+    """The tier's environment for NxDI of RELEASE, with vllm_site first (its sitecustomize replaces the stand-ins'
+    own and adds vllm_standins)."""
+    env = sim.env(RELEASE, "cpu")
+    env.update(PYTHONPATH=os.pathsep.join([str(SITE), env["PYTHONPATH"]]), NXDI_GEMMA_SIM_VLLM="1", HF_HUB_OFFLINE="1")
     for name in ("VLLM_PLUGINS", "NEURON_COMPILED_ARTIFACTS", "MASTER_PORT"):
         env.pop(name, None)
     env.update(extra)
     return env
 
 
-@pytest.fixture(scope="module")
-def fixtures(tmp_path_factory) -> Path:
-    """Checkpoints and HF goldens, made once by the reference Python."""
-    work = os.environ.get("NXDI_GEMMA_SIM_VLLM_WORK")
-    out = Path(work) if work else tmp_path_factory.mktemp("vllm-fixtures")
-    run = subprocess.run([os.environ["NXDI_GEMMA_REFERENCE_PYTHON"], str(HERE / "vllm_fixtures.py"), str(out)],
-                         capture_output=True, text=True, timeout=1800)
-    assert run.returncode == 0, f"vllm_fixtures.py failed:\n{run.stdout}\n{run.stderr[-4000:]}"
-    return out
-
-
-def _golden(fixtures: Path, name: str) -> dict:
-    golden = json.loads((fixtures / f"{name}.golden.json").read_text())
-    n_new = len(golden["tokens"][0])
-    golden["max_tokens"] = [n_new if i % 2 == 0 else max(1, n_new - 5 * i) for i in range(len(golden["prompts"]))]
-    return golden
-
-
-def _drive(tmp_path: Path, fixtures: Path, name: str, artifacts: Path | None = None, **spec: object) -> dict:
-    """One `LLM()` start on checkpoint `name` generating every golden prompt; returns the driver's report after
-    asserting that vLLM's tokens equal HF's on every prompt and that no closed-source stand-in ran while generating."""
-    golden = _golden(fixtures, name)
-    spec = {"ckpt": str(fixtures / name), "prompts": golden["prompts"], "max_tokens": golden["max_tokens"],
+def _drive(sim, tmp_path: Path, case: dict, name: str, artifacts: Path | None = None, **spec: object) -> dict:
+    """One `LLM()` start generating every prompt of `case`; returns the driver's report after asserting that vLLM's
+    tokens equal HF's on every prompt and that no closed-source stand-in ran while generating."""
+    spec = {"ckpt": str(case["ckpt"]), "prompts": case["prompts"], "max_tokens": case["max_tokens"],
             "max_model_len": MAX_MODEL_LEN, "max_num_seqs": MAX_NUM_SEQS, "dtype": "float32", **spec}
-    spec_path, out_path = tmp_path / f"{name}.spec.json", tmp_path / f"{name}.out.json"
+    tag = f"{name}-{len(list(tmp_path.glob('*.spec.json')))}"
+    spec_path, out_path = tmp_path / f"{tag}.spec.json", tmp_path / f"{tag}.out.json"
     spec_path.write_text(json.dumps(spec))
-    out_path.unlink(missing_ok=True)
-    env = _env(NEURON_COMPILED_ARTIFACTS=str(artifacts or tmp_path / f"{name}-artifacts"))
+    env = _env(sim, NEURON_COMPILED_ARTIFACTS=str(artifacts or tmp_path / f"{tag}-artifacts"))
     run = subprocess.run([sys.executable, str(HERE / "vllm_driver.py"), str(spec_path), str(out_path)], env=env,
-                         capture_output=True, text=True, timeout=START_TIMEOUT)
+                         cwd=tmp_path, capture_output=True, text=True, timeout=START_TIMEOUT)
     assert run.returncode == 0 and out_path.exists(), f"vLLM run on {name} failed:\n{run.stderr[-6000:]}"
     report = json.loads(out_path.read_text())
-    want = [tokens[:n] for tokens, n in zip(golden["tokens"], golden["max_tokens"], strict=True)]
-    assert report["tokens"] == want, f"{name}: vLLM greedy tokens differ from HF {golden['transformers']}"
+    print(f"{name}: vLLM {report['versions']['vllm']}, vllm-neuron {report['versions']['vllm-neuron']}, NxDI {RELEASE}, "
+          f"{report['seconds']}")
+    want = [tokens[:n] for tokens, n in zip(case["tokens"], case["max_tokens"], strict=True)]
+    assert report["tokens"] == want, f"{name}: vLLM greedy tokens differ from HF {case['transformers']}"
     assert report["closed_calls_while_generating"] == []
     assert set(report["model_types"].values()) == {"NeuronGemmaForCausalLM"}
     assert report["model_class"] == "nxdi_gemma.neuron.modeling.NeuronGemmaForCausalLM"
     return report
 
 
-def _final_norm(fixtures: Path, name: str) -> list[float]:
+def _final_norm(case: dict) -> list[float]:
     """HF's final-norm weight w of a checkpoint (Gemma 2/3 norms compute x * (1 + w))."""
     from safetensors import safe_open
 
-    with safe_open(str(fixtures / name / "model.safetensors"), "pt") as weights:
+    with safe_open(str(case["ckpt"] / "model.safetensors"), "pt") as weights:
         return weights.get_tensor("model.norm.weight").tolist()
 
 
-def test_gemma2(tmp_path, fixtures):
-    report = _drive(tmp_path, fixtures, "gemma2")
+def test_gemma2(sim, tmp_path, cases):
+    report = _drive(sim, tmp_path, cases["gemma2"], "gemma2")
     assert report["versions"]["transformers"].startswith("4.")  # the tier runs what NxDI pins
     assert all(text for text in report["texts"])  # the byte tokenizer decoded every continuation
     assert report["neuron_config"]["fold_norm_offset"] is False  # default: HF's w kept, 1 added at run time
-    assert report["final_norm_weight"] == _final_norm(fixtures, "gemma2")
+    assert report["final_norm_weight"] == _final_norm(cases["gemma2"])
 
 
 @pytest.mark.parametrize("name", ["gemma3", "gemma3hub"])
-def test_gemma3_transformers5_and_hub_configs(tmp_path, fixtures, name):
+def test_gemma3_transformers5_and_hub_configs(sim, tmp_path, cases, name):
     """Same weights and RoPE: rope_parameters keyed by layer type (what transformers 5 saves, which vLLM >= 0.13
     rejects under transformers 4.57 unless the plugin rewrites it) and the Hub's rope_theta / rope_local_base_freq /
     rope_scaling fields."""
-    report = _drive(tmp_path, fixtures, name)
+    report = _drive(sim, tmp_path, cases[name], name)
     assert report["hf_config_class"] == "Gemma3TextRopeCompatConfig"
 
 
-def test_gemma4_moe_with_tokenizer_then_restart_from_artifacts(tmp_path, fixtures):
+def test_gemma4_moe_with_tokenizer_then_restart_from_artifacts(sim, tmp_path, cases):
     """`make-tiny --kind gemma4` (MoE, PLE, KV sharing, K=V), whose directory names no tokenizer class: the first
     start loads the tokenizer through the config class the plugin registered and "compiles" into the artifacts
     folder; the second start, without a tokenizer, goes through vllm-neuron's precompiled-load path."""
     artifacts = tmp_path / "artifacts"
-    first = _drive(tmp_path, fixtures, "gemma4moe", artifacts=artifacts)
+    first = _drive(sim, tmp_path, cases["gemma4moe"], "gemma4moe", artifacts=artifacts)
     assert first["hf_config_class"] == "Gemma4TextCompatConfig"
     assert all(text for text in first["texts"])
     assert any(".compile(" in event for event in first["events"])
     assert (artifacts / "neuron_config.json").is_file()
-    second = _drive(tmp_path, fixtures, "gemma4moe", artifacts=artifacts, skip_tokenizer_init=True)
+    second = _drive(sim, tmp_path, cases["gemma4moe"], "gemma4moe", artifacts=artifacts, skip_tokenizer_init=True)
     assert not any(".compile(" in event for event in second["events"])  # loaded, not compiled again
     assert any(".load(" in event for event in second["events"])
 
 
 @pytest.mark.parametrize("name", ["gemma4mm", "gemma3mm"])
-def test_multimodal_checkpoints_with_hf_overrides(tmp_path, fixtures, name):
+def test_multimodal_checkpoints_with_hf_overrides(sim, tmp_path, cases, name):
     """Gemma4ForConditionalGeneration (dense) and Gemma3ForConditionalGeneration (transformers-5 RoPE in
     text_config), served text-only with the plugin's hf_overrides, as scripts/serve_vllm.sh passes them."""
-    report = _drive(tmp_path, fixtures, name, hf_overrides=True, limit_images=True)
+    report = _drive(sim, tmp_path, cases[name], name, hf_overrides=True, limit_images=True)
     assert report["hf_config_class"] == {"gemma4mm": "Gemma4CompatConfig", "gemma3mm": "Gemma3RopeCompatConfig"}[name]
 
 
-def test_override_neuron_config_reaches_the_built_model(tmp_path, fixtures):
+def test_override_neuron_config_reaches_the_built_model(sim, tmp_path, cases):
     """`additional_config={"override_neuron_config": {"fold_norm_offset": true}}` (vllm-neuron's channel) builds the
     model with Gemma's +1 folded into the norm weights (test_gemma2 shows the default keeps HF's w); float32 gives
     the same tokens either way."""
     import torch
 
-    report = _drive(tmp_path, fixtures, "gemma2", override_neuron_config={"fold_norm_offset": True})
+    report = _drive(sim, tmp_path, cases["gemma2"], "gemma2", override_neuron_config={"fold_norm_offset": True})
     assert report["neuron_config"]["fold_norm_offset"] is True
-    assert report["final_norm_weight"] == (torch.tensor(_final_norm(fixtures, "gemma2")) + 1.0).tolist()
+    assert report["final_norm_weight"] == (torch.tensor(_final_norm(cases["gemma2"])) + 1.0).tolist()
 
 
 def _free_port() -> int:
@@ -186,15 +223,14 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
-def test_serve_script_over_http(tmp_path, fixtures):
+def test_serve_script_over_http(sim, tmp_path, cases):
     """scripts/serve_vllm.sh (`vllm serve` with the settings the README documents) on 127.0.0.1, the six prompts
     sent concurrently to /v1/completions as token ids: HF's greedy tokens on every one."""
-    name = "gemma3"
-    golden = _golden(fixtures, name)
+    case = cases["gemma3"]
     bash, vllm = shutil.which("bash"), Path(sys.executable).parent / "vllm"
     assert bash and vllm.exists(), "bash and the vllm command of this environment are needed"
     port = _free_port()
-    env = _env(MODEL=str(fixtures / name), TP="1", MAX_MODEL_LEN=str(MAX_MODEL_LEN), MAX_NUM_SEQS=str(MAX_NUM_SEQS),
+    env = _env(sim, MODEL=str(case["ckpt"]), TP="1", MAX_MODEL_LEN=str(MAX_MODEL_LEN), MAX_NUM_SEQS=str(MAX_NUM_SEQS),
                DTYPE="float32", OVERRIDE_NEURON_CONFIG='{"on_cpu": true}', HOST="127.0.0.1", PORT=str(port),
                PYTHON=sys.executable, PATH=f"{vllm.parent}{os.pathsep}{os.environ['PATH']}")
     log = (tmp_path / "serve.log").open("w")
@@ -214,12 +250,12 @@ def test_serve_script_over_http(tmp_path, fixtures):
                 time.sleep(2)
 
         def complete(i: int) -> list[int]:
-            body = {"model": str(fixtures / name), "prompt": golden["prompts"][i], "temperature": 0,
-                    "max_tokens": golden["max_tokens"][i], "ignore_eos": True, "return_token_ids": True}
+            body = {"model": str(case["ckpt"]), "prompt": case["prompts"][i], "temperature": 0,
+                    "max_tokens": case["max_tokens"][i], "ignore_eos": True, "return_token_ids": True}
             return _post(f"{base}/v1/completions", body)["choices"][0]["token_ids"]
 
-        with concurrent.futures.ThreadPoolExecutor(len(golden["prompts"])) as pool:
-            got = list(pool.map(complete, range(len(golden["prompts"]))))
+        with concurrent.futures.ThreadPoolExecutor(len(case["prompts"])) as pool:
+            got = list(pool.map(complete, range(len(case["prompts"]))))
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -228,7 +264,7 @@ def test_serve_script_over_http(tmp_path, fixtures):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
-    want = [tokens[:n] for tokens, n in zip(golden["tokens"], golden["max_tokens"], strict=True)]
+    want = [tokens[:n] for tokens, n in zip(case["tokens"], case["max_tokens"], strict=True)]
     assert got == want
     served_log = (tmp_path / "serve.log").read_text()
     assert "vllm_neuron._is_neuron_dev -> True" in served_log  # served by vllm-neuron's platform, stand-ins active

@@ -10,7 +10,7 @@ skip_tokenizer_init, hf_overrides (bool: pass the plugin's checkpoint_hf_overrid
 limit_images (bool: limit_mm_per_prompt image 0, for multimodal checkpoints served text-only).
 OUT keys: versions, tokens (per prompt), texts (detokenized, when a tokenizer is loaded), events (stand-in uses),
 closed_calls_while_generating, neuron_config and final_norm_weight (of the loaded NxDI model), model_types (what the plugin registered),
-hf_config_class (what transformers parsed config.json into).
+hf_config_class (what transformers parsed config.json into), seconds (start, generate).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import json
 import os
 import socket
 import sys
+import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -55,11 +56,13 @@ def main(spec_path: str, out_path: str) -> int:
         kwargs["hf_overrides"] = checkpoint_hf_overrides(spec["ckpt"]) or None
     if spec.get("limit_images"):
         kwargs["limit_mm_per_prompt"] = {"image": 0}
+    started = time.monotonic()
     llm = LLM(model=spec["ckpt"], tensor_parallel_size=1, max_model_len=spec["max_model_len"],
               max_num_seqs=spec["max_num_seqs"], dtype=spec["dtype"], seed=0, enable_prefix_caching=False,
               skip_tokenizer_init=spec.get("skip_tokenizer_init", False),
               additional_config={"override_neuron_config": override}, **kwargs)
     hf_config = llm.llm_engine.model_config.hf_config
+    ready = time.monotonic()
 
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]]
     # ignore_eos: HF's reference is a plain argmax over max_tokens steps. More prompts than max_num_seqs and
@@ -69,6 +72,7 @@ def main(spec_path: str, out_path: str) -> int:
     before = standins.mark()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     closed_calls = standins.calls(since=before)
+    done = time.monotonic()
 
     from neuronx_distributed_inference.utils.constants import MODEL_TYPES
 
@@ -85,6 +89,7 @@ def main(spec_path: str, out_path: str) -> int:
         "model_class": None if model is None else type(model).__module__ + "." + type(model).__qualname__,
         "model_types": {key: MODEL_TYPES[key]["causal-lm"].__name__ for key in ("gemma2", "gemma3", "gemma4")},
         "hf_config_class": type(hf_config).__name__,
+        "seconds": {"start": round(ready - started, 1), "generate": round(done - ready, 1)},
     }
     Path(out_path).write_text(json.dumps(report))
     return 0
