@@ -1,7 +1,10 @@
 """vLLM offline inference on AWS Neuron with nxdi_gemma's NxDI classes: greedy completions of the code prompts.
 
-UNTESTED ON NEURON HARDWARE: written against vllm-neuron 0.2.0 (main a5ef7c8, vLLM 0.11.0) and NxDI 0.8 / 0.9
-(Neuron SDK 2.28 / 2.29) by reading their source; nobody has run it on Trainium/Inferentia yet.
+UNTESTED ON NEURON HARDWARE. For vllm-neuron 0.4.1 + vLLM 0.13.0 (Neuron SDK 2.28, NxDI 0.8) and vllm-neuron 0.5.0 +
+vLLM 0.16.0 (SDK 2.29, NxDI 0.9), vllm-neuron installed from source at the SDK's release (the PyPI `vllm-neuron` is an
+empty placeholder; see README "Serving with vLLM on Neuron"). The same LLM(...) settings run in the simulation tier
+(test/sim/test_vllm.py: real vLLM 0.13.0 + vllm-neuron 0.4.1, NxDI in CPU mode); nobody has run this on
+Trainium/Inferentia yet.
 
     python scripts/offline_inference.py --model /data/gemma-3-12b-it --tp 8 --max-model-len 4096 --max-num-seqs 4
 
@@ -88,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from vllm import LLM, SamplingParams
     except ImportError as error:
-        print(f"error: vLLM is not importable ({error}); on a Neuron instance install vllm-neuron "
-              "(https://github.com/vllm-project/vllm-neuron), which installs vLLM 0.11", file=sys.stderr)
+        print(f"error: vLLM is not importable ({error}); on a Neuron instance install vllm-neuron from source at "
+              "your SDK's release (0.4.1 with vLLM 0.13.0 for SDK 2.28, 0.5.0 with vLLM 0.16.0 for SDK 2.29; the PyPI "
+              "package is a placeholder): see README 'Serving with vLLM on Neuron'", file=sys.stderr)
         return 2
 
     print(f"compiled artifacts: {os.environ['NEURON_COMPILED_ARTIFACTS']}; VLLM_PLUGINS={os.environ['VLLM_PLUGINS']}; "

@@ -2,8 +2,11 @@
 # OpenAI-compatible vLLM server for a Gemma 2/3/4 checkpoint on AWS Neuron, through vllm-neuron and nxdi_gemma's NxDI
 # classes (the `nxdi_gemma` vLLM plugin maps vllm-neuron's Gemma lookups to them).
 #
-# UNTESTED ON NEURON HARDWARE: written against vllm-neuron 0.2.0 (main a5ef7c8, vLLM 0.11.0) and NxDI 0.8 / 0.9
-# (Neuron SDK 2.28 / 2.29) by reading their source; nobody has run it on Trainium/Inferentia yet.
+# UNTESTED ON NEURON HARDWARE. For vllm-neuron 0.4.1 + vLLM 0.13.0 (Neuron SDK 2.28, NxDI 0.8) and vllm-neuron 0.5.0 +
+# vLLM 0.16.0 (SDK 2.29, NxDI 0.9); install vllm-neuron from source at the SDK's release (the PyPI `vllm-neuron` is an
+# empty placeholder; see README "Serving with vLLM on Neuron"). The simulation tier (test/sim/test_vllm.py) runs this
+# script with real vLLM 0.13.0 + vllm-neuron 0.4.1 and NxDI in CPU mode and checks HF's greedy tokens over HTTP;
+# nobody has run it on Trainium/Inferentia yet.
 #
 #   MODEL=/data/gemma-3-12b-it TP=8 MAX_MODEL_LEN=4096 MAX_NUM_SEQS=4 scripts/serve_vllm.sh
 #   curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
@@ -91,7 +94,7 @@ export VLLM_PLUGINS
 echo "serving $MODEL on http://$HOST:$PORT (tp=$TP max_model_len=$MAX_MODEL_LEN max_num_seqs=$MAX_NUM_SEQS)" >&2
 echo "compiled artifacts: $NEURON_COMPILED_ARTIFACTS; VLLM_PLUGINS=$VLLM_PLUGINS; hf overrides: $HF_OVERRIDES" >&2
 
-# --no-enable-prefix-caching: vLLM 0.11 enables prefix caching by default, which makes vllm-neuron request a block KV
+# --no-enable-prefix-caching: vLLM (0.13, 0.16) enables prefix caching by default, which makes vllm-neuron request a block KV
 # layout (is_prefix_caching / is_block_kv_layout) that nxdi_gemma refuses. Without it vllm-neuron sets the block size
 # to max_model_len itself, so --block-size is not passed.
 exec vllm serve "$MODEL" \
