@@ -1,14 +1,16 @@
 """Trace our NxDI classes through NxD's ModelBuilder with real torch-xla, replay or compile the graphs, print figures.
 
-    PYTHONPATH=test/sim:$NXD_SRC:$NXDI_SRC python -m xla --ckpt DIR [--golden GOLDEN.json] [--mode replay]
+    cd test/sim; PYTHONPATH=standins:$NXD_SRC:$NXDI_SRC NXDI_GEMMA_SIM_MODE=xla python -m xla --case CASE_DIR
+    python -m xla --ckpt DIR [--golden GOLDEN.json] [--mode replay|trace|compile] [--tp 2 --mode trace]
     python -m xla --geometry gemma-3-1b --layers 2 --seq-len 4096 --mode compile --xla-dump DUMP
 
 (`python test/sim/xla ...` works too.) Modes:
   trace    HLO statistics of every submodel and bucket only
   replay   + greedy generation through NxDI's host code with the graphs executed on PJRT CPU (default); with
-           --golden (a `nxdi-gemma reference` file) token match and max |logit diff| vs Hugging Face
+           --case or --golden: token match and max |logit diff| vs Hugging Face
   compile  + XLA compiles every graph without running it (--xla-dump: buffer assignment, bytes accessed)
-`--json OUT` writes everything printed. Exit status 0 unless something could not run.
+`--json OUT` writes everything printed. `python -m xla --jobs JOBS.json [--json OUT]` runs several argument lists
+(a JSON list of lists) in one process. Exit status 0 unless something could not run.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ if not __package__:  # run as `python test/sim/xla`: import this folder as the p
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m xla", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--case", help="a simulation-tier golden case folder (ckpt/ + golden.json, made by "
+                                    "test/sim/make_goldens.py): replayed against HF's tokens and logits")
     src.add_argument("--ckpt", help="checkpoint directory (config.json + safetensors)")
     src.add_argument("--geometry", help="a public model name (nxdi_gemma.public_models), cut to --layers; config "
                                         "only, so --mode trace|compile")
@@ -41,11 +45,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--neuron-config", default="{}", help="more NeuronConfig fields, JSON")
     p.add_argument("--mode", choices=("trace", "replay", "compile"), default="replay")
     p.add_argument("--graphs", default="", help="compile only graphs whose name contains one of these (comma list)")
-    p.add_argument("--golden", help="HF golden (nxdi-gemma reference format) for --mode replay")
-    p.add_argument("--prompt-len", type=int, default=24, help="without --golden: a seeded random prompt")
+    p.add_argument("--golden", help="HF golden in `nxdi-gemma reference` format (top-k logits), for --mode replay")
+    p.add_argument("--prompt-len", type=int, default=24, help="without a golden: one seeded random prompt")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--xla-dump", help="folder for XLA's dump (compile mode)")
-    p.add_argument("--json", help="write the report here")
+    p.add_argument("--json", help="write the reports (a JSON list) here")
     return p.parse_args(argv)
 
 
@@ -68,21 +72,42 @@ def log(*parts) -> None:
     print(*parts, flush=True)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse(argv)
+def main(argv: list[str] | None = None) -> list[dict]:
+    """One job from the command line, or several (`--jobs FILE`: a JSON list of argument lists) in one process,
+    which saves the import of torch-xla, NxD and NxDI per job. `--json` gets the list of reports."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--jobs"]:
+        outer = argparse.ArgumentParser(prog="python -m xla --jobs")
+        outer.add_argument("--jobs", required=True)
+        outer.add_argument("--json")
+        out = outer.parse_args(argv)
+        jobs = [parse(a) for a in json.loads(Path(out.jobs).read_text())]
+    else:
+        jobs = [parse(argv)]
+        out = jobs[0]
+    dumps = {job.xla_dump for job in jobs if job.mode == "compile" and job.xla_dump}
+    if len(dumps) > 1:
+        raise SystemExit("one --xla-dump folder per process (XLA reads its flags once)")
     from . import env
 
-    if args.xla_dump:
-        Path(args.xla_dump).mkdir(parents=True, exist_ok=True)
-    standins = env.install(args.xla_dump if args.mode == "compile" else None)
+    for folder in dumps:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    standins = env.install(next(iter(dumps), None))
+    reports = []
+    for job in jobs:
+        reports.append(run(job, standins))
+        if out.json:  # after every job, so a crash later leaves the earlier figures
+            Path(out.json).write_text(json.dumps(reports, indent=1, default=str))
+    return reports
 
-    import torch
+
+def run(args: argparse.Namespace, standins) -> dict:
 
     from nxdi_gemma.neuron import runtime
 
     from . import replay, stats
 
-    ckpt = Path(args.ckpt) if args.ckpt else geometry_checkpoint(args.geometry, args.layers, args.vocab,
+    ckpt = Path(args.ckpt) if args.ckpt else Path(args.case) / "ckpt" if args.case else geometry_checkpoint(args.geometry, args.layers, args.vocab,
                                                                  json.loads(args.set))
     if args.geometry and args.mode == "replay":
         raise SystemExit("--geometry has no weights: use --mode trace or compile (or --ckpt for replay)")
@@ -130,36 +155,82 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{xla.get('temp_arena_bytes', 0) / 2**20:.1f} MiB, bytes accessed "
                     f"{xla.get('bytes_accessed', 0) / 2**20:.1f} MiB; largest temp {xla.get('largest_temp_values', [])[:2]}")
     elif args.mode == "replay":
-        from nxdi_gemma.reference import read_golden
-
-        if args.golden:
-            _doc, prompt_ids, refs = read_golden(args.golden)
-            input_ids = torch.tensor(prompt_ids[:1])
-            new_tokens = len(refs[0].tokens)
-        else:
-            vocab = model.config.gemma_plan.vocab_size
-            input_ids = torch.randint(3, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(1234))
-            new_tokens, refs = args.new_tokens, None
-        weights = replay.sharded_weights(model)
-        session = replay.attach(model, traced, weights)
-        compiles0, mark = replay.xla_compiles(), standins.mark()
-        t1 = time.time()
-        with replay.parallel_stage(replay.builder_of(model)):
-            tokens, logits = replay.greedy(model, input_ids, new_tokens)
-        result = {"tokens": tokens[0].tolist(), "xla_compiles": replay.xla_compiles() - compiles0,
-                  "calls": dict(session.calls), "standins_called": standins.calls(since=mark),
-                  "weight_problems": session.weight_problems, "seconds": round(time.time() - t1, 1)}
-        if refs is not None:
-            from nxdi_gemma.reference import Continuation
-            from nxdi_gemma.token_match import compare
-
-            cmp = compare(input_ids[0].tolist(), Continuation(tokens[0].tolist(), logits[0]), refs[0])
-            result.update(reference_tokens=refs[0].tokens, token_match=cmp.match_rate, max_abs_logit_diff=cmp.max_abs_logit_diff)
-        report["replay"] = result
-        log("RESULT replay", json.dumps({k: v for k, v in result.items() if k != "reference_tokens"}))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+        report["replay"] = replay_prompts(args, model, traced, standins)
     return report
+
+
+def references(args: argparse.Namespace, vocab: int):
+    """(prompts, reference tokens per prompt or None, comparer or None) from --case, --golden or a seeded prompt."""
+    import torch
+
+    if args.case:
+        import sim_golden  # test/sim (the working directory of `python -m xla`)
+
+        golden = sim_golden.load_golden(args.case)
+        return golden.prompts, golden.new_tokens, lambda i, tokens, logits: sim_golden.compare(golden, i, tokens,
+                                                                                                logits)
+    if args.golden:
+        from nxdi_gemma.reference import Continuation, read_golden
+        from nxdi_gemma.token_match import compare
+
+        _doc, prompts, refs = read_golden(args.golden)
+
+        def score(i, tokens, logits):
+            c = compare(prompts[i], Continuation(tokens, logits), refs[i])
+            return {"match": c.match_rate, "first_divergence": c.first_divergence,
+                    "max_abs_logit_diff": c.max_abs_logit_diff}
+
+        return prompts, len(refs[0].tokens), score
+    gen = torch.Generator().manual_seed(1234)
+    return [torch.randint(3, vocab, (args.prompt_len,), generator=gen).tolist()], args.new_tokens, None
+
+
+def replay_prompts(args: argparse.Namespace, model, traced, standins) -> dict:
+    """Greedy generation of every prompt through NxDI's host code with the traced graphs replayed; counts XLA
+    compiles and stand-in calls over the whole generation."""
+    import torch
+
+    from . import replay
+
+    prompts, new_tokens, score = references(args, model.config.gemma_plan.vocab_size)
+    session = replay.attach(model, traced, replay.sharded_weights(model))
+    compiles0, mark, t1 = replay.xla_compiles(), standins.mark(), time.time()
+    runs = []
+    for i, prompt in enumerate(prompts):
+        input_ids = torch.tensor([prompt] * args.batch)
+        tokens, logits = replay.greedy(model, input_ids, new_tokens)
+        run = {"prompt_len": len(prompt), "tokens": tokens[0].tolist()}
+        if score is not None:
+            run.update(score(i, tokens[0].tolist(), logits[0]))
+        runs.append(run)
+    result = {"prompts": runs, "xla_compiles": replay.xla_compiles() - compiles0, "calls": dict(session.calls),
+              "standins_called": standins.calls(since=mark), "weight_problems": session.weight_problems,
+              "seconds": round(time.time() - t1, 1)}
+    result["kv_state_effect"] = kv_state_effect(model, session, input_ids, tokens)
+    if score is not None:
+        result["token_match"] = min(r["match"] for r in runs)
+        result["max_abs_logit_diff"] = max(r["max_abs_logit_diff"] for r in runs)
+    log("RESULT replay", json.dumps(result))
+    return result
+
+
+def kv_state_effect(model, session, input_ids, tokens) -> float:
+    """Max |logit change| of one more decode step when the carried KV state is zeroed: > 0 shows the graphs read
+    the state that earlier calls wrote through their aliased outputs (a graph that ignored it would give 0)."""
+    import torch
+
+
+    batch, prompt = input_ids.shape
+    position = prompt + tokens.shape[1] - 1
+    kwargs = dict(input_ids=tokens[:, -1:], attention_mask=torch.ones(batch, position, dtype=torch.long),
+                  position_ids=torch.full((batch, 1), position), seq_ids=torch.arange(batch))
+    saved = dict(session.state)
+    with torch.no_grad():
+        kept = model(**kwargs).logits[:, -1].float()
+        session.state.update({name: torch.zeros_like(t) for name, t in saved.items()})
+        zeroed = model(**kwargs).logits[:, -1].float()
+    session.state.update(saved)
+    return (kept - zeroed).abs().max().item()
 
 
 if __name__ == "__main__":

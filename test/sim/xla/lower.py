@@ -14,6 +14,7 @@ baked into the graph as a constant.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -33,8 +34,9 @@ class HloGraph:
     user_inputs: list[int]  # HLO parameter id per example input (-1: the graph never reads it)
     states: dict[int, tuple[int, str]]  # output index -> (parameter id or -1, state-dict name of the aliased tensor)
     weights: dict[str, int]  # state-dict name -> parameter id
-    constants: dict[int, torch.Tensor]  # parameter id -> frozen trace-time value
-    param_values: dict[int, torch.Tensor]  # every parameter's trace-time value (shapes and dtypes)
+    constants: dict[int, torch.Tensor]  # parameter id -> frozen trace-time value (CPU)
+    params: dict[int, tuple[tuple[int, ...], torch.dtype]]  # every parameter's shape and dtype (values are not kept:
+    # weights come from the sharded checkpoint, inputs and state from each call)
     output_meta: list[tuple[tuple[int, ...], torch.dtype]]
     trace_host_syncs: dict[str, int] = field(default_factory=dict)
     alias_problems: list[str] = field(default_factory=list)
@@ -42,11 +44,15 @@ class HloGraph:
 
     @property
     def num_params(self) -> int:
-        return len(self.param_values)
+        return len(self.params)
+
+    def nbytes(self, pid: int) -> int:
+        shape, dtype = self.params[pid]
+        return math.prod(shape) * dtype.itemsize
 
     def kind_of(self) -> dict[int, str]:
         """Parameter id -> input | state | weight | constant."""
-        kinds = dict.fromkeys(self.param_values, "constant")
+        kinds = dict.fromkeys(self.params, "constant")
         kinds.update({pid: "weight" for pid in self.weights.values()})
         kinds.update({pid: "state" for pid, _ in self.states.values() if pid >= 0})
         kinds.update({pid: "input" for pid in self.user_inputs if pid >= 0})
@@ -91,8 +97,11 @@ def _flatten(outputs) -> list[torch.Tensor]:
 
 
 def generate_hlo(func: torch.nn.Module, example_inputs, input_output_aliases: dict | None = None,
-                 **_neuron_options) -> HloGraph:
-    """NxD's call signature (inline_weights_to_neff, return_weights, cpu_backend, ... only matter for a NEFF)."""
+                 preserve_parameters: bool = False, **_neuron_options) -> HloGraph:
+    """NxD's call signature (inline_weights_to_neff, return_weights, cpu_backend, ... only matter for a NEFF).
+    Unless NxD asks to preserve the parameters (several buckets trace the same module), the module's device
+    copies are dropped after lowering, as torch-neuronx drops them: ModelBuilder loads a fresh module for anything
+    later, and a 32-expert geometry would otherwise hold every submodel's weights at once."""
     import torch_xla
     import torch_xla.core.xla_builder as xb
 
@@ -119,7 +128,7 @@ def generate_hlo(func: torch.nn.Module, example_inputs, input_output_aliases: di
     ctx.build(outputs)
     proto = ctx.hlo()
     text = xb.get_computation_hlo(xb.computation_from_module_proto("nxdi_gemma_sim", proto))
-    values = ctx.parameter_id_tensor_mapping()
+    values = ctx.device_parameter_id_tensor_mapping()  # device tensors: no host copy of the weights
 
     user_inputs = [ctx.tensor_parameter_id(t) for t in inputs]
     named: dict[int, list[str]] = {}
@@ -133,7 +142,8 @@ def generate_hlo(func: torch.nn.Module, example_inputs, input_output_aliases: di
     state_pids = {pid for pid, _ in states.values()}
     weights = {ns[0]: pid for pid, ns in named.items() if pid not in state_pids}
     taken = {p for p in user_inputs if p >= 0} | state_pids | set(weights.values())
-    constants = {pid: v for pid, v in values.items() if pid not in taken}
+    constants = {pid: v.cpu() for pid, v in values.items() if pid not in taken}
+    params = {pid: (tuple(v.shape), v.dtype) for pid, v in values.items()}
     meta = [(tuple(t.shape), t.dtype) for t in outputs]
 
     problems = []
@@ -142,13 +152,15 @@ def generate_hlo(func: torch.nn.Module, example_inputs, input_output_aliases: di
             problems.append(f"state {name} aliases output {out_idx}, but the graph has {len(outputs)} outputs")
         elif pid < 0:
             problems.append(f"state {name} (output {out_idx}) is never read by the graph")
-        elif (tuple(values[pid].shape), values[pid].dtype) != meta[out_idx]:
-            problems.append(f"output {out_idx} {meta[out_idx]} cannot alias {name} "
-                            f"{tuple(values[pid].shape)} {values[pid].dtype}")
+        elif params[pid] != meta[out_idx]:
+            problems.append(f"output {out_idx} {meta[out_idx]} cannot alias {name} {params[pid]}")
     graph = HloGraph(hlo_module=proto, hlo_text=text, example_shapes=[tuple(t.shape) for t in example_inputs],
                      user_inputs=user_inputs, states=states, weights=weights, constants=constants,
-                     param_values=values, output_meta=meta, trace_host_syncs=syncs, alias_problems=problems)
+                     params=params, output_meta=meta, trace_host_syncs=syncs, alias_problems=problems)
     graph.metaneff = _Metaneff(graph)
+    del values, outputs, inputs
+    if not preserve_parameters:
+        func.to_empty(device="meta")
     return graph
 
 

@@ -75,6 +75,10 @@ def sharded_weights(model) -> dict[str, torch.Tensor]:
     return builder_of(model).shard_checkpoint()[0]
 
 
+def _zeros(meta: tuple[tuple[int, ...], torch.dtype]) -> torch.Tensor:
+    return torch.zeros(meta[0], dtype=meta[1])
+
+
 class Graph:
     """One traced graph, run as compiled on the XLA device."""
 
@@ -88,16 +92,17 @@ class Graph:
         self.fixed: dict[int, torch.Tensor] = {}
         self.weight_problems: list[str] = []
         for wname, pid in hlo.weights.items():
-            ref = hlo.param_values[pid]
-            value = ref
-            if weights is not None:
-                if wname not in weights:
-                    self.weight_problems.append(f"{wname}: not in the sharded checkpoint")
-                else:
-                    value = weights[wname]
-                    if tuple(value.shape) != tuple(ref.shape) or value.dtype != ref.dtype:
-                        self.weight_problems.append(f"{wname}: checkpoint {tuple(value.shape)} {value.dtype}, "
-                                                    f"graph {tuple(ref.shape)} {ref.dtype}")
+            shape, dtype = hlo.params[pid]
+            if weights is None:  # compile only: any values of the right shapes (empty: no zero-filling pass)
+                value = torch.empty(shape, dtype=dtype)
+            elif wname not in weights:
+                self.weight_problems.append(f"{wname}: not in the sharded checkpoint")
+                value = torch.zeros(shape, dtype=dtype)
+            else:
+                value = weights[wname]
+                if (tuple(value.shape), value.dtype) != (shape, dtype):
+                    self.weight_problems.append(f"{wname}: checkpoint {tuple(value.shape)} {value.dtype}, "
+                                                f"graph {shape} {dtype}")
             self.fixed[pid] = value.to(self.device)
         for pid, value in hlo.constants.items():
             self.fixed[pid] = value.to(self.device)
@@ -106,11 +111,11 @@ class Graph:
         return [tuple(a.shape) for a in args[: len(self.hlo.example_shapes)]] == self.hlo.example_shapes[: len(args)]
 
     def zero_state(self) -> dict[str, torch.Tensor]:
-        return {name: torch.zeros_like(self.hlo.param_values[pid]).to(self.device)
+        return {name: _zeros(self.hlo.params[pid]).to(self.device)
                 for pid, name in self.hlo.states.values() if pid >= 0}
 
     def example_args(self) -> list[torch.Tensor]:
-        return [torch.zeros_like(self.hlo.param_values[pid]) if pid >= 0 else torch.zeros(shape)
+        return [_zeros(self.hlo.params[pid]) if pid >= 0 else torch.zeros(shape)
                 for pid, shape in zip(self.hlo.user_inputs, self.hlo.example_shapes, strict=True)]
 
     def launch(self, args, state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -121,10 +126,10 @@ class Graph:
         for pos, pid in enumerate(self.hlo.user_inputs):
             if pid < 0:
                 continue
-            ref, arg = self.hlo.param_values[pid], args[pos]
-            if tuple(arg.shape) != tuple(ref.shape) or arg.dtype != ref.dtype:
+            arg = args[pos]
+            if (tuple(arg.shape), arg.dtype) != self.hlo.params[pid]:
                 raise RuntimeError(f"{self.name}: input {pos} is {tuple(arg.shape)} {arg.dtype}, traced as "
-                                   f"{tuple(ref.shape)} {ref.dtype}")
+                                   f"{self.hlo.params[pid]}")
             params[pid] = arg.to(self.device)
         for pid, name in self.hlo.states.values():
             if pid >= 0:

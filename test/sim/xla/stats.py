@@ -81,8 +81,8 @@ def hlo_stats(graph: HloGraph, seq_lens: set[int]) -> dict:
     values.sort(reverse=True)
     kinds = graph.kind_of()
     param_bytes: Counter = Counter()
-    for pid, value in graph.param_values.items():
-        param_bytes[kinds[pid]] += value.numel() * value.element_size()
+    for pid in graph.params:
+        param_bytes[kinds[pid]] += graph.nbytes(pid)
     return {
         "instructions": sum(ops.values()),
         "ops": dict(ops.most_common()),

@@ -1,0 +1,126 @@
+"""The device-graph budgets of issue 11, as XLA plans them: our classes traced through NxD's ModelBuilder with real
+torch-xla 2.9 and compiled (not run) by XLA:CPU, whose buffer assignment and optimized HLO give the temp arena (peak
+of all intermediates) and the bytes one call reads and writes (`xla/stats.py`: HloCostAnalysis-style, in-place
+updates of the aliased KV cache counted at the bytes they update, as on the device).
+
+Geometries are the public configs (`nxdi_gemma.public_models`) cut to 2 layers, vocab 4096, float32, TP 1; only
+config.json is written (tracing and compiling need no weights):
+- Gemma 3 1B attention geometry, layers sliding + full (4 q heads, 1 KV head, head_dim 256, window 512), at
+  max_context_length = seq_len = 4096, 16384 and 131072, with the model's default prefill chunking.
+- Gemma 4 26B-A4B geometry, top-k 4, with 32 and with 4 experts: decode graph only.
+Budgets: context-encoding temp arena grows with exponent <= 1.15 from 4096 to 16384 and its HLO instruction count by
+<= 1.3x; decode bytes per step grow by <= 1.5x the added KV cache bytes; every context-encoding graph a 131072-token
+prompt needs has a temp arena <= 2 GiB; MoE decode with 32 experts reads <= 1.25x the bytes with 4; no float64 and no
+int64 value with two sequence-length dimensions in any of these graphs.
+Each geometry compiles in its own process, one at a time (the 16384 graphs are planned at several GiB).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+
+RELEASE = "sdk-2.28"  # NxDI 0.8, the release Trn1/Inf2 users pin; the budgets are properties of our graphs
+G3 = ["--geometry", "gemma-3-1b", "--layers", "2", "--set",
+      json.dumps({"layer_types": ["sliding_attention", "full_attention"]}), "--mode", "compile"]
+MOE = ["--geometry", "gemma-4-26b-a4b", "--layers", "2", "--seq-len", "256", "--mode", "compile", "--graphs", "token"]
+MOE_JOBS = [[*MOE, "--set", json.dumps({"num_experts": n, "top_k_experts": 4})] for n in (4, 32)]
+MiB, GiB = 2**20, 2**30
+
+
+class Compiles:
+    """Runs `python -m xla` compile jobs on demand, each group in a fresh process, results cached per session."""
+
+    def __init__(self, sim, tmp_path_factory):
+        self.sim, self.tmp, self.cache = sim, tmp_path_factory, {}
+
+    def __call__(self, name: str, jobs: list[list[str]]) -> list[dict]:
+        if name not in self.cache:
+            self.sim.need(RELEASE)
+            tmp = self.tmp.mktemp(name)
+            dump = tmp / "xla_dump"
+            jobs = [[*job, "--xla-dump", str(dump)] for job in jobs]
+            (tmp / "jobs.json").write_text(json.dumps(jobs))
+            self.sim.run([sys.executable, "-m", "xla", "--jobs", str(tmp / "jobs.json"), "--json", str(tmp / "out.json")],
+                         RELEASE, mode="xla", timeout=1500)
+            self.cache[name] = json.loads((tmp / "out.json").read_text())
+            for f in sorted(dump.iterdir()):  # XLA's dumps of the 16K graphs run to hundreds of MB
+                f.unlink()
+        return self.cache[name]
+
+
+@pytest.fixture(scope="module")
+def compiles(sim, tmp_path_factory) -> Compiles:
+    return Compiles(sim, tmp_path_factory)
+
+
+def g3(compiles: Compiles, seq: int) -> dict:
+    graphs = ["--graphs", "context_encoding"] if seq > 16384 else []  # 131072: what the prompt needs
+    return compiles(f"g3_{seq}", [[*G3, "--seq-len", str(seq), *graphs]])[0]["graphs"]
+
+
+def pick(graphs: dict, tag: str) -> dict:
+    return {name: g for name, g in graphs.items() if name.startswith(tag)}
+
+
+def test_prefill_temp_arena_linear(compiles, sim_report):
+    small, large = pick(g3(compiles, 4096), "context_encoding"), pick(g3(compiles, 16384), "context_encoding")
+    a4, a16 = (max(g["xla"]["temp_arena_bytes"] for g in gs.values()) for gs in (small, large))
+    exponent = math.log(a16 / a4) / math.log(16384 / 4096)
+    sim_report("budget CTE temp arena 4096 -> 16384", f"{a4 / MiB:.1f} -> {a16 / MiB:.1f} MiB, exponent {exponent:.2f} "
+               f"(<= 1.15); largest temp at 16384: {max(large.values(), key=lambda g: g['xla']['temp_arena_bytes'])['xla']['largest_temp_values'][:2]}")
+    assert exponent <= 1.15, f"context-encoding temp arena {a4 / MiB:.0f} -> {a16 / MiB:.0f} MiB: exponent {exponent:.2f}"
+
+
+def test_prefill_graph_size_fixed(compiles, sim_report):
+    small, large = pick(g3(compiles, 4096), "context_encoding"), pick(g3(compiles, 16384), "context_encoding")
+    n4, n16 = (max(g["instructions"] for g in gs.values()) for gs in (small, large))
+    sim_report("budget CTE HLO instructions 4096 -> 16384", f"{n4} -> {n16} ({n16 / n4:.2f}x, <= 1.3x)")
+    assert n16 <= 1.3 * n4, f"context-encoding graph grows with the context: {n4} -> {n16} HLO instructions"
+
+
+def test_decode_bytes_track_kv(compiles, sim_report):
+    small, large = pick(g3(compiles, 4096), "token_generation"), pick(g3(compiles, 16384), "token_generation")
+    # The largest decode bucket is the one a long prompt ends in.
+    g4k, g16k = (max(gs.values(), key=lambda g: g["param_bytes"].get("state", 0)) for gs in (small, large))
+    added_kv = g16k["param_bytes"]["state"] - g4k["param_bytes"]["state"]
+    added = g16k["xla"]["bytes_accessed"] - g4k["xla"]["bytes_accessed"]
+    sim_report("budget decode bytes/step 4096 -> 16384",
+               f"{g4k['xla']['bytes_accessed'] / MiB:.1f} -> {g16k['xla']['bytes_accessed'] / MiB:.1f} MiB: "
+               f"+{added / MiB:.1f} MiB for +{added_kv / MiB:.1f} MiB of KV ({added / added_kv:.2f}x, <= 1.5x)")
+    assert added_kv > 0
+    assert added <= 1.5 * added_kv, f"decode reads +{added / MiB:.0f} MiB per step for +{added_kv / MiB:.0f} MiB of KV"
+
+
+def test_long_prompt_graphs_fit(compiles, sim_report):
+    graphs = pick(g3(compiles, 131072), "context_encoding")
+    assert graphs, "no context-encoding graph at 131072"
+    arenas = {name: g["xla"]["temp_arena_bytes"] for name, g in graphs.items()}
+    sim_report("budget 131072-token prompt, CTE temp arenas", ", ".join(f"{n} {b / MiB:.1f} MiB" for n, b in arenas.items()))
+    too_big = {n: f"{b / GiB:.2f} GiB" for n, b in arenas.items() if b > 2 * GiB}
+    assert not too_big, f"graphs a 131072-token prompt needs exceed 2 GiB of temp: {too_big}"
+
+
+def test_moe_decode_reads_routed_experts(compiles, sim_report):
+    four, many = compiles("moe", MOE_JOBS)
+    b4, b32 = (max(g["xla"]["bytes_accessed"] for g in pick(r["graphs"], "token_generation").values())
+               for r in (four, many))
+    sim_report("budget MoE decode bytes/step 4 -> 32 experts (top-k 4)",
+               f"{b4 / MiB:.1f} -> {b32 / MiB:.1f} MiB ({b32 / b4:.2f}x, <= 1.25x)")
+    assert b32 <= 1.25 * b4, f"32 experts read {b32 / b4:.2f}x the bytes of 4 (every expert runs on every token?)"
+
+
+@pytest.mark.parametrize("run", ["g3_4096", "g3_16384", "g3_131072", "moe"])
+def test_no_f64_no_int64_seq_by_seq(compiles, run):
+    if run == "moe":
+        reports = compiles("moe", MOE_JOBS)
+    else:
+        g3(compiles, int(run.split("_")[1]))
+        reports = compiles.cache[run]
+    for report in reports:
+        for name, graph in report["graphs"].items():
+            assert not graph["f64"], f"{run} {name}: float64 in the HLO: {graph['f64'][:3]}"
+            assert not graph["s64_seq_by_seq"], f"{run} {name}: int64 S x S values: {graph['s64_seq_by_seq'][:3]}"
