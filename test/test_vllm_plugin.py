@@ -175,7 +175,9 @@ def test_gemma3_rope_class_gives_transformers_the_same_rope(kind):
         assert legacy is text  # Hub-style configs pass unchanged
     want = transformers.Gemma3TextConfig(**text).rope_parameters
     assert transformers.Gemma3TextConfig(**legacy).rope_parameters == want
-    assert vllm_plugin.gemma3_rope_config_class("gemma3_text")(**text).rope_parameters == want
+    ours = vllm_plugin.gemma3_rope_config_class("gemma3_text")(**text)
+    assert ours.rope_parameters == want
+    assert type(pickle.loads(pickle.dumps(ours))) is type(ours)  # vLLM sends hf_config to its other processes
     multimodal = vllm_plugin.gemma3_rope_config_class("gemma3")(text_config=dict(text))
     assert isinstance(multimodal, transformers.Gemma3Config)  # vLLM's Gemma 3 processor checks this
     assert multimodal.text_config.rope_parameters == want
