@@ -183,3 +183,43 @@ def test_bfloat16_decode_is_bit_exact_to_hf_eager(tiny_case, name):
     diffs = (ours_steps - step_logits[0]).abs().amax(dim=-1)
     report(f"parity/{name}/bf16 decode", f"max|ours - HF| per step {[round(d, 4) for d in diffs.tolist()[:6]]}...")
     assert diffs.max().item() == 0.0, f"first differing decode step {int((diffs > 0).nonzero()[0])}"
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
+def test_moe_experts_bfloat16_accumulate_as_hf(implementation):
+    """Real top-k (8 of 16 experts), bf16: our CPU experts equal HF's experts module bit for bit under HF's default
+    `grouped_mm` path (each slot's output rounded, weighted in float32, summed over slots in float32, rounded once).
+    HF's eager path instead adds each expert's rounded product into a bf16 accumulator, expert by expert: with 8
+    slots that rounds differently, so ours must differ from it (this is what tells the two orders apart)."""
+    from transformers.models.gemma4.configuration_gemma4 import Gemma4TextConfig
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4TextExperts, Gemma4TextRouter
+
+    from nxdi_gemma.config import MoeSpec
+    from nxdi_gemma.layers import MoeExperts
+
+    hidden, num_experts, top_k, width, tokens = 256, 16, 8, 32, 4096  # the old expert-order sum: 44 differ
+    config = Gemma4TextConfig(hidden_size=hidden, num_experts=num_experts, top_k_experts=top_k,
+                              moe_intermediate_size=width, hidden_activation="gelu_pytorch_tanh")
+    config._experts_implementation = implementation
+    gen = torch.Generator().manual_seed(0)
+    hf = Gemma4TextExperts(config).to(torch.bfloat16)
+    router = Gemma4TextRouter(config)
+    ours = MoeExperts(hidden, MoeSpec(num_experts, top_k, width)).to(torch.bfloat16)
+    with torch.no_grad():
+        for name in ("gate_up_proj", "down_proj"):
+            value = (torch.randn(getattr(hf, name).shape, generator=gen) * 0.3).to(torch.bfloat16)
+            getattr(hf, name).copy_(value)
+            getattr(ours, name).copy_(value)
+        router.proj.weight.copy_(torch.randn(router.proj.weight.shape, generator=gen))
+        router.per_expert_scale.copy_(1.0 + 0.3 * torch.randn(num_experts, generator=gen))
+        x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16)
+        _, weights, experts = router(x.float())
+        expected = hf(x, experts, weights)
+        got = ours(x, weights, experts)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    differing = (got != expected).sum().item()
+    report(f"moe experts bf16 vs HF {implementation}", f"{differing} of {got.numel()} outputs differ")
+    if implementation == "grouped_mm":
+        assert differing == 0
+    else:
+        assert differing > 0

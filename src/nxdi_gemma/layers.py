@@ -86,16 +86,17 @@ class MoeExperts(nn.Module):
         return nn.functional.linear(ops.gelu_tanh(gate) * up, self.down_proj[e])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """x [N, H]; weights float32 [N, k]; experts [N, k]. Weighted sum accumulated in float32, rounded once.
+        """x [N, H]; weights float32 [N, k]; experts [N, k] -> [N, H] in x's dtype.
 
-        Runs only the experts that received tokens (eager, data-dependent: CPU only).
+        As HF 5.24's default experts path (`grouped_mm_experts_forward`): each (token, slot) output rounded to x's
+        dtype, times its float32 weight, the k products summed in float32 over the slot axis, rounded once. Runs
+        only the experts that received tokens (eager, data-dependent: CPU only).
         """
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        pairs = torch.empty(*experts.shape, x.shape[-1], dtype=x.dtype, device=x.device)
         for e in torch.unique(experts).tolist():
             token, slot = torch.nonzero(experts == e, as_tuple=True)
-            y = self.expert(e, x[token])
-            out.index_add_(0, token, y.float() * weights[token, slot, None])
-        return out.to(x.dtype)
+            pairs[token, slot] = self.expert(e, x[token])
+        return (pairs.float() * weights[..., None]).sum(dim=1).to(x.dtype)
 
 
 class GemmaBlock(nn.Module):

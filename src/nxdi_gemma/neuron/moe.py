@@ -1,9 +1,10 @@
-"""Gemma 4 routed experts on NxD's tensor-parallel linears. Untested on Trainium/Inferentia hardware."""
+"""Gemma 4 routed experts on NxD's tensor-parallel layers. Untested on Trainium/Inferentia hardware."""
 
 from __future__ import annotations
 
 import torch
-from neuronx_distributed.parallel_layers.layers import ColumnParallelLinear, RowParallelLinear
+from neuronx_distributed.parallel_layers.layers import ColumnParallelLinear
+from neuronx_distributed.parallel_layers.mappings import reduce_from_tensor_model_parallel_region
 from torch import nn
 
 from .. import ops
@@ -11,25 +12,87 @@ from ..config import MoeSpec
 
 
 class ParallelMoeExperts(nn.Module):
-    """Gemma 4 routed experts, tensor parallel: gate/up are column-parallel and down row-parallel over the
-    flattened (intermediate, expert) axis (see `state_dict.experts_to_neuron`), so each rank holds a 1/TP slice of
-    every expert's width and the per-token routing weights apply locally; the row-parallel down projection sums
-    experts and ranks. Static shapes: every expert runs on every token (correct; E/k times the routed FLOPs)."""
+    """Gemma 4 routed experts, tensor parallel, running only the experts each token was routed to.
+
+    Weights: gate, up and the transposed down projection are each one [E*Ie, H] matrix, expert-major (HF's order,
+    see `state_dict.experts_to_neuron`), held by a ColumnParallelLinear with stride E: NxD's sharding then cuts dim 0
+    into E*TP chunks of Ie/TP rows and gives rank r the chunks r, r+TP, ..., i.e. the r-th slice of every expert's
+    width, still expert-major: locally a [E, Ie/TP, H] stack from which one expert is one contiguous block. Each rank
+    therefore computes a partial down projection of every routed (token, expert) pair; the partials meet in one
+    all-reduce.
+
+    The routed pairs are run in blocks that each belong to one expert, with that expert's weights gathered per
+    block (static shapes; which expert and which rows are data, never Python control flow):
+    - few pairs (n*k <= E, the token-generation graphs): one block per pair, in routing order, so a decode step reads
+      only the k routed experts' weights of each token;
+    - many pairs (context encoding): pairs grouped by expert into blocks of B rows (B ~ n*k/E), at most
+      ceil(n*k/B) + E blocks, the unused ones fed a zero row and never read back. Compute ~2x the routed FLOPs
+      instead of E/k x for running every expert on every token.
+
+    Accumulation as HF 5.24 (`grouped_mm_experts_forward`, its default; eager differs only in summing expert by
+    expert): each pair's down projection is rounded to the model dtype, multiplied by its float32 routing weight, the
+    k products summed in float32 in routing order (slot 0 first), and the sum rounded once. With TP > 1 each rank
+    rounds its partial projection before the float32 sum and the all-reduce runs in float32."""
 
     def __init__(self, hidden: int, moe: MoeSpec, dtype: torch.dtype):
         super().__init__()
-        self.num_experts = moe.num_experts
+        self.num_experts, self.hidden = moe.num_experts, hidden
         width = moe.num_experts * moe.intermediate_size
-        self.gate_proj = ColumnParallelLinear(hidden, width, bias=False, gather_output=False, dtype=dtype)
-        self.up_proj = ColumnParallelLinear(hidden, width, bias=False, gather_output=False, dtype=dtype)
-        self.down_proj = RowParallelLinear(width, hidden, bias=False, input_is_parallel=True, dtype=dtype)
+
+        def stack() -> ColumnParallelLinear:
+            return ColumnParallelLinear(hidden, width, bias=False, gather_output=False, dtype=dtype,
+                                        stride=moe.num_experts)
+
+        self.gate_proj, self.up_proj, self.down_proj = stack(), stack(), stack()  # down_proj holds down^T
+
+    def _local(self, linear: ColumnParallelLinear) -> torch.Tensor:
+        return linear.weight.view(self.num_experts, -1, self.hidden)  # [E, Ie/TP, H]
+
+    def _run_blocks(self, rows: torch.Tensor, block_expert: torch.Tensor) -> torch.Tensor:
+        """rows [NB, B, H], block_expert int [NB] -> this rank's partial down projections [NB, B, H], model dtype."""
+        gate = torch.bmm(rows, self._local(self.gate_proj).index_select(0, block_expert).transpose(1, 2))
+        up = torch.bmm(rows, self._local(self.up_proj).index_select(0, block_expert).transpose(1, 2))
+        return torch.bmm(ops.gelu_tanh(gate) * up, self._local(self.down_proj).index_select(0, block_expert))
+
+    def _per_pair(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """One block per (token, slot) pair: [n, k, H]."""
+        n, k = experts.shape
+        rows = x[:, None, :].expand(n, k, self.hidden).reshape(n * k, 1, self.hidden)
+        return self._run_blocks(rows, experts.reshape(-1)).view(n, k, self.hidden)
+
+    def _grouped(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Pairs grouped by expert into blocks of `size` rows: [n, k, H]."""
+        n, k = experts.shape
+        pairs, num_experts = n * k, self.num_experts
+        size = -(-pairs // num_experts)  # static: shapes only
+        num_blocks = -(-pairs // size) + num_experts  # sum over experts of ceil(count / size) never exceeds this
+        flat = experts.reshape(pairs).to(torch.int32)
+        ids = torch.arange(num_experts, dtype=torch.int32, device=x.device)
+        onehot = (flat[:, None] == ids[None, :]).to(torch.int32)  # [pairs, E]
+        counts = onehot.sum(0, dtype=torch.int32)
+        blocks = (counts + (size - 1)) // size
+        first_block = torch.cumsum(blocks, 0, dtype=torch.int32) - blocks
+        # rank of each pair among the earlier pairs routed to the same expert (pairs keep token order in a block)
+        rank = ((torch.cumsum(onehot, 0, dtype=torch.int32) - onehot) * onehot).sum(1, dtype=torch.int32)
+        row = first_block.index_select(0, flat) * size + rank  # where each pair sits in the [num_blocks*size] layout
+        pair_ids = torch.arange(pairs, dtype=torch.int32, device=x.device)
+        token_of_row = torch.full((num_blocks * size,), n, dtype=torch.int32, device=x.device)
+        token_of_row = token_of_row.index_put((row,), pair_ids // k)  # unused rows read token n, a zero row
+        block_ids = torch.arange(num_blocks, dtype=torch.int32, device=x.device)
+        block_expert = ((first_block + blocks)[None, :] <= block_ids[:, None]).sum(1, dtype=torch.int32)
+        block_expert = block_expert.clamp(max=num_experts - 1)  # blocks past the last expert's: unused
+        padded = torch.cat([x, torch.zeros_like(x[:1])], dim=0)
+        rows = padded.index_select(0, token_of_row).view(num_blocks, size, self.hidden)
+        out = self._run_blocks(rows, block_expert).reshape(num_blocks * size, self.hidden)
+        return out.index_select(0, row).view(n, k, self.hidden)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        dense = torch.zeros(x.shape[0], self.num_experts, dtype=torch.float32, device=x.device)
-        dense = dense.scatter(1, experts, weights)  # [N, E] routing weight, 0 for unselected experts
-        gate = self.gate_proj(x).view(x.shape[0], -1, self.num_experts)
-        up = self.up_proj(x).view(x.shape[0], -1, self.num_experts)
-        h = (ops.gelu_tanh(gate) * up * dense[:, None, :].to(x.dtype)).reshape(x.shape[0], -1)
-        return self.down_proj(h)
-
-
+        """x [n, H]; weights float32 [n, k]; experts [n, k] -> [n, H] in x's dtype."""
+        n, k = experts.shape
+        # Python decision on the graph's static token count: per-pair weights reads beat grouping only while the
+        # pairs are fewer than the experts (decode); grouping keeps the gathered weights at ~2E blocks.
+        y = self._per_pair(x, experts) if n * k <= self.num_experts else self._grouped(x, experts)
+        acc = y[:, 0].float() * weights[:, 0, None]
+        for slot in range(1, k):  # float32, slot order: torch's sum over the k axis, as HF
+            acc = acc + y[:, slot].float() * weights[:, slot, None]
+        return reduce_from_tensor_model_parallel_region(acc).to(x.dtype)

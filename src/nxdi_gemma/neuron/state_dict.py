@@ -35,16 +35,15 @@ def neuron_name(hf_name: str) -> str:
 
 
 def experts_to_neuron(gate_up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
-    """HF stacked experts -> one column-parallel gate, one up ([Ie*E, H], row i*E + e) and a row-parallel down
-    ([H, Ie*E]). Ordering rows intermediate-major splits every expert's width Ie evenly across TP ranks, so each
-    rank holds a slice of all experts and the routing weights apply without knowing the rank."""
+    """HF stacked experts -> gate, up and transposed down, each [E*Ie, H] expert-major (row e*Ie + i), as
+    `moe.ParallelMoeExperts` holds them: NxD's strided sharding (stride E) gives each rank the same slice of every
+    expert's width, in expert order, so one expert's weights are one contiguous block per rank."""
     num_experts, two_ie, hidden = gate_up.shape
     ie = two_ie // 2
-    gate, up = gate_up[:, :ie], gate_up[:, ie:]
     return {
-        "gate_proj.weight": gate.permute(1, 0, 2).reshape(ie * num_experts, hidden),
-        "up_proj.weight": up.permute(1, 0, 2).reshape(ie * num_experts, hidden),
-        "down_proj.weight": down.permute(1, 2, 0).reshape(hidden, ie * num_experts),
+        "gate_proj.weight": gate_up[:, :ie].reshape(num_experts * ie, hidden),
+        "up_proj.weight": gate_up[:, ie:].reshape(num_experts * ie, hidden),
+        "down_proj.weight": down.transpose(1, 2).reshape(num_experts * ie, hidden),
     }
 
 
