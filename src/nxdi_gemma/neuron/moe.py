@@ -27,7 +27,10 @@ class ParallelMoeExperts(nn.Module):
       only the k routed experts' weights of each token;
     - many pairs (context encoding): pairs grouped by expert into blocks of B rows (B ~ n*k/E), at most
       ceil(n*k/B) + E blocks, the unused ones fed a zero row and never read back. Compute ~2x the routed FLOPs
-      instead of E/k x for running every expert on every token.
+      instead of E/k x for running every expert on every token, but ~2E experts' weights gathered.
+    Small context-encoding graphs (n <= 3 * Ie/TP) instead run every expert on every token (each weight read once,
+    no gathered copies; the [n, E, H] outputs are then no larger than the rank's expert weights), and keep the k
+    routed outputs of each token.
 
     Accumulation as HF 5.24 (`grouped_mm_experts_forward`, its default; eager differs only in summing expert by
     expert): each pair's down projection is rounded to the model dtype, multiplied by its float32 routing weight, the
@@ -58,7 +61,16 @@ class ParallelMoeExperts(nn.Module):
         """One block per (token, slot) pair: [n, k, H]."""
         n, k = experts.shape
         rows = x[:, None, :].expand(n, k, self.hidden).reshape(n * k, 1, self.hidden)
-        return self._run_blocks(rows, experts.reshape(-1)).view(n, k, self.hidden)
+        return self._run_blocks(rows, experts.reshape(-1).to(torch.int32)).view(n, k, self.hidden)
+
+    def _all_experts(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, then each token's k routed outputs: [n, k, H]."""
+        n, k = experts.shape
+        gate = nn.functional.linear(x, self.gate_proj.weight).view(n, self.num_experts, -1)
+        up = nn.functional.linear(x, self.up_proj.weight).view(n, self.num_experts, -1)
+        out = torch.einsum("nei,eih->neh", ops.gelu_tanh(gate) * up, self._local(self.down_proj))
+        pick = torch.arange(n, dtype=torch.int32, device=x.device)[:, None] * self.num_experts + experts.to(torch.int32)
+        return out.reshape(n * self.num_experts, self.hidden).index_select(0, pick.reshape(-1)).view(n, k, self.hidden)
 
     def _grouped(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Pairs grouped by expert into blocks of `size` rows: [n, k, H]."""
@@ -89,9 +101,14 @@ class ParallelMoeExperts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x [n, H]; weights float32 [n, k]; experts [n, k] -> [n, H] in x's dtype."""
         n, k = experts.shape
-        # Python decision on the graph's static token count: per-pair weights reads beat grouping only while the
-        # pairs are fewer than the experts (decode); grouping keeps the gathered weights at ~2E blocks.
-        y = self._per_pair(x, experts) if n * k <= self.num_experts else self._grouped(x, experts)
+        # Python decision on the graph's static shapes (never on values): per-pair reads at most every weight once
+        # while the pairs are no more than the experts (decode); see the class docstring for the other two.
+        if n * k <= self.num_experts:
+            y = self._per_pair(x, experts)
+        elif n <= 3 * self.gate_proj.weight.shape[0] // self.num_experts:
+            y = self._all_experts(x, experts)
+        else:
+            y = self._grouped(x, experts)
         acc = y[:, 0].float() * weights[:, 0, None]
         for slot in range(1, k):  # float32, slot order: torch's sum over the k axis, as HF
             acc = acc + y[:, slot].float() * weights[:, slot, None]
