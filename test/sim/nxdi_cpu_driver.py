@@ -1,0 +1,104 @@
+"""Run our NxDI class in NxDI's CPU mode on several golden cases in one process and compare with the HF goldens.
+
+    python nxdi_cpu_driver.py --tp 1 --out RESULT.json CASE_DIR...
+    python -m torch.distributed.run --nproc_per_node 2 --master_port P nxdi_cpu_driver.py --tp 2 --out ... CASE_DIR...
+
+Run it with the environment `conftest.sim_env(release, "cpu")` gives (stand-ins, NxD/NxDI trees of one release, the
+project). Each case is built with `runtime.build(..., on_cpu=True)` + `to_cpu()` and generated greedily through the
+model's forward with the inputs vllm-neuron and `runtime.greedy` pass (NxDI's HuggingFaceGenerationAdapter is broken
+in both released trees): prefill at positions 0..S-1, then one token per step. Rank 0 writes one JSON record per
+case and prompt: token match, first divergence, max |logit diff| against the golden, the stand-ins called while
+generating (must be none) and timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import standins  # installed by test/sim/standins/sitecustomize.py
+import torch
+from sim_golden import compare, load_golden
+
+BUCKET = 64  # sequence lengths are rounded up to this (one context-encoding and one token-generation bucket)
+
+
+@torch.inference_mode()
+def generate(model, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    model.reset()
+    ids = torch.tensor([prompt])
+    positions = torch.arange(len(prompt))[None]
+    mask = torch.ones_like(ids)
+    tokens, logits = [], []
+    for step in range(new_tokens):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, seq_ids=torch.tensor([0]))
+        last = out.logits[0, -1].float()
+        logits.append(last)
+        tokens.append(int(last.argmax()))
+        ids = torch.tensor([[tokens[-1]]])
+        positions = torch.tensor([[len(prompt) + step]])
+        mask = torch.ones(1, len(prompt) + step, dtype=torch.long)  # the cached tokens; NxDI appends the active one
+    return tokens, torch.stack(logits)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--neuron-config", default="{}", help="extra NeuronConfig fields, JSON")
+    parser.add_argument("cases", nargs="+")
+    args = parser.parse_args()
+    # NxDI starts a gloo process group even at TP 1; torchrun sets these for TP > 1.
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    rank = int(os.environ.get("RANK", "0"))
+    if "WORLD_SIZE" in os.environ:
+        # Under torchrun NxDI's to_cpu() starts the gloo process group on every call, which fails for the second
+        # model of a process (and re-creating it hangs): start it once here; to_cpu() then reuses it.
+        torch.distributed.init_process_group("gloo")
+        del os.environ["WORLD_SIZE"]
+
+    from nxdi_gemma.neuron import runtime
+
+    records = []
+    for case_dir in args.cases:
+        golden = load_golden(case_dir)
+        seq_len = -(-(max(map(len, golden.prompts)) + golden.new_tokens) // BUCKET) * BUCKET
+        settings = dict(tp_degree=args.tp, batch_size=1, seq_len=seq_len, max_context_length=seq_len,
+                        torch_dtype="float32", **json.loads(args.neuron_config))
+        start = time.perf_counter()
+        model = runtime.build(str(golden.ckpt), settings, on_cpu=True)
+        model.to_cpu()
+        built = time.perf_counter()
+        for i, prompt in enumerate(golden.prompts):
+            mark = standins.mark()
+            t0 = time.perf_counter()
+            tokens, logits = generate(model, prompt, golden.new_tokens)
+            record = compare(golden, i, tokens, logits)
+            record.update(case=golden.name, prompt=i, prompt_len=len(prompt), tp=args.tp, bound=golden.bound,
+                          tokens=tokens, golden_tokens=golden.tokens[i], standins_called=standins.calls(since=mark),
+                          build_s=built - start, generate_s=time.perf_counter() - t0)
+            records.append(record)
+            if rank == 0:  # progress, for the test's failure output
+                print(f"nxdi_cpu_driver: {golden.name} prompt {i}: match {record['match']:.3f} "
+                      f"max|dlogit| {record['max_abs_logit_diff']:.1e}", file=sys.stderr, flush=True)
+        del model
+        gc.collect()
+    if rank == 0:
+        Path(args.out).write_text(json.dumps(records, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
