@@ -168,13 +168,19 @@ def test_gemma2(sim, tmp_path, cases):
     assert report["final_norm_weight"] == _final_norm(cases["gemma2"])
 
 
-@pytest.mark.parametrize("name", ["gemma3", "gemma3hub"])
-def test_gemma3_transformers5_and_hub_configs(sim, tmp_path, cases, name):
-    """Same weights and RoPE: rope_parameters keyed by layer type (what transformers 5 saves, which vLLM >= 0.13
-    rejects under transformers 4.57 unless the plugin rewrites it) and the Hub's rope_theta / rope_local_base_freq /
-    rope_scaling fields."""
-    report = _drive(sim, tmp_path, cases[name], name)
+def test_gemma3_hub_config_and_override_neuron_config(sim, tmp_path, cases):
+    """Gemma 3 with the Hub's RoPE fields (rope_theta / rope_local_base_freq / rope_scaling; the transformers-5 form
+    of the same checkpoint is served in test_serve_script_over_http), built with
+    `additional_config={"override_neuron_config": {"fold_norm_offset": true}}` (vllm-neuron's channel): the model
+    holds Gemma's 1 + w folded into the norm weights (test_gemma2 shows the default keeps HF's w); float32 gives HF's
+    tokens either way."""
+    import torch
+
+    case = cases["gemma3hub"]
+    report = _drive(sim, tmp_path, case, "gemma3hub", override_neuron_config={"fold_norm_offset": True})
     assert report["hf_config_class"] == "Gemma3TextRopeCompatConfig"
+    assert report["neuron_config"]["fold_norm_offset"] is True
+    assert report["final_norm_weight"] == (torch.tensor(_final_norm(case)) + 1.0).tolist()
 
 
 def test_gemma4_moe_with_tokenizer_then_restart_from_artifacts(sim, tmp_path, cases):
@@ -200,17 +206,6 @@ def test_multimodal_checkpoints_with_hf_overrides(sim, tmp_path, cases, name):
     assert report["hf_config_class"] == {"gemma4mm": "Gemma4CompatConfig", "gemma3mm": "Gemma3RopeCompatConfig"}[name]
 
 
-def test_override_neuron_config_reaches_the_built_model(sim, tmp_path, cases):
-    """`additional_config={"override_neuron_config": {"fold_norm_offset": true}}` (vllm-neuron's channel) builds the
-    model with Gemma's +1 folded into the norm weights (test_gemma2 shows the default keeps HF's w); float32 gives
-    the same tokens either way."""
-    import torch
-
-    report = _drive(sim, tmp_path, cases["gemma2"], "gemma2", override_neuron_config={"fold_norm_offset": True})
-    assert report["neuron_config"]["fold_norm_offset"] is True
-    assert report["final_norm_weight"] == (torch.tensor(_final_norm(cases["gemma2"])) + 1.0).tolist()
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -224,8 +219,10 @@ def _post(url: str, body: dict) -> dict:
 
 
 def test_serve_script_over_http(sim, tmp_path, cases):
-    """scripts/serve_vllm.sh (`vllm serve` with the settings the README documents) on 127.0.0.1, the six prompts
-    sent concurrently to /v1/completions as token ids: HF's greedy tokens on every one."""
+    """scripts/serve_vllm.sh (`vllm serve` with the settings the README documents) on 127.0.0.1 with the Gemma 3
+    checkpoint whose config.json transformers 5 wrote (rope_parameters keyed by layer type, which vLLM rejects under
+    transformers 4.57 unless the plugin rewrites it), the six prompts sent concurrently to /v1/completions as token
+    ids: HF's greedy tokens on every one."""
     case = cases["gemma3"]
     bash, vllm = shutil.which("bash"), Path(sys.executable).parent / "vllm"
     assert bash and vllm.exists(), "bash and the vllm command of this environment are needed"
