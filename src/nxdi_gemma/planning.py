@@ -13,8 +13,9 @@ Counts (all per core, bytes):
   the chunk's hidden states and MLP shard. It no longer grows with the square of the context.
 - a fixed runtime reserve per core.
 Decode roofline: batch / (bytes read per step / HBM bandwidth), where a step reads every weight except the
-embedding tables (only a few rows are gathered), plus the KV cache in use. For MoE it counts every expert, because
-our NxDI MoE runs all experts densely (static shapes); a routed kernel would read only top_k of them.
+embedding tables (only a few rows are gathered), plus the KV cache in use. For MoE it counts the top_k routed
+experts of a token (the decode graph gathers only those experts' weights, `neuron/moe.py`); at batch > 1 distinct
+tokens may route to different experts, so this bound is for batch 1 and optimistic above it.
 Prefill bound: peak bf16 FLOP/s / (2 x active parameters per token).
 """
 
@@ -121,7 +122,7 @@ def parameter_counts(plan: GemmaPlan) -> dict[str, int]:
     """Parameters by how they are held and read: 'sharded' (split over TP; includes all experts and the LM head,
     which NxDI keeps as its own copy even when tied), 'tables' (embedding tables: split over TP, only gathered),
     'replicated' (norms, router, scalars: on every core) and 'active' (read per decoded token: dense weights,
-    all experts (dense on Neuron), LM head and replicated)."""
+    the top_k routed experts, LM head and replicated)."""
     h = plan.hidden_size
     dense = replicated = experts_total = experts_active = 0
     for layer in plan.layers:
@@ -137,7 +138,7 @@ def parameter_counts(plan: GemmaPlan) -> dict[str, int]:
         if layer.moe:
             per_expert = 3 * h * layer.moe.intermediate_size
             experts_total += layer.moe.num_experts * per_expert
-            experts_active += layer.moe.num_experts * per_expert  # dense experts on Neuron (see module doc)
+            experts_active += layer.moe.top_k * per_expert  # routed decode (see module doc)
             replicated += h * layer.moe.num_experts + layer.moe.num_experts + 4 * h
     tables = plan.vocab_size * h
     if plan.ple_dim:
