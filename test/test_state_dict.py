@@ -328,3 +328,26 @@ def test_unfolded_norms_stay_offsets(kind):
     for name, tensor in state.items():
         if NORM.search(name):
             assert torch.equal(out[neuron_name(name)], tensor), name
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_experts_shard_to_every_expert_slice_in_expert_order(tp):
+    """The experts' conversion as `moe.ParallelMoeExperts` reads it: split dim 0 the way NxD shards a parameter of
+    partition stride E (E*TP chunks of Ie/TP rows; rank r takes chunks r, r+TP, ...) and view it [E, Ie/TP, H]:
+    rank r's block e is rows r*Ie/TP.. of expert e's gate, up and transposed down, as HF stores them."""
+    from nxdi_gemma.neuron.state_dict import experts_to_neuron
+
+    num_experts, ie, hidden = 6, 8, 5
+    gen = torch.Generator().manual_seed(0)
+    gate_up = torch.randn(num_experts, 2 * ie, hidden, generator=gen)
+    down = torch.randn(num_experts, hidden, ie, generator=gen)
+    out = experts_to_neuron(gate_up, down)
+    width = ie // tp
+    expected = {"gate_proj.weight": gate_up[:, :ie], "up_proj.weight": gate_up[:, ie:],
+                "down_proj.weight": down.transpose(1, 2)}
+    for name, hf in expected.items():
+        assert out[name].shape == (num_experts * ie, hidden)
+        chunks = torch.split(out[name], width, dim=0)
+        for rank in range(tp):
+            local = torch.cat(chunks[rank::tp], dim=0).view(num_experts, width, hidden)
+            assert torch.equal(local, hf[:, rank * width:(rank + 1) * width]), (name, rank)
