@@ -203,7 +203,8 @@ def replay_prompts(args: argparse.Namespace, model, traced, standins) -> dict:
         if score is not None:
             run.update(score(i, tokens[0].tolist(), logits[0]))
         runs.append(run)
-    result = {"prompts": runs, "xla_compiles": replay.xla_compiles() - compiles0, "calls": dict(session.calls),
+    result = {"prompts": runs, "xla_compiles": replay.xla_compiles() - compiles0, "compiled_at": session.compiled_at,
+              "calls": dict(session.calls),
               "standins_called": standins.calls(since=mark), "weight_problems": session.weight_problems,
               "seconds": round(time.time() - t1, 1)}
     result["kv_state_effect"] = kv_state_effect(model, session, input_ids, tokens)

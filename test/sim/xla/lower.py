@@ -159,6 +159,10 @@ def generate_hlo(func: torch.nn.Module, example_inputs, input_output_aliases: di
                      params=params, output_meta=meta, trace_host_syncs=syncs, alias_problems=problems)
     graph.metaneff = _Metaneff(graph)
     del values, outputs, inputs
+    # Lazy tensors the forward left in Python state (e.g. the model's ForwardState keeps the last K/V and per-layer
+    # inputs) still hold this trace's IR: the next sync would compile and run them as one more graph. Drop it, as
+    # torch-xla's own exporter (stablehlo.py) does after lowering.
+    torch_xla._XLAC._clear_pending_irs(str(device))
     if not preserve_parameters:
         func.to_empty(device="meta")
     return graph

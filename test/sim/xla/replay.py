@@ -180,7 +180,12 @@ class Router(torch.jit.ScriptModule):
         if graph is None:
             raise RuntimeError(f"{self.tag}: no traced bucket takes inputs {[tuple(a.shape) for a in args]}")
         self.session.calls[graph.name] += 1
-        return graph(args, self.session.state)[0].cpu()
+        before = xla_compiles()
+        logits = graph(args, self.session.state)[0].cpu()
+        if xla_compiles() > before:  # a graph compiles on its first call only; more is a retrace
+            self.session.compiled_at.append(f"{graph.name} call {self.session.calls[graph.name]}: "
+                                            f"{xla_compiles() - before}")
+        return logits
 
 
 @dataclass
@@ -190,6 +195,7 @@ class Session:
     graphs: dict[str, list[Graph]]
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     calls: Counter = field(default_factory=Counter)
+    compiled_at: list[str] = field(default_factory=list)  # "graph call n: compiles" for every call that compiled
 
     @property
     def weight_problems(self) -> dict[str, list[str]]:
