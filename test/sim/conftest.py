@@ -15,8 +15,8 @@ Environment:
 Helpers for the tier's tests (constants import as `from conftest import FAMILIES, SIM`; the rest are fixtures):
 - `sim` (session fixture) -> `Sim`: `sim.releases` (available releases), `sim.env(release, mode)` (the environment of a
   process running NxDI of that release: PYTHONPATH = stand-ins, PYTHONPATH, project src, NxD, NxDI;
-  NXDI_GEMMA_SIM_MODE = cpu | xla), `sim.run(cmd, release, mode, timeout)` (subprocess in that environment; its
-  output is shown on failure), `sim.torchrun(nproc)` (argv prefix), `sim.goldens(specs)` -> {name: case dir}
+  NXDI_GEMMA_SIM_MODE = cpu | xla), `sim.run(cmd, release, mode, timeout, check=True)` (subprocess in that
+  environment; a failure shows its output's tail; `sim.failure(proc)` formats it when check=False), `sim.torchrun(nproc)` (argv prefix), `sim.goldens(specs)` -> {name: case dir}
   (makes more golden cases, e.g. fixtures with more heads for TP 4/8: spec format in make_goldens.py).
 - `goldens` (session fixture) -> {family: case dir} for FAMILIES; `sim_golden.load_golden(dir)` reads one (prompts,
   HF tokens, float32 logits per step, bound, checkpoint path); `sim_golden.compare` scores a run.
@@ -89,14 +89,21 @@ class Sim:
         return env
 
     def run(self, cmd: list[str], release: str, mode: str = "cpu", timeout: float = 1200,
-            cwd: Path | None = None) -> subprocess.CompletedProcess:
+            cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        """Run cmd in the environment of `release`; a non-zero exit fails the test with the output's tail (with
+        check=False the caller gets the process and `failure(proc)` describes it)."""
         proc = subprocess.run(cmd, env=self.env(release, mode), cwd=cwd or SIM, capture_output=True, text=True,
                               timeout=timeout)
-        if proc.returncode != 0:
-            tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
-            pytest.fail(f"{' '.join(cmd[:4])}... ({release}, {mode}) exited {proc.returncode}:\n{tail}",
-                        pytrace=False)
+        proc.release_mode = (release, mode)
+        if check and proc.returncode != 0:
+            pytest.fail(self.failure(proc), pytrace=False)
         return proc
+
+    @staticmethod
+    def failure(proc: subprocess.CompletedProcess) -> str:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
+        release, mode = proc.release_mode
+        return f"{' '.join(map(str, proc.args[:4]))}... ({release}, {mode}) exited {proc.returncode}:\n{tail}"
 
     @staticmethod
     def torchrun(nproc: int) -> list[str]:

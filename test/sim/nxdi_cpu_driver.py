@@ -20,6 +20,7 @@ import os
 import socket
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import standins  # installed by test/sim/standins/sitecustomize.py
@@ -70,35 +71,43 @@ def main() -> None:
         torch.distributed.init_process_group("gloo")
         del os.environ["WORLD_SIZE"]
 
-    from nxdi_gemma.neuron import runtime
-
-    records = []
+    records: list[dict] = []
     for case_dir in args.cases:
         golden = load_golden(case_dir)
-        seq_len = -(-(max(map(len, golden.prompts)) + golden.new_tokens) // BUCKET) * BUCKET
-        settings = dict(tp_degree=args.tp, batch_size=1, seq_len=seq_len, max_context_length=seq_len,
-                        torch_dtype="float32", **json.loads(args.neuron_config))
-        start = time.perf_counter()
-        model = runtime.build(str(golden.ckpt), settings, on_cpu=True)
-        model.to_cpu()
-        built = time.perf_counter()
-        for i, prompt in enumerate(golden.prompts):
-            mark = standins.mark()
-            t0 = time.perf_counter()
-            tokens, logits = generate(model, prompt, golden.new_tokens)
-            record = compare(golden, i, tokens, logits)
-            record.update(case=golden.name, prompt=i, prompt_len=len(prompt), tp=args.tp, bound=golden.bound,
-                          tokens=tokens, golden_tokens=golden.tokens[i], standins_called=standins.calls(since=mark),
-                          build_s=built - start, generate_s=time.perf_counter() - t0)
-            records.append(record)
-            if rank == 0:  # progress, for the test's failure output
-                print(f"nxdi_cpu_driver: {golden.name} prompt {i}: match {record['match']:.3f} "
-                      f"max|dlogit| {record['max_abs_logit_diff']:.1e}", file=sys.stderr, flush=True)
-        del model
+        try:
+            records += run_case(golden, args.tp, json.loads(args.neuron_config), rank)
+        except Exception as err:  # recorded, and failed by the test of that family; the other families still run
+            lines = traceback.format_exception(err)
+            records.append({"case": golden.name, "error": "".join(lines[-6:]).strip()})
+        if rank == 0:  # after every case, so a crash later keeps what was measured
+            Path(args.out).write_text(json.dumps(records, indent=1) + "\n")
         gc.collect()
-    if rank == 0:
-        Path(args.out).write_text(json.dumps(records, indent=1) + "\n")
 
+
+def run_case(golden, tp: int, extra: dict, rank: int) -> list[dict]:
+    from nxdi_gemma.neuron import runtime
+
+    seq_len = -(-(max(map(len, golden.prompts)) + golden.new_tokens) // BUCKET) * BUCKET
+    settings = dict(tp_degree=tp, batch_size=1, seq_len=seq_len, max_context_length=seq_len, torch_dtype="float32",
+                    **extra)
+    start = time.perf_counter()
+    model = runtime.build(str(golden.ckpt), settings, on_cpu=True)
+    model.to_cpu()
+    built = time.perf_counter()
+    records = []
+    for i, prompt in enumerate(golden.prompts):
+        mark = standins.mark()
+        t0 = time.perf_counter()
+        tokens, logits = generate(model, prompt, golden.new_tokens)
+        record = compare(golden, i, tokens, logits)
+        record.update(case=golden.name, prompt=i, prompt_len=len(prompt), tp=tp, bound=golden.bound, tokens=tokens,
+                      golden_tokens=golden.tokens[i], standins_called=standins.calls(since=mark),
+                      build_s=built - start, generate_s=time.perf_counter() - t0)
+        records.append(record)
+        if rank == 0:  # progress, for the test's failure output
+            print(f"nxdi_cpu_driver: {golden.name} prompt {i}: match {record['match']:.3f} "
+                  f"max|dlogit| {record['max_abs_logit_diff']:.1e}", file=sys.stderr, flush=True)
+    return records
 
 if __name__ == "__main__":
     main()

@@ -15,18 +15,24 @@ import pytest
 from conftest import FAMILIES, RELEASES, SIM
 
 TP_DEGREES = (1, 2)
-_RUNS: dict[tuple[str, int], list[dict]] = {}
+_RUNS: dict[tuple[str, int], list[dict] | str] = {}  # records, or the failure of the driver process
 
 
 def driver_records(sim, goldens, release: str, tp: int, tmp_path_factory) -> list[dict]:
+    """The driver's records for (release, tp), run once; a failed process fails every family's test with its output,
+    without running again."""
     if (release, tp) not in _RUNS:
         sim.need(release)
         out = tmp_path_factory.mktemp(f"nxdi_cpu_{release}_tp{tp}") / "records.json"
         launcher = sim.torchrun(tp) if tp > 1 else [sys.executable]
         cases = [str(goldens[f]) for f in FAMILIES]
-        sim.run([*launcher, str(SIM / "nxdi_cpu_driver.py"), "--tp", str(tp), "--out", str(out), *cases], release)
-        _RUNS[(release, tp)] = json.loads(out.read_text())
-    return _RUNS[(release, tp)]
+        proc = sim.run([*launcher, str(SIM / "nxdi_cpu_driver.py"), "--tp", str(tp), "--out", str(out), *cases],
+                       release, check=False)
+        _RUNS[(release, tp)] = json.loads(out.read_text()) if proc.returncode == 0 else sim.failure(proc)
+    result = _RUNS[(release, tp)]
+    if isinstance(result, str):
+        pytest.fail(result, pytrace=False)
+    return result
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -35,6 +41,8 @@ def driver_records(sim, goldens, release: str, tp: int, tmp_path_factory) -> lis
 def test_nxdi_cpu_mode_matches_hf(sim, goldens, sim_report, tmp_path_factory, release, tp, family):
     records = [r for r in driver_records(sim, goldens, release, tp, tmp_path_factory) if r["case"] == family]
     assert records, f"the driver produced no record for {family}"
+    errors = [r["error"] for r in records if "error" in r]
+    assert not errors, f"{family} raised in NxDI CPU mode ({release}, TP {tp}):\n{errors[0]}"
     diffs = [r["max_abs_logit_diff"] for r in records]
     sim_report(f"nxdi-cpu {release} tp{tp} {family}",
                f"match {min(r['match'] for r in records):.3f}  max|dlogit| {max(diffs):.1e} "
