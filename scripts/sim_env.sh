@@ -64,7 +64,7 @@ fi
 
 # The project is installed per checkout (editable: its vLLM plugin entry point must be registered), so a venv reused
 # by another clone is pointed at this one.
-installed="$("$py" -c 'import pathlib, nxdi_gemma; print(pathlib.Path(nxdi_gemma.__file__).resolve().parents[1])' \
+installed="$("$py" -I -c 'import pathlib, nxdi_gemma; print(pathlib.Path(nxdi_gemma.__file__).resolve().parents[1])' \
              2>/dev/null || true)"
 if [[ "$installed" != "$repo/src" ]]; then
     log "installing the project from $repo (editable, no deps)"
