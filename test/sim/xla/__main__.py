@@ -150,6 +150,7 @@ def run(args: argparse.Namespace, standins) -> dict:
                 new = sorted(set(Path(args.xla_dump).iterdir()) - before) if args.xla_dump else []
                 xla = stats.xla_dump_stats(new, state_params)
                 xla["compile_seconds"] = round(time.time() - t1, 1)
+                xla["state_params"] = state_params
                 report["graphs"][name]["xla"] = xla
                 log(f"== {name} compiled in {xla['compile_seconds']}s: temp arena "
                     f"{xla.get('temp_arena_bytes', 0) / 2**20:.1f} MiB, bytes accessed "

@@ -140,26 +140,57 @@ _FREE = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "afte
          "replica-id", "iota"}
 
 
+def _operands(rest: str) -> list[str]:
+    """Operand names of an instruction (the text after `opcode(`), without its attributes."""
+    return re.findall(r"%([\w.\-]+)", rest.split("),")[0] if ")," in rest else rest)
+
+
+def _resolve(comps: dict[str, list[str]], name: str, depth: int = 0) -> tuple[str, int | None]:
+    """What a called computation does at its root, seen through XLA:CPU's `call` wrappers (parallel task
+    partitions) and nested fusions: (root opcode, number of the computation's parameter that a root
+    dynamic-update-slice / scatter / copy updates or copies, else None)."""
+    params, root = {}, None
+    for line in comps.get(name, []):
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        iname, _shape, opcode, rest = m.groups()
+        if opcode == "parameter":
+            params[iname] = int(re.match(r"\s*(\d+)", rest).group(1))
+        elif opcode in ("bitcast", "copy") and _operands(rest) and _operands(rest)[0] in params:
+            params[iname] = params[_operands(rest)[0]]  # a view, or the copy a non-donating compile adds
+        if line.lstrip().startswith("ROOT"):
+            root = (opcode, _operands(rest), rest)
+    if root is None or depth > 8:
+        return "fusion", None
+    opcode, operands, rest = root
+    if opcode in ("fusion", "call"):
+        called = re.search(r"(?:calls|to_apply)=%?([\w.\-]+)", rest)
+        if not called:
+            return opcode, None
+        kind, inner = _resolve(comps, called.group(1), depth + 1)
+        target = operands[inner] if inner is not None and inner < len(operands) else None
+        return kind, params.get(target)
+    if opcode in ("dynamic-update-slice", "scatter", "copy") and operands:
+        return opcode, params.get(operands[0])
+    return opcode, None
+
+
 def bytes_accessed(optimized_hlo: str, state_params: dict[int, int]) -> dict:
     """Memory traffic of one execution, estimated as XLA's HloCostAnalysis does over the ENTRY computation of the
-    optimized module: every top-level instruction (fusion, dot, copy, ...) reads its operands and writes its output
-    once; reuse inside a fusion is free.
+    optimized module: every top-level instruction (fusion, dot, copy, XLA:CPU's parallel `call` wrappers, ...)
+    reads its operands and writes its output once; reuse inside a fusion is free.
 
     In-place updates of aliased state: the graph's KV cache is an input aliased to an output, and the device writes
-    that buffer in place. So a dynamic-update-slice or scatter (top level, or the root of a fusion) whose updated
-    operand is such a parameter (directly or through a bitcast/copy) counts only the bytes it updates (the update
-    read + the same bytes written), as HloCostAnalysis itself counts dynamic-update-slice; and a copy of such a
-    parameter counts nothing, since XLA:CPU makes it only because our compile-only run does not donate the buffer.
-    `state_params`: ENTRY parameter number -> bytes, of every aliased state.
+    that buffer in place. So a dynamic-update-slice or scatter (top level, or the root of a fusion or call) whose
+    updated operand is such a parameter (directly or through a bitcast/copy) counts only the bytes it updates: its
+    other operands (update, indices) read once and as many bytes as the largest of them written, as HloCostAnalysis
+    itself counts dynamic-update-slice; and a copy of such a parameter counts nothing, since XLA:CPU makes it only
+    because our compile-only run does not donate the buffer. Reads of the state by anything else (attention reading
+    the cache) count in full. `state_params`: ENTRY parameter number -> bytes, of every aliased state.
     """
     comps = _computations(optimized_hlo)
     size, origin, found = {}, {}, set()
-    fused_root = {}
-    for cname, lines in comps.items():
-        for line in lines:
-            m = _INSTR.match(line)
-            if m and line.lstrip().startswith("ROOT"):
-                fused_root[cname] = m.group(3)
     total, by_op = 0, Counter()
     for line in comps.get("ENTRY", []):
         m = _INSTR.match(line)
@@ -167,7 +198,7 @@ def bytes_accessed(optimized_hlo: str, state_params: dict[int, int]) -> dict:
             continue
         name, shape, opcode, rest = m.groups()
         size[name] = array_bytes(shape)
-        operands = re.findall(r"%([\w.\-]+)", rest.split("),")[0] if ")," in rest else rest)
+        operands = _operands(rest)
         if opcode == "parameter":
             number = int(re.match(r"\s*(\d+)", rest).group(1))
             if number in state_params:
@@ -177,23 +208,22 @@ def bytes_accessed(optimized_hlo: str, state_params: dict[int, int]) -> dict:
                 origin[name] = name
                 found.add(number)
             continue
-        if opcode in ("bitcast", "copy") and operands and operands[0] in origin:
-            origin[name] = origin[operands[0]]
-            if opcode == "copy":
-                continue  # see docstring: no copy on a device that aliases the buffer
+        kind, target = opcode, (0 if opcode in ("dynamic-update-slice", "scatter", "copy", "bitcast") else None)
+        if opcode in ("fusion", "call"):
+            called = re.search(r"(?:calls|to_apply)=%?([\w.\-]+)", rest)
+            kind, target = _resolve(comps, called.group(1)) if called else (opcode, None)
+        state_operand = target is not None and target < len(operands) and operands[target] in origin
+        if kind in ("bitcast", "copy") and state_operand:
+            origin[name] = origin[operands[target]]
+            continue  # a view, or a copy only a non-donating compile makes (see above)
         if opcode in _FREE:
             continue
-        kind = opcode
-        if opcode == "fusion":
-            called = re.search(r"calls=%?([\w.\-]+)", rest)
-            kind = fused_root.get(called.group(1), "fusion") if called else "fusion"
-        if kind in ("dynamic-update-slice", "scatter") and operands and operands[0] in origin:
-            updated = sum(size.get(o, 0) for o in operands[1:])  # update (+ indices), read once
-            data_update = size.get(operands[-1] if kind == "scatter" else operands[1], 0)
-            b = updated + data_update
+        if kind in ("dynamic-update-slice", "scatter") and state_operand:
+            others = [size.get(o, 0) for i, o in enumerate(operands) if i != target]
+            b = sum(others) + max(others, default=0)
             by_op[f"{kind} (in place)"] += b
             total += b
-            origin[name] = origin[operands[0]]
+            origin[name] = origin[operands[target]]
             continue
         b = size[name] + sum(size.get(o, 0) for o in operands)
         total += b
