@@ -44,7 +44,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--neuron-config", default="{}", help="more NeuronConfig fields, JSON")
     p.add_argument("--mode", choices=("trace", "replay", "compile"), default="replay")
-    p.add_argument("--graphs", default="", help="compile only graphs whose name contains one of these (comma list)")
+    p.add_argument("--graphs", default="", help="trace and compile only graphs whose name contains one of these "
+                                                "(comma list, e.g. token_generation)")
     p.add_argument("--golden", help="HF golden in `nxdi-gemma reference` format (top-k logits), for --mode replay")
     p.add_argument("--prompt-len", type=int, default=24, help="without a golden: one seeded random prompt")
     p.add_argument("--new-tokens", type=int, default=16)
@@ -117,7 +118,10 @@ def run(args: argparse.Namespace, standins) -> dict:
     report: dict = {"ckpt": str(ckpt), "neuron_config": {k: str(v) for k, v in neuron_config.items()}, "graphs": {}}
     t0 = time.time()
     model = runtime.build(str(ckpt), neuron_config)
-    traced = replay.trace_model(model)
+    wanted = [w for w in args.graphs.split(",") if w]
+    if wanted and args.mode == "replay":
+        raise SystemExit("--graphs selects graphs to trace and compile; replay needs every graph")
+    traced = replay.trace_model(model, [w.split("_bk")[0] for w in wanted])
     report["trace_seconds"] = round(time.time() - t0, 1)
     seq_lens = {args.seq_len, args.ctx_len or args.seq_len}
     for wrapper in model.models:
@@ -138,7 +142,6 @@ def run(args: argparse.Namespace, standins) -> dict:
                 f"aliasing problems: {s['alias_problems'] or 'none'}")
 
     if args.mode == "compile":
-        wanted = [w for w in args.graphs.split(",") if w]
         for tag, graphs in traced.items():
             for b, hlo in enumerate(graphs):
                 name = f"{tag}_bk{b}"

@@ -60,13 +60,14 @@ def builder_of(model):
     return model.get_builder()
 
 
-def trace_model(model) -> dict[str, list[HloGraph]]:
-    """Submodel tag -> one HloGraph per bucket, in bucket order."""
+def trace_model(model, tags: list[str] | None = None) -> dict[str, list[HloGraph]]:
+    """Submodel tag -> one HloGraph per bucket, in bucket order; `tags`: only submodels whose tag contains one."""
     builder = builder_of(model)
     graphs = {}
     with parallel_stage(builder):
         for key in builder.model_collection:
-            graphs[key] = builder._generate_hlo(key)
+            if not tags or any(t in key for t in tags):
+                graphs[key] = builder._generate_hlo(key)
     return graphs
 
 
