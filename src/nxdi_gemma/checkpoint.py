@@ -24,9 +24,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import GemmaPlan, LayerPlan, load_plan
+from .config import GemmaPlan, load_plan
 from .errors import CheckpointError
-from .layers import GemmaBlock, attention_norms, make_norm
+from .layers import AttentionWeights, GemmaBlock, make_norm
 
 # Text-decoder prefixes on disk, most specific first (spec 4.5, 5.10).
 TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
@@ -232,28 +232,13 @@ def load_state_dict(
     return state
 
 
-class _AttentionWeights(nn.Module):
-    """The parameters of one attention layer under HF's names (what both runtimes' attention modules hold)."""
-
-    def __init__(self, plan: GemmaPlan, layer: LayerPlan):
-        super().__init__()
-        hidden, heads, kv, dim = plan.hidden_size, layer.num_heads, layer.num_kv_heads, layer.head_dim
-        self.q_proj = nn.Linear(hidden, heads * dim, bias=False)
-        if not layer.shares_kv:
-            self.k_proj = nn.Linear(hidden, kv * dim, bias=False)
-            if not layer.k_eq_v:
-                self.v_proj = nn.Linear(hidden, kv * dim, bias=False)
-        self.o_proj = nn.Linear(heads * dim, hidden, bias=False)
-        self.q_norm, self.k_norm, self.v_norm = attention_norms(plan, layer)
-
-
 class _TextWeights(nn.Module):
     """The text decoder's parameters under HF's names below `model.`."""
 
     def __init__(self, plan: GemmaPlan):
         super().__init__()
         self.embed_tokens = nn.Embedding(plan.vocab_size, plan.hidden_size)
-        self.layers = nn.ModuleList(GemmaBlock(plan, layer, _AttentionWeights(plan, layer)) for layer in plan.layers)
+        self.layers = nn.ModuleList(GemmaBlock(plan, layer, AttentionWeights(plan, layer)) for layer in plan.layers)
         self.norm = make_norm(plan, plan.hidden_size)
         if plan.ple_dim:
             self.embed_tokens_per_layer = nn.Embedding(plan.ple_vocab_size, plan.num_layers * plan.ple_dim)

@@ -17,7 +17,7 @@ from . import ops
 from .checkpoint import load_state_dict
 from .config import GemmaPlan, LayerPlan, load_plan
 from .errors import InputError
-from .layers import GemmaBlock, attention_norms, make_norm, per_layer_inputs
+from .layers import AttentionWeights, GemmaBlock, make_norm, per_layer_inputs
 
 
 class LayerCache:
@@ -83,20 +83,12 @@ class KVCache:
         return sum(c.k.nbytes + c.v.nbytes for c in self.layers.values())
 
 
-class CpuAttention(nn.Module):
+class CpuAttention(AttentionWeights):
     """Gemma attention with the HF parameter names (q_proj, k_proj, v_proj, o_proj, q_norm, k_norm)."""
 
     def __init__(self, plan: GemmaPlan, layer: LayerPlan):
-        super().__init__()
+        super().__init__(plan, layer)
         self.layer, self.scale, self.softcap = layer, plan.attention_scale, plan.attn_logit_softcap
-        hidden, heads, kv, dim = plan.hidden_size, layer.num_heads, layer.num_kv_heads, layer.head_dim
-        self.q_proj = nn.Linear(hidden, heads * dim, bias=False)
-        if not layer.shares_kv:
-            self.k_proj = nn.Linear(hidden, kv * dim, bias=False)
-            if not layer.k_eq_v:
-                self.v_proj = nn.Linear(hidden, kv * dim, bias=False)
-        self.o_proj = nn.Linear(heads * dim, hidden, bias=False)
-        self.q_norm, self.k_norm, self.v_norm = attention_norms(plan, layer)
         self.register_buffer("inv_freq", layer.rope.inv_freq(), persistent=False)
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:

@@ -182,3 +182,19 @@ def attention_norms(
     k_norm = make_norm(plan, layer.head_dim, folded=folded) if plan.has_qk_norm and has_kv else None
     v_norm = make_norm(plan, layer.head_dim, with_weight=False) if plan.has_v_norm and has_kv else None
     return q_norm, k_norm, v_norm
+
+
+class AttentionWeights(nn.Module):
+    """The parameters of one attention layer under HF's names: q/k/v/o projections (no k/v on KV-shared layers, no v
+    where K=V) and the q/k/v norms. The CPU runtime's attention extends it; the checkpoint's expected shapes use it."""
+
+    def __init__(self, plan: GemmaPlan, layer: LayerPlan):
+        super().__init__()
+        hidden, heads, kv, dim = plan.hidden_size, layer.num_heads, layer.num_kv_heads, layer.head_dim
+        self.q_proj = nn.Linear(hidden, heads * dim, bias=False)
+        if not layer.shares_kv:
+            self.k_proj = nn.Linear(hidden, kv * dim, bias=False)
+            if not layer.k_eq_v:
+                self.v_proj = nn.Linear(hidden, kv * dim, bias=False)
+        self.o_proj = nn.Linear(heads * dim, hidden, bias=False)
+        self.q_norm, self.k_norm, self.v_norm = attention_norms(plan, layer)
