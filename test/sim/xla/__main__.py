@@ -127,6 +127,8 @@ def run(args: argparse.Namespace, standins) -> dict:
     for wrapper in model.models:
         for bucket in wrapper.neuron_config.buckets:
             seq_lens.update(bucket if isinstance(bucket, list) else [bucket])
+    # A prompt chunk of C tokens attends the cache and itself: key axes of S + C are sequence lengths too.
+    seq_lens |= {args.seq_len + b for b in seq_lens}
     for tag, graphs in traced.items():
         for b, hlo in enumerate(graphs):
             name = f"{tag}_bk{b}"
