@@ -181,3 +181,19 @@ def test_generator_is_deterministic_and_removes_stale(tmp_path):
     assert stale.name not in first
     script.main(["--out", str(tmp_path), "--quiet"])
     assert first == {p.name: p.read_text() for p in tmp_path.glob("*.json")}
+
+
+def test_fold_norm_offset_belongs_in_neuron_config(tmp_path):
+    # Read at top level by earlier versions; now a neuron-config field (what vllm-neuron's override_neuron_config
+    # reaches): a compile config that still has it at top level is refused with one line saying where it goes.
+    from nxdi_gemma.errors import ConfigError
+    from nxdi_gemma.neuron.runtime import read_compile_config
+
+    config = json.loads((CONFIG_DIR / "gemma-3-1b__inf2.xlarge.json").read_text())
+    inside = tmp_path / "inside.json"
+    inside.write_text(json.dumps(dict(config, neuron_config=dict(config["neuron_config"], fold_norm_offset=True))))
+    assert read_compile_config(inside)["neuron_config"]["fold_norm_offset"] is True
+    top = tmp_path / "top.json"
+    top.write_text(json.dumps(dict(config, fold_norm_offset=False)))
+    with pytest.raises(ConfigError, match='move "fold_norm_offset" into "neuron_config"'):
+        read_compile_config(top)
