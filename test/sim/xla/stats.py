@@ -176,10 +176,51 @@ def _resolve(comps: dict[str, list[str]], name: str, depth: int = 0) -> tuple[st
     return opcode, None
 
 
+_SLICING = ("gather", "dynamic-slice", "slice")
+
+
+def _param_reads(comps: dict[str, list[str]], name: str, depth: int = 0) -> dict[int, int]:
+    """Bytes a called computation reads of each parameter it only slices or gathers from (as HloCostAnalysis counts
+    a gather: the rows it fetches, not its whole operand), through nested fusions and calls. Parameters read any
+    other way are absent (read whole). This is what makes a routed-expert gather cost the top-k experts' weights."""
+    instrs, alias = [], {}
+    for line in comps.get(name, []):
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        iname, shape, opcode, rest = m.groups()
+        ops = _operands(rest)
+        if opcode == "parameter":
+            alias[iname] = int(re.match(r"\s*(\d+)", rest).group(1))
+        elif opcode == "bitcast" and ops and ops[0] in alias:
+            alias[iname] = alias[ops[0]]
+        else:
+            instrs.append((shape, opcode, ops, rest))
+    reads: dict[int, int] = {}
+    whole: set[int] = set()
+    for shape, opcode, ops, rest in instrs:
+        nested = None
+        if opcode in ("fusion", "call") and depth < 8:
+            called = re.search(r"(?:calls|to_apply)=%?([\w.\-]+)", rest)
+            nested = _param_reads(comps, called.group(1), depth + 1) if called else {}
+        for k, operand in enumerate(ops):
+            if operand not in alias:
+                continue
+            p = alias[operand]
+            if opcode in _SLICING and k == 0:
+                reads[p] = reads.get(p, 0) + array_bytes(shape)
+            elif nested is not None and k in nested:
+                reads[p] = reads.get(p, 0) + nested[k]
+            elif not (opcode in _SLICING and k > 0):  # indices of a gather are small: count them whole
+                whole.add(p)
+    return {p: b for p, b in reads.items() if p not in whole}
+
+
 def bytes_accessed(optimized_hlo: str, state_params: dict[int, int]) -> dict:
     """Memory traffic of one execution, estimated as XLA's HloCostAnalysis does over the ENTRY computation of the
     optimized module: every top-level instruction (fusion, dot, copy, XLA:CPU's parallel `call` wrappers, ...)
-    reads its operands and writes its output once; reuse inside a fusion is free.
+    reads its operands and writes its output once; reuse inside a fusion is free; an operand that is only gathered
+    or sliced from counts the bytes fetched (`_param_reads`).
 
     In-place updates of aliased state: the graph's KV cache is an input aliased to an output, and the device writes
     that buffer in place. So a dynamic-update-slice or scatter (top level, or the root of a fusion or call) whose
@@ -225,7 +266,13 @@ def bytes_accessed(optimized_hlo: str, state_params: dict[int, int]) -> dict:
             total += b
             origin[name] = origin[operands[target]]
             continue
-        b = size[name] + sum(size.get(o, 0) for o in operands)
+        partial = {}
+        if opcode in ("fusion", "call"):
+            called = re.search(r"(?:calls|to_apply)=%?([\w.\-]+)", rest)
+            partial = _param_reads(comps, called.group(1)) if called else {}
+        elif opcode in _SLICING:
+            partial = {0: size[name]}
+        b = size[name] + sum(min(partial.get(k, size.get(o, 0)), size.get(o, 0)) for k, o in enumerate(operands))
         total += b
         by_op[opcode] += b
     if found != set(state_params):
