@@ -81,6 +81,23 @@ def test_prefill_temp_arena_linear(compiles, sim_report):
     assert exponent <= 1.15, f"context-encoding temp arena {a4 / MiB:.0f} -> {a16 / MiB:.0f} MiB: exponent {exponent:.2f}"
 
 
+def test_planner_models_the_prefill_graph(compiles, sim_report):
+    """`nxdi-gemma plan`'s activation estimate for this geometry within 25% of XLA's context-encoding temp arena."""
+    from nxdi_gemma.benchmark import shrunk_config
+    from nxdi_gemma.config import plan_from_config
+    from nxdi_gemma.planning import prefill_activation_bytes
+    from nxdi_gemma.public_models import public_config
+
+    config = shrunk_config(public_config("gemma-3-1b"), 2, 4096)
+    config.update(json.loads(G3[4]))  # as xla/__main__.py geometry_checkpoint builds it
+    plan = plan_from_config(config)
+    for seq in (4096, 16384):
+        arena = max(g["xla"]["temp_arena_bytes"] for g in pick(g3(compiles, seq), "context_encoding").values())
+        estimate = prefill_activation_bytes(plan, 1, 1, seq, seq, 4)
+        sim_report(f"planner vs XLA prefill arena {seq}", f"{estimate / MiB:.1f} vs {arena / MiB:.1f} MiB")
+        assert abs(estimate - arena) <= 0.25 * arena, f"{seq}: planner {estimate / MiB:.0f} MiB vs XLA {arena / MiB:.0f}"
+
+
 def test_prefill_graph_size_fixed(compiles, sim_report):
     small, large = pick(g3(compiles, 4096), "context_encoding"), pick(g3(compiles, 16384), "context_encoding")
     n4, n16 = (max(g["instructions"] for g in gs.values()) for gs in (small, large))
