@@ -49,8 +49,9 @@ FAMILIES = {
 # Runs in the simulation tier's interpreter (NxD/NxDI importable, stand-ins installed by test/sim/standins).
 
 
-def greedy_xla(model, prompt_ids: list[list[int]], new_tokens: int):
-    """Trace once, replay the graphs on PJRT CPU for every prompt (test/sim/xla's API)."""
+def greedy_xla(model, prompt_ids: list[list[int]], new_tokens: int, standins) -> tuple[list, dict]:
+    """Trace once, replay the graphs on PJRT CPU for every prompt (test/sim/xla's API). Stand-ins are called while
+    tracing (our generate_hlo is served as torch-neuronx's); only calls while generating count."""
     from xla import replay
 
     from nxdi_gemma.reference import Continuation
@@ -58,11 +59,11 @@ def greedy_xla(model, prompt_ids: list[list[int]], new_tokens: int):
     traced = replay.trace_model(model)
     session = replay.attach(model, traced, replay.sharded_weights(model))
     out = []
-    with replay.parallel_stage(replay.builder_of(model)):
-        for ids in prompt_ids:
-            tokens, logits = replay.greedy(model, torch.tensor([ids]), new_tokens)
-            out.append(Continuation(tokens[0].tolist(), logits[0].float()))
-    return out, {"weight_problems": session.weight_problems}
+    mark = standins.mark()
+    for ids in prompt_ids:
+        tokens, logits = replay.greedy(model, torch.tensor([ids]), new_tokens)
+        out.append(Continuation(tokens[0].tolist(), logits[0].float()))
+    return out, {"weight_problems": session.weight_problems, "standins_called": standins.calls(since=mark)}
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -82,20 +83,18 @@ def worker(args: argparse.Namespace) -> int:
     settings = {"tp_degree": 1, "batch_size": 1, "seq_len": seq_len, "max_context_length": seq_len,
                 "torch_dtype": "bfloat16"}
     model = runtime.build(job["ckpt"], settings, on_cpu=args.worker == "nxdi")
-    extra: dict = {}
     if args.worker == "nxdi":
         model.to_cpu()
         mark = standins.mark()
         conts = runtime.greedy(model, prompts, new)
+        meta = {"standins_called": standins.calls(since=mark)}
     else:
-        mark = standins.mark()
-        conts, extra = greedy_xla(model, prompts, new)
+        conts, meta = greedy_xla(model, prompts, new, standins)
     tensors = {}
     for i, c in enumerate(conts):
         tensors[f"tokens_{i}"] = torch.tensor(c.tokens, dtype=torch.int64)
         tensors[f"logits_{i}"] = c.logits.float().contiguous()
     save_file(tensors, args.out)
-    meta = {"standins_called": standins.calls(since=mark), **extra}
     Path(args.out + ".json").write_text(json.dumps(meta))
     return 0
 
@@ -181,6 +180,13 @@ def render(table: dict, meta: dict) -> str:
     return "\n".join(lines)
 
 
+def meta_of(args: argparse.Namespace, sim_torch: str) -> dict:
+    import transformers
+
+    return {"release": args.release, "new_tokens": args.new_tokens, "transformers": transformers.__version__,
+            "torch": torch.__version__, "sim_torch": sim_torch or "-"}
+
+
 def write_readme(body: str) -> None:
     text = README.read_text()
     pattern = re.compile(rf"(<!-- BEGIN {SECTION} -->\n).*?(<!-- END {SECTION} -->)", re.S)
@@ -221,8 +227,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.write_readme:
             write_readme(body)
         return 0
-
-    import transformers
 
     from nxdi_gemma.cli import cpu_greedy
     from nxdi_gemma.reference import hf_greedy
@@ -266,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
                 r = row[path]
                 print(f"{family:<36} {path:<5} {r['prompts_exact']}/{r['prompts']} prompts exact, match "
                       f"{r['match_rate']:.1%}, max |logit diff| {r['max_abs_logit_diff']:.3g}", flush=True)
-    meta = {"release": args.release, "new_tokens": args.new_tokens, "transformers": transformers.__version__,
-            "torch": torch.__version__, "sim_torch": sim_torch or "-"}
+                if args.json:  # after every cell, so a long run that stops keeps what it measured
+                    Path(args.json).write_text(json.dumps({"meta": meta_of(args, sim_torch), "table": table}) + "\n")
+    meta = meta_of(args, sim_torch)
     body = render(table, meta)
     print(body)
     if args.json:
