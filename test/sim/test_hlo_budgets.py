@@ -118,6 +118,7 @@ def test_decode_bytes_track_kv(compiles, sim_report):
     assert added <= 1.5 * added_kv, f"decode reads +{added / MiB:.0f} MiB per step for +{added_kv / MiB:.0f} MiB of KV"
 
 
+@pytest.mark.slow  # a 131072-length compile: minutes and GiBs; run with -m slow (not in .ci/run)
 def test_long_prompt_graphs_fit(compiles, sim_report):
     graphs = pick(g3(compiles, 131072), "context_encoding")
     assert graphs, "no context-encoding graph at 131072"
@@ -127,6 +128,7 @@ def test_long_prompt_graphs_fit(compiles, sim_report):
     assert not too_big, f"graphs a 131072-token prompt needs exceed 2 GiB of temp: {too_big}"
 
 
+@pytest.mark.slow  # two 26B-A4B-geometry compiles (one with 32 experts): run with -m slow (not in .ci/run)
 def test_moe_decode_reads_routed_experts(compiles, sim_report):
     four, many = compiles("moe", MOE_JOBS)
     b4, b32 = (max(g["xla"]["bytes_accessed"] for g in pick(r["graphs"], "token_generation").values())
@@ -136,7 +138,8 @@ def test_moe_decode_reads_routed_experts(compiles, sim_report):
     assert b32 <= 1.25 * b4, f"32 experts read {b32 / b4:.2f}x the bytes of 4 (every expert runs on every token?)"
 
 
-@pytest.mark.parametrize("run", ["g3_4096", "g3_16384", "g3_131072", "moe"])
+@pytest.mark.parametrize("run", ["g3_4096", "g3_16384", pytest.param("g3_131072", marks=pytest.mark.slow),
+                                 pytest.param("moe", marks=pytest.mark.slow)])
 def test_no_f64_no_int64_seq_by_seq(compiles, run):
     if run == "moe":
         reports = compiles("moe", MOE_JOBS)
