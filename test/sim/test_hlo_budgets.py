@@ -89,7 +89,7 @@ def test_planner_models_the_prefill_graph(compiles, sim_report):
     from nxdi_gemma.public_models import public_config
 
     config = shrunk_config(public_config("gemma-3-1b"), 2, 4096)
-    config.update(json.loads(G3[4]))  # as xla/__main__.py geometry_checkpoint builds it
+    config.update(json.loads(G3[G3.index("--set") + 1]))  # as xla/__main__.py geometry_checkpoint builds it
     plan = plan_from_config(config)
     for seq in (4096, 16384):
         arena = max(g["xla"]["temp_arena_bytes"] for g in pick(g3(compiles, seq), "context_encoding").values())
