@@ -113,7 +113,8 @@ def greedy(model, prompt_ids: list[list[int]], max_new_tokens: int) -> list[Cont
         for step in range(max_new_tokens):
             result = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                            seq_ids=torch.arange(batch))
-            last = result.logits[0, -1].float()
+            # On-device sampling with output_logits returns the LM head's padded width; the real vocab comes first.
+            last = result.logits[0, -1, : model.config.vocab_size].float()
             logits.append(last)
             tokens.append(int(last.argmax()))
             if step + 1 < max_new_tokens:
