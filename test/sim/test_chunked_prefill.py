@@ -43,6 +43,7 @@ def test_continuous_batching_with_chunked_prefill(sim, goldens, sim_report, rele
     check(json.loads(out.read_text()), sim_report, f"continuous batching + chunked prefill C={CB_CHUNK} {release}")
 
 
+@pytest.mark.slow  # TP 2 itself is in test_nxdi_cpu.py on both releases; this adds chunking at TP 2
 @pytest.mark.parametrize("release", RELEASES[:1])
 def test_tp2_prompt_in_chunks(sim, goldens, sim_report, release, tmp_path):
     out = tmp_path / "result.json"
