@@ -1,8 +1,8 @@
 """Gemma attention on NxDI's NeuronAttentionBase: per-layer RoPE, Gemma's score scale and softcap, sliding masks.
 
-Overrides checked against NxDI 0.8 (cd3abf3) and 0.9 (c63afe0): NeuronAttentionBase.prep_qkv_tensors, perform_prefill,
-perform_prefill_windowed_attn, compute_for_token_gen, get_flash_attention_strategy (same signatures in both).
-Untested on Trainium/Inferentia hardware.
+Checked against NxDI 0.8 (cd3abf3) and 0.9 (c63afe0): NeuronAttentionBase.__init__, forward (our own: NxDI's dispatches
+to kernels and windowed paths we do not use), prep_qkv_tensors, get_o_proj and NeuronAttentionBaseOutput have the
+same signatures in both. Untested on Trainium/Inferentia hardware.
 """
 
 from __future__ import annotations

@@ -5,12 +5,12 @@ block wiring, attention core) and the weight conversion (`neuron.state_dict`). W
 tensor-parallel linears and embedding, NeuronAttentionBase hooks, per-layer KV cache shapes, and masks.
 
 Every base class and override below was checked against NxDI 0.8 (Neuron SDK 2.28, cd3abf3) and 0.9 (2.29, c63afe0):
-NeuronBaseForCausalLM/NeuronBaseModel (setup_attr_for_model, init_model, init_inference_optimization, get_state_dict,
-convert_hf_to_neuron_state_dict, update_state_dict_for_tied_weights), NeuronAttentionBase (perform_prefill,
-perform_prefill_windowed_attn, compute_for_token_gen, get_flash_attention_strategy: same signatures in both),
-KVCacheManager (get_kv_by_layer_id, update_kv_by_layer_id, _get_index_to_update_new_position, _fetch_cache),
-ParallelEmbedding / ColumnParallelLinear / RowParallelLinear, create_sampler. `softmax_scale=` (0.9 only) is never
-passed. Untested on Trainium/Inferentia hardware: verified in NxDI's CPU mode only.
+NeuronBaseForCausalLM (forward, _is_prefill, get_state_dict, convert_hf_to_neuron_state_dict,
+update_state_dict_for_tied_weights, load_hf_model), NeuronBaseModel (setup_attr_for_model, init_model,
+init_inference_optimization, create_attn_mask), NeuronAttentionBase (forward, prep_qkv_tensors, get_o_proj; see
+attention.py), KVCacheManager (see kv_cache.py), ParallelEmbedding / ColumnParallelLinear / RowParallelLinear,
+create_sampler. `softmax_scale=` (0.9 only) is never passed. Untested on Trainium/Inferentia hardware: verified in
+NxDI's CPU mode and as XLA graphs (test/sim) only.
 """
 
 from __future__ import annotations
