@@ -11,7 +11,9 @@ Runs in the main environment (transformers >= 5: the HF reference, Gemma 4 inclu
          tier's interpreter (`--sim-python`, default $NXDI_GEMMA_SIM_PYTHON, else what scripts/sim_env.sh prints)
          with the tier's stand-ins (test/sim/standins) and the NxD/NxDI `src` trees of `--nxdi-sources/--release`;
   xla    the same classes traced once through NxD's ModelBuilder with real torch-xla and the graphs replayed on
-         PJRT CPU (test/sim/xla), same interpreter.
+         PJRT CPU (test/sim/xla), same interpreter;
+  nxdi+acc, xla+acc   the same with the neuron config's `attention_fp32_accumulation` (the cache and active-token
+         P @ V products summed in float32 and rounded once, as HF's single product is).
 Fixtures (random weights, deterministic, `nxdi_gemma.tiny`): Gemma 2 (softcaps), Gemma 3, Gemma 4 dense (PLE, KV
 sharing), Gemma 4 MoE (`make-tiny --kind gemma4`: PLE, KV sharing, K=V, MoE); the 6 default prompts of
 `token-match` (18 to 65 tokens, window 8) and 24 new tokens. The two sides exchange tokens and logits as
@@ -35,7 +37,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 SECTION = "bf16-table"
-PATHS = ("cpu", "nxdi", "xla")
+PATHS = ("cpu", "nxdi", "xla", "nxdi+acc", "xla+acc")
+# What a path adds to the neuron config of the NxDI worker it runs (its part before "+").
+PATH_NEURON_CONFIG = {"nxdi+acc": {"attention_fp32_accumulation": True}, "xla+acc": {"attention_fp32_accumulation": True}}
 # family label -> (tiny kind, config overrides)
 FAMILIES = {
     "Gemma 2 (softcaps)": ("gemma2", {}),
@@ -81,7 +85,7 @@ def worker(args: argparse.Namespace) -> int:
     longest = max(len(p) for p in prompts) + new
     seq_len = -(-longest // 64) * 64
     settings = {"tp_degree": 1, "batch_size": 1, "seq_len": seq_len, "max_context_length": seq_len,
-                "torch_dtype": "bfloat16"}
+                "torch_dtype": "bfloat16", **job["neuron_config"]}
     model = runtime.build(job["ckpt"], settings, on_cpu=args.worker == "nxdi")
     if args.worker == "nxdi":
         model.to_cpu()
@@ -131,8 +135,10 @@ def run_worker(path: str, python: str, ckpt: Path, prompt_ids: list[list[int]], 
     from nxdi_gemma.reference import Continuation
 
     job = work / f"job-{path}.json"
-    job.write_text(json.dumps({"ckpt": str(ckpt), "prompt_ids": prompt_ids, "new_tokens": new}))
+    job.write_text(json.dumps({"ckpt": str(ckpt), "prompt_ids": prompt_ids, "new_tokens": new,
+                               "neuron_config": PATH_NEURON_CONFIG.get(path, {})}))
     out = work / f"out-{path}.safetensors"
+    path = path.split("+")[0]  # the worker kind
     sim = REPO / "test" / "sim"
     env = dict(os.environ, NXDI_GEMMA_SIM_MODE="cpu" if path == "nxdi" else "xla",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port(), PYTHONPYCACHEPREFIX=str(work / "pycache"))
@@ -161,7 +167,8 @@ def summarize(results) -> dict:
 
 def render(table: dict, meta: dict) -> str:
     heads = {"cpu": "CPU runtime", "nxdi": f"NxDI CPU mode, TP 1 ({meta['release']})",
-             "xla": f"XLA replay, TP 1 ({meta['release']})"}
+             "xla": f"XLA replay, TP 1 ({meta['release']})",
+             "nxdi+acc": "NxDI CPU mode, `attention_fp32_accumulation`", "xla+acc": "XLA replay, same"}
     paths = [p for p in PATHS if any(p in row for row in table.values())]
     lines = ["| fixture (random weights) | " + " | ".join(heads[p] for p in paths) + " |",
              "|---|" + "---|" * len(paths)]
@@ -200,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", choices=("nxdi", "xla"), help=argparse.SUPPRESS)
     p.add_argument("--job", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
-    p.add_argument("--paths", default=",".join(PATHS), help="comma list of cpu, nxdi, xla")
+    p.add_argument("--paths", default=",".join(PATHS), help="comma list of " + ", ".join(PATHS))
     p.add_argument("--families", default="", help="only families whose label contains one of these (comma list)")
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--sim-python", help="interpreter of the simulation tier (NxD/NxDI deps, torch-xla)")

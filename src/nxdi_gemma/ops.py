@@ -110,6 +110,7 @@ def attention_over_segments(
     segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     scale: float,
     logit_softcap: float | None,
+    fp32_accumulation: bool = False,
 ) -> torch.Tensor:
     """One softmax over the keys of several segments (e.g. a KV cache read in place and the active tokens' K/V),
     without concatenating or repeating K/V.
@@ -119,6 +120,10 @@ def attention_over_segments(
     cache is read once per KV head instead of copied to every query head. Only the scores (activations, S x sum T_i)
     are concatenated for the one float32 softmax of HF's eager order (spec 2.5); probabilities are rounded to q's
     dtype, and the segments' P @ V products are summed. Returns [B, Nq, S, D].
+
+    In bfloat16 each product is rounded before the sum, where HF's single P @ V over all keys rounds once: about one
+    bf16 ulp per attention output. fp32_accumulation sums the products in float32 and rounds once, as HF does, at
+    the cost of float32 operands (a float32 copy of each V segment, the cache included, in a traced graph).
     """
     batch, heads, length, dim = q.shape
     kv_heads = segments[0][0].shape[1]
@@ -140,9 +145,9 @@ def attention_over_segments(
     for k, v, _ in segments:
         part = probs[..., start:start + k.shape[2]].reshape(batch, kv_heads, group * length, k.shape[2])
         start += k.shape[2]
-        term = torch.matmul(part, v)
+        term = torch.matmul(part.float(), v.float()) if fp32_accumulation else torch.matmul(part, v)
         out = term if out is None else out + term
-    return out.view(batch, heads, length, dim)
+    return out.to(q.dtype).view(batch, heads, length, dim)
 
 
 def sliding_chunk_attention(
@@ -155,6 +160,7 @@ def sliding_chunk_attention(
     window: int,
     scale: float,
     logit_softcap: float | None,
+    fp32_accumulation: bool = False,
 ) -> torch.Tensor:
     """Sliding-window attention of a chunk of C consecutive tokens, in S x W memory and work (not S x S).
 
@@ -176,7 +182,8 @@ def sliding_chunk_attention(
         prior_visible = (m[None, :] > i[:, None])[None] & exists[:, None, :]  # [B, C, W]
         causal = (i[None, :] <= i[:, None])[None]  # [1, C, C]
         return attention_over_segments(
-            q, [(prior_k, prior_v, prior_visible[:, None]), (k, v, causal[:, None])], scale, logit_softcap
+            q, [(prior_k, prior_v, prior_visible[:, None]), (k, v, causal[:, None])], scale, logit_softcap,
+            fp32_accumulation,
         )
     blocks = -(-length // window)
     pad = blocks * window - length

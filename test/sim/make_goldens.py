@@ -4,10 +4,11 @@
     python test/sim/make_goldens.py SPEC.json OUT_DIR
 
 SPEC.json maps a case name to {"config": config.json dict, "seed": int, "prompt_lengths": [int], "prompt_seed": int,
-"new_tokens": int}. For each case, OUT_DIR/<name>/ckpt is a checkpoint (our writer, `nxdi_gemma.tiny.random_weights`)
-and OUT_DIR/<name>/golden.json holds, per prompt, HF's greedy tokens and float32 logits at every step (HF forward +
-KV cache in a plain argmax loop: `nxdi_gemma.reference.hf_greedy`), and HF's own float32-vs-float64 deviation over
-the same sequences (teacher-forced, every position), from which spec 8.1's bound is derived. A case whose golden.json
+"new_tokens": int, optionally "dtype": "bfloat16"}. For each case, OUT_DIR/<name>/ckpt is a checkpoint (our writer,
+`nxdi_gemma.tiny.random_weights`) and OUT_DIR/<name>/golden.json holds, per prompt, HF's greedy tokens and logits at
+every step (HF forward + KV cache in a plain argmax loop: `nxdi_gemma.reference.hf_greedy`) in float32, or in the
+spec's dtype, and, for float32, HF's own float32-vs-float64 deviation over the same sequences (teacher-forced, every
+position), from which spec 8.1's bound is derived (a bfloat16 golden has none: bound null, the test sets its own). A case whose golden.json
 already records the same spec is kept.
 """
 
@@ -66,17 +67,22 @@ def make_case(name: str, spec: dict, out: Path) -> None:
         ckpt.rmdir()
     save_checkpoint(ckpt, config, random_weights(config, spec["seed"]))
     prompts = prompts_of(spec, text["vocab_size"])
-    refs = hf_greedy(ckpt, prompts, spec["new_tokens"], torch.float32)
-    deviation = fp32_vs_fp64(ckpt, [p + r.tokens for p, r in zip(prompts, refs, strict=True)])
-    generation = 4 if config["model_type"].startswith("gemma4") else int(config["model_type"][5])
-    # Gemma 2/3: the spec's fixed 1e-4. Gemma 4: 4x HF's own float32 error where that exceeds the floor (spec 8.1).
-    bound = FLOOR if generation < 4 else max(FLOOR, 4.0 * deviation)
+    dtype = spec.get("dtype", "float32")
+    if dtype not in ("float32", "bfloat16"):
+        raise SystemExit(f"make_goldens.py: case {name}: dtype {dtype!r}; choose float32 or bfloat16")
+    refs = hf_greedy(ckpt, prompts, spec["new_tokens"], getattr(torch, dtype))
+    deviation = bound = None
+    if dtype == "float32":
+        deviation = fp32_vs_fp64(ckpt, [p + r.tokens for p, r in zip(prompts, refs, strict=True)])
+        generation = 4 if config["model_type"].startswith("gemma4") else int(config["model_type"][5])
+        # Gemma 2/3: the spec's fixed 1e-4. Gemma 4: 4x HF's own float32 error where that exceeds the floor (8.1).
+        bound = FLOOR if generation < 4 else max(FLOOR, 4.0 * deviation)
     doc = {
         "name": name, "spec_hash": key, "transformers": transformers.__version__, "torch": torch.__version__,
         "model_type": config["model_type"], "sliding_window": text.get("sliding_window"),
-        "new_tokens": spec["new_tokens"], "hf_fp32_vs_fp64": deviation, "bound": bound,
+        "new_tokens": spec["new_tokens"], "dtype": dtype, "hf_fp32_vs_fp64": deviation, "bound": bound,
         "prompts": prompts, "tokens": [r.tokens for r in refs],
-        "logits": [r.logits.tolist() for r in refs],  # float32 values, exact as Python floats
+        "logits": [r.logits.float().tolist() for r in refs],  # float32 (or bf16) values, exact as Python floats
     }  # fmt: skip
     tmp = case / "golden.json.tmp"
     tmp.write_text(json.dumps(doc) + "\n")

@@ -88,8 +88,8 @@ def run_case(golden, tp: int, extra: dict, rank: int) -> list[dict]:
     from nxdi_gemma.neuron import runtime
 
     seq_len = -(-(max(map(len, golden.prompts)) + golden.new_tokens) // BUCKET) * BUCKET
-    settings = dict(tp_degree=tp, batch_size=1, seq_len=seq_len, max_context_length=seq_len, torch_dtype="float32",
-                    **extra)
+    settings = {"tp_degree": tp, "batch_size": 1, "seq_len": seq_len, "max_context_length": seq_len,
+                "torch_dtype": golden.dtype, **extra}
     start = time.perf_counter()
     model = runtime.build(str(golden.ckpt), settings, on_cpu=True)
     model.to_cpu()

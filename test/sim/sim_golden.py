@@ -18,11 +18,12 @@ class Golden:
     prompts: list[list[int]]
     tokens: list[list[int]]  # HF's greedy tokens per prompt
     logits: list[torch.Tensor]  # float32 [new_tokens, vocab] per prompt, along HF's greedy path
-    bound: float  # max |logit diff| allowed in float32 (spec 8.1)
-    hf_fp32_vs_fp64: float
+    bound: float | None  # max |logit diff| allowed in float32 (spec 8.1); None for a bfloat16 golden
+    hf_fp32_vs_fp64: float | None
     model_type: str
     sliding_window: int | None
     new_tokens: int
+    dtype: str  # what HF ran in: "float32" or "bfloat16"
 
 
 def load_golden(case_dir: str | Path) -> Golden:
@@ -32,7 +33,7 @@ def load_golden(case_dir: str | Path) -> Golden:
         name=doc["name"], ckpt=case_dir / "ckpt", path=case_dir / "golden.json", prompts=doc["prompts"],
         tokens=doc["tokens"], logits=[torch.tensor(x, dtype=torch.float32) for x in doc["logits"]],
         bound=doc["bound"], hf_fp32_vs_fp64=doc["hf_fp32_vs_fp64"], model_type=doc["model_type"],
-        sliding_window=doc["sliding_window"], new_tokens=doc["new_tokens"],
+        sliding_window=doc["sliding_window"], new_tokens=doc["new_tokens"], dtype=doc.get("dtype", "float32"),
     )  # fmt: skip
 
 

@@ -68,6 +68,8 @@ class NeuronGemmaAttention(NeuronAttentionBase):
         self.gemma_scale = plan.attention_scale
         self.gemma_softcap = plan.attn_logit_softcap
         self.gemma_window = layer.window
+        # A plain NxDI NeuronConfig (not ours) cannot carry the field: the default.
+        self.fp32_accumulation = getattr(config.neuron_config, "attention_fp32_accumulation", False)
         self.softmax_scale = 1.0 / plan.attention_scale  # NxDI 0.9 divides by this in paths we do not override
         self.v_norm = v_norm
         self.state = state
@@ -126,13 +128,14 @@ class NeuronGemmaAttention(NeuronAttentionBase):
             index = order[:, None, :, None].to(torch.int64).expand(prior[0].shape)
             prior_k, prior_v = (torch.gather(t, 2, index) for t in prior)
             return ops.sliding_chunk_attention(Q, prior_k, prior_v, K, V, first, window, self.gemma_scale,
-                                               self.gemma_softcap)
+                                               self.gemma_softcap, self.fp32_accumulation)
         i = torch.arange(length, device=Q.device, dtype=torch.int32)
         segments = [(K, V, (i[None, :] <= i[:, None])[None, None])]
         if prior is not None:
             slots = torch.arange(prior[0].shape[2], device=Q.device, dtype=torch.int32)
             segments.insert(0, (prior[0], prior[1], (slots[None, :] < first)[:, None, None, :]))
-        return ops.attention_over_segments(Q, segments, self.gemma_scale, self.gemma_softcap)
+        return ops.attention_over_segments(Q, segments, self.gemma_scale, self.gemma_softcap,
+                                           self.fp32_accumulation)
 
     def decode_attention(self, Q, K, V, position_ids, past_key_value):
         """Token generation: the cache in place (no copy, no per-head repeat) and the active token(s)."""
@@ -149,4 +152,5 @@ class NeuronGemmaAttention(NeuronAttentionBase):
         i = torch.arange(Q.shape[2], device=Q.device, dtype=torch.int32)
         segments = [(k_prior, v_prior, prior_visible[:, None, None, :]),
                     (K, V, (i[None, :] <= i[:, None])[None, None])]
-        return ops.attention_over_segments(Q, segments, self.gemma_scale, self.gemma_softcap)
+        return ops.attention_over_segments(Q, segments, self.gemma_scale, self.gemma_softcap,
+                                           self.fp32_accumulation)

@@ -36,18 +36,29 @@ class GemmaNeuronConfig(NeuronConfig):
     vllm-neuron builds from `override_neuron_config` and what neuron_config.json reloads. False: Gemma 2/3 norms
     keep HF's weights and add 1 in float32 at run time, as HF does (bit-exact in bf16). True: `1 + w` is folded into
     the weights at conversion, rounded to the model dtype (3.7e-2 max logit diff on the Gemma 3 fixture in bf16);
-    it would only pay off for a fused norm kernel reading raw weights, and every NKI kernel is off here."""
+    it would only pay off for a fused norm kernel reading raw weights, and every NKI kernel is off here.
+
+    `attention_fp32_accumulation` (ours, default False): attention reads the KV cache in place, so the cache and the
+    active tokens are two P @ V products; in bfloat16 each is rounded before their sum, where HF rounds one product
+    over all keys once (about one bf16 ulp per attention output; the measured bf16 logit gap of the NxDI path). True
+    sums the products in float32 and rounds once, as HF does (NxDI CPU mode: HF's bf16 tokens on every tier fixture,
+    logits equal or about an ulp apart), at the cost of float32 operands: the decode graph converts the V cache to
+    float32 every step. A bf16 validation mode, not for serving; no effect in float32. Untested on hardware."""
 
     def __init__(self, **kwargs: Any):
         kwargs.setdefault("attn_kernel_enabled", False)
         fold = kwargs.pop("fold_norm_offset", False)
         if not isinstance(fold, bool):
             raise ConfigError(f"neuron config fold_norm_offset={fold!r} must be true or false")
+        fp32_accumulation = kwargs.pop("attention_fp32_accumulation", False)
+        if not isinstance(fp32_accumulation, bool):
+            raise ConfigError(f"neuron config attention_fp32_accumulation={fp32_accumulation!r} must be true or false")
         chunk = kwargs.pop("prefill_chunk_size", None)
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 2):
             raise ConfigError(f"neuron config prefill_chunk_size={chunk!r} must be an integer >= 2 (or omitted)")
         super().__init__(**kwargs)
         self.fold_norm_offset = fold
+        self.attention_fp32_accumulation = fp32_accumulation
         # Prompt tokens per context-encoding call (None: chosen from the model in GemmaInferenceConfig).
         self.prefill_chunk_size = chunk
         enabled = [flag for flag in UNSUPPORTED_FLAGS if getattr(self, flag, False)]

@@ -1,0 +1,89 @@
+"""The NxDI path's attention cores (ops.attention_over_segments, ops.sliding_chunk_attention) against HF's own
+`eager_attention_forward` (transformers 5, Gemma 3 module) over the concatenated keys, in bfloat16.
+
+NxDI attends the KV cache in place plus the active tokens, i.e. two key segments. HF runs one P @ V over all keys
+and rounds once; with `fp32_accumulation` ours sums the segments' products in float32 and rounds once too, so the
+two differ only where float32 summation order moves a rounding (values near zero; FP32_ORDER). Without it each
+product is rounded first: a quarter of the outputs move by up to an ulp of the partial sums, which the same bound
+catches. Float32 exactness of these cores is covered end to end by the simulation tier.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward
+
+from nxdi_gemma import ops
+
+HEADS, KV_HEADS, DIM = 8, 2, 64
+DTYPE = torch.bfloat16
+# Outputs are O(1) (bf16 ulp 2^-7 near 1): only a float32 summation-order difference on a near-zero value fits here.
+FP32_ORDER = 1e-6
+
+
+def hf_attention(q, k, v, visible, scale, cap):
+    """HF eager attention; visible bool [B, 1, S, T] becomes HF's additive mask (dtype min where hidden)."""
+    module = SimpleNamespace(num_key_value_groups=q.shape[1] // k.shape[1], training=False, head_dim=q.shape[-1])
+    mask = torch.zeros(visible.shape, dtype=q.dtype).masked_fill(~visible, torch.finfo(q.dtype).min)
+    out, _ = eager_attention_forward(module, q, k, v, mask, scaling=scale, softcap=cap)
+    return out.transpose(1, 2)  # [B, Nq, S, D], as ours
+
+
+def tensors(seed: int, queries: int, keys: int, batch: int = 2):
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(*shape):
+        return (torch.randn(*shape, generator=gen) * 2).to(DTYPE)
+
+    return make(batch, HEADS, queries, DIM), make(batch, KV_HEADS, keys, DIM), make(batch, KV_HEADS, keys, DIM)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+@pytest.mark.parametrize("cap", [None, 50.0])
+@pytest.mark.parametrize("queries", [1, 5])  # decode (one active token), a prompt chunk after cached tokens
+def test_two_segments_match_hf_in_bf16(queries: int, cap: float | None):
+    cached = 40
+    q, k, v = tensors(queries, queries, cached + queries)
+    scale = 256 ** -0.5
+    # The cache: rows see different prefixes (37 and all 40 slots); the active tokens: causal.
+    seen = torch.tensor([37, 40])[:, None]
+    cache_visible = (torch.arange(cached)[None, :] < seen)[:, None, None, :].expand(-1, 1, queries, -1)
+    i = torch.arange(queries)
+    active_visible = (i[None, :] <= i[:, None])[None, None].expand(2, 1, -1, -1)
+    reference = hf_attention(q, k, v, torch.cat([cache_visible, active_visible], dim=-1), scale, cap)
+
+    segments = [(k[:, :, :cached], v[:, :, :cached], cache_visible), (k[:, :, cached:], v[:, :, cached:],
+                                                                       active_visible)]
+    exact = ops.attention_over_segments(q, segments, scale, cap, fp32_accumulation=True)
+    assert exact.dtype == DTYPE and exact.shape == reference.shape
+    assert max_diff(exact, reference) <= FP32_ORDER
+    rounded_twice = ops.attention_over_segments(q, segments, scale, cap)
+    assert max_diff(rounded_twice, reference) > FP32_ORDER  # the gap the option closes
+
+
+@pytest.mark.parametrize("first", [0, 3, 21])  # the ring empty, partly filled, full
+def test_sliding_chunk_one_block_matches_hf_in_bf16(first: int):
+    window, chunk = 8, 6
+    q, k, v = tensors(100 + first, chunk, window + chunk)
+    scale, cap = 0.125, 30.0
+    # Keys: the ring read oldest first (positions first-W .. first-1; negative ones do not exist), then the chunk.
+    key_pos = torch.arange(first - window, first + chunk)
+    query_pos = torch.arange(first, first + chunk)
+    visible = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] > query_pos[:, None] - window)
+    visible = (visible & (key_pos >= 0)[None, :])[None, None].expand(2, 1, -1, -1)
+    reference = hf_attention(q, k, v, visible, scale, cap)
+    ring_k, ring_v, chunk_k, chunk_v = k[:, :, :window], v[:, :, :window], k[:, :, window:], v[:, :, window:]
+    first_position = torch.full((2, 1), first)
+    exact = ops.sliding_chunk_attention(q, ring_k, ring_v, chunk_k, chunk_v, first_position, window, scale, cap,
+                                        fp32_accumulation=True)
+    assert max_diff(exact, reference) <= FP32_ORDER
+    rounded_twice = ops.sliding_chunk_attention(q, ring_k, ring_v, chunk_k, chunk_v, first_position, window, scale,
+                                                cap)
+    if first:  # with an empty ring the prior segment's probabilities are all zero: nothing to round twice
+        assert max_diff(rounded_twice, reference) > FP32_ORDER
