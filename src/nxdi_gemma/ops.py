@@ -168,7 +168,8 @@ def sliding_chunk_attention(
     prior_k, prior_v: [B, Nkv, W, D], the W positions before the chunk, oldest first (p0-W .. p0-1; negative
     positions are empty and never visible). Each query sees q - W < k <= q (spec 2.6). Queries are taken in blocks
     of W: block b needs only the keys of two consecutive W-blocks of [prior, chunk], so the scores are
-    [.., C, 2W]. Returns [B, Nq, C, D].
+    [.., C, 2W]. Returns [B, Nq, C, D]. fp32_accumulation: as in `attention_over_segments`, which serves a chunk of at
+    most W tokens (ring + chunk, two products); longer chunks take one product per block, rounded once already.
     """
     batch, heads, length, dim = q.shape
     kv_heads = k.shape[1]
