@@ -39,7 +39,8 @@ README = REPO / "README.md"
 SECTION = "bf16-table"
 PATHS = ("cpu", "nxdi", "xla", "nxdi+acc", "xla+acc")
 # What a path adds to the neuron config of the NxDI worker it runs (its part before "+").
-PATH_NEURON_CONFIG = {"nxdi+acc": {"attention_fp32_accumulation": True}, "xla+acc": {"attention_fp32_accumulation": True}}
+ACCUMULATION = {"attention_fp32_accumulation": True}
+PATH_NEURON_CONFIG = {"nxdi+acc": ACCUMULATION, "xla+acc": ACCUMULATION}
 # family label -> (tiny kind, config overrides)
 FAMILIES = {
     "Gemma 2 (softcaps)": ("gemma2", {}),
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                 results = [compare(ids, o, r) for ids, o, r in zip(prompt_ids, ours, refs, strict=True)]
                 row[path] = summarize(results)
                 r = row[path]
-                print(f"{family:<36} {path:<5} {r['prompts_exact']}/{r['prompts']} prompts exact, match "
+                print(f"{family:<36} {path:<8} {r['prompts_exact']}/{r['prompts']} prompts exact, match "
                       f"{r['match_rate']:.1%}, max |logit diff| {r['max_abs_logit_diff']:.3g}", flush=True)
                 if args.json:  # after every cell, so a long run that stops keeps what it measured
                     Path(args.json).write_text(json.dumps({"meta": meta_of(args, sim_torch), "table": table}) + "\n")

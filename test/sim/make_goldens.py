@@ -8,8 +8,8 @@ SPEC.json maps a case name to {"config": config.json dict, "seed": int, "prompt_
 `nxdi_gemma.tiny.random_weights`) and OUT_DIR/<name>/golden.json holds, per prompt, HF's greedy tokens and logits at
 every step (HF forward + KV cache in a plain argmax loop: `nxdi_gemma.reference.hf_greedy`) in float32, or in the
 spec's dtype, and, for float32, HF's own float32-vs-float64 deviation over the same sequences (teacher-forced, every
-position), from which spec 8.1's bound is derived (a bfloat16 golden has none: bound null, the test sets its own). A case whose golden.json
-already records the same spec is kept.
+position), from which spec 8.1's bound is derived (a bfloat16 golden has none: bound null, the test sets its own).
+A case whose golden.json already records the same spec is kept.
 """
 
 from __future__ import annotations

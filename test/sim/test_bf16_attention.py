@@ -25,16 +25,17 @@ CHOICES = {"fp32_accumulation": {"attention_fp32_accumulation": True}, "default"
 _RUNS: dict[str, list[dict] | str] = {}
 
 
+@pytest.fixture(scope="session")
 def bf16_goldens(sim) -> dict[str, str]:
+    """{family: case dir} of the bf16 goldens, made once per session (make_goldens.py starts transformers)."""
     specs = {f"{family}_bf16": dict(spec, dtype="bfloat16") for family, spec in family_specs().items()}
     return {name.removesuffix("_bf16"): str(path) for name, path in sim.goldens(specs).items()}
 
 
-def records_for(sim, choice: str, tmp_path_factory) -> list[dict]:
+def records_for(sim, cases: dict[str, str], choice: str, tmp_path_factory) -> list[dict]:
     if choice not in _RUNS:
         release = RELEASES[0]
         sim.need(release)
-        cases = bf16_goldens(sim)
         out = tmp_path_factory.mktemp(f"bf16_{choice}") / "records.json"
         proc = sim.run([sys.executable, str(SIM / "nxdi_cpu_driver.py"), "--tp", "1", "--out", str(out),
                         "--neuron-config", json.dumps(CHOICES[choice]), *(cases[f] for f in FAMILIES)],
@@ -47,9 +48,9 @@ def records_for(sim, choice: str, tmp_path_factory) -> list[dict]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_bf16_exact_with_fp32_attention_accumulation(sim, sim_report, tmp_path_factory, family):
-    exact = [r for r in records_for(sim, "fp32_accumulation", tmp_path_factory) if r["case"].startswith(family + "_")]
-    default = [r for r in records_for(sim, "default", tmp_path_factory) if r["case"].startswith(family + "_")]
+def test_bf16_exact_with_fp32_attention_accumulation(sim, bf16_goldens, sim_report, tmp_path_factory, family):
+    exact, default = ([r for r in records_for(sim, bf16_goldens, choice, tmp_path_factory)
+                       if r["case"] == f"{family}_bf16"] for choice in CHOICES)
     assert exact and default, f"the driver produced no record for {family}"
     for records in (exact, default):
         errors = [r["error"] for r in records if "error" in r]
@@ -70,9 +71,9 @@ def test_bf16_exact_with_fp32_attention_accumulation(sim, sim_report, tmp_path_f
 
 
 @pytest.mark.parametrize("release", RELEASES)
-def test_fp32_accumulation_field_reloads(sim, release, tmp_path):
+def test_fp32_accumulation_field_reloads(sim, bf16_goldens, release, tmp_path):
     out = tmp_path / "field.json"
-    ckpt = bf16_goldens(sim)["gemma3"] + "/ckpt"
+    ckpt = bf16_goldens["gemma3"] + "/ckpt"
     sim.run([sys.executable, __file__, ckpt, str(tmp_path), str(out)], release)
     record = json.loads(out.read_text())
     for choice, wanted in (("default", False), ("true", True), ("false", False)):

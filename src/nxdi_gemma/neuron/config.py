@@ -28,6 +28,14 @@ UNSUPPORTED_FLAGS = (
 )
 
 
+def _pop_flag(kwargs: dict[str, Any], name: str) -> bool:
+    """One of our boolean neuron-config fields (default False), taken out of kwargs before NxDI sees them."""
+    value = kwargs.pop(name, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"neuron config {name}={value!r} must be true or false")
+    return value
+
+
 class GemmaNeuronConfig(NeuronConfig):
     """NeuronConfig with the attention kernels off (our attention is plain torch, compiled by the Neuron compiler:
     Gemma's score scale, softcap and head dims up to 512 are outside what the NKI kernels implement).
@@ -47,12 +55,8 @@ class GemmaNeuronConfig(NeuronConfig):
 
     def __init__(self, **kwargs: Any):
         kwargs.setdefault("attn_kernel_enabled", False)
-        fold = kwargs.pop("fold_norm_offset", False)
-        if not isinstance(fold, bool):
-            raise ConfigError(f"neuron config fold_norm_offset={fold!r} must be true or false")
-        fp32_accumulation = kwargs.pop("attention_fp32_accumulation", False)
-        if not isinstance(fp32_accumulation, bool):
-            raise ConfigError(f"neuron config attention_fp32_accumulation={fp32_accumulation!r} must be true or false")
+        fold = _pop_flag(kwargs, "fold_norm_offset")
+        fp32_accumulation = _pop_flag(kwargs, "attention_fp32_accumulation")
         chunk = kwargs.pop("prefill_chunk_size", None)
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 2):
             raise ConfigError(f"neuron config prefill_chunk_size={chunk!r} must be an integer >= 2 (or omitted)")
