@@ -18,14 +18,24 @@ set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd -P)"
 vllm_neuron_source="${VLLM_NEURON_SOURCE:-$repo/../shared/vllm-neuron-src/0.4.1}"
 base_python="${NXDI_GEMMA_SIM_BASE_PYTHON:-python3}"
-requirements=("torch==2.9.0" "torch-xla==2.9.0" "vllm==0.13.0" "transformers==4.57.*" "safetensors" "tokenizers"
-              "tqdm" "boto3" "tenacity" "scipy" "pytest")
 
 if [[ ! -f "$vllm_neuron_source/setup.py" || ! -d "$vllm_neuron_source/vllm_neuron" ]]; then
     echo "sim_env.sh: VLLM_NEURON_SOURCE=$vllm_neuron_source is not a vllm-neuron source folder (setup.py +" \
          "vllm_neuron/); clone github.com/whn09/vllm-neuron at 4fac6b7 (0.4.1) and point VLLM_NEURON_SOURCE at it" >&2
     exit 2
 fi
+# vLLM is the release the vllm-neuron source pins (0.4.1: 0.13.0, SDK 2.28; 0.5.0: 0.16.0, SDK 2.29). The 0.13 venv
+# also carries torch-xla 2.9.0 for the XLA tests; the 0.16 venv (speculation through vLLM, NxDI 0.9) takes the torch
+# its vLLM pins and runs only the vLLM tests.
+vllm_version="$(sed -n 's/^vllm==\([0-9.]*\).*/\1/p' "$vllm_neuron_source/requirements/core.txt")"
+[[ -n "$vllm_version" ]] || { echo "sim_env.sh: no vllm==X pin in $vllm_neuron_source/requirements/core.txt" >&2; exit 2; }
+if [[ "$vllm_version" == "0.13.0" ]]; then
+    requirements=("torch==2.9.0" "torch-xla==2.9.0" "vllm==0.13.0")
+else
+    requirements=("vllm==$vllm_version")
+fi
+requirements+=("transformers==4.57.*" "safetensors" "tokenizers" "tqdm" "boto3" "tenacity" "scipy" "pytest")
+
 command -v "$base_python" >/dev/null || { echo "sim_env.sh: no $base_python; set NXDI_GEMMA_SIM_BASE_PYTHON" >&2; exit 2; }
 
 # The key: what decides the venv's contents. The vllm-neuron tree is hashed file by file (names relative to it).
