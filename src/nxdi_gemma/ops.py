@@ -179,8 +179,9 @@ def sliding_chunk_attention(
         # iff m > i and that position exists, and chunk key j iff j <= i (the band is wider than the chunk).
         i = torch.arange(length, device=q.device, dtype=torch.int32)
         m = torch.arange(window, device=q.device, dtype=torch.int32)
-        exists = (first_position.to(torch.int32) - window + m[None, :]) >= 0  # [B, W]
-        prior_visible = (m[None, :] > i[:, None])[None] & exists[:, None, :]  # [B, C, W]
+        # Visible iff m > i and p0 - W + m >= 0: m >= max(i + 1, W - p0), one compare (no boolean `and`).
+        lowest = torch.maximum(i[None, :, None] + 1, window - first_position.to(torch.int32)[:, :, None])
+        prior_visible = m[None, None, :] >= lowest  # [B, C, W]
         causal = (i[None, :] <= i[:, None])[None]  # [1, C, C]
         return attention_over_segments(
             q, [(prior_k, prior_v, prior_visible[:, None]), (k, v, causal[:, None])], scale, logit_softcap,
@@ -201,10 +202,13 @@ def sliding_chunk_attention(
     # Query r of a block (position p0 + bW + r) and key t (position p0 + bW - W + t): q - k = W + r - t.
     r = torch.arange(window, device=q.device, dtype=torch.int32)
     t = torch.arange(2 * window, device=q.device, dtype=torch.int32)
-    band = (t[None, :] > r[:, None]) & (t[None, :] <= r[:, None] + window)  # [W, 2W]
+    # Visible iff r < t <= r + W and the key's position exists (>= 0): t >= max(r + 1, -(p0 + bW - W)) and
+    # t <= r + W, combined with a select rather than a boolean `and` (the forms NxDI's masks use).
     starts = torch.arange(blocks, device=q.device, dtype=torch.int32) * window - window
-    exists = (first_position.to(torch.int32).view(batch, 1, 1) + starts[None, :, None] + t[None, None, :]) >= 0
-    visible = band[None, None] & exists[:, :, None, :]  # [B, blocks, W, 2W]
+    exists_from = -(first_position.to(torch.int32).view(batch, 1, 1) + starts[None, :, None])  # [B, blocks, 1]
+    lowest = torch.maximum(r[None, None, :, None] + 1, exists_from[:, :, :, None])  # [B, blocks, W, 1]
+    in_band = (t[None, :] <= r[:, None] + window)[None, None]  # [1, 1, W, 2W]
+    visible = torch.where(t[None, None, None, :] >= lowest, in_band, False)  # [B, blocks, W, 2W]
     scores = masked(scores.view(batch, kv_heads, blocks, group, window, 2 * window), visible[:, None, :, None])
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     out = torch.matmul(probs.view(batch, kv_heads, blocks, group * window, 2 * window), block_v)

@@ -124,7 +124,8 @@ class NeuronGemmaAttention(NeuronAttentionBase):
         if self.gemma_window is not None:
             window = self.gemma_window
             # Slot (p0 + i) % W holds position p0 - W + i (if it exists): oldest first.
-            order = (first + torch.arange(window, device=Q.device, dtype=torch.int32)[None, :]) % window
+            # Positions are >= 0, so fmod is the modulo (one op; torch.remainder's sign handling is several).
+            order = torch.fmod(first + torch.arange(window, device=Q.device, dtype=torch.int32)[None, :], window)
             index = order[:, None, :, None].to(torch.int64).expand(prior[0].shape)
             prior_k, prior_v = (torch.gather(t, 2, index) for t in prior)
             return ops.sliding_chunk_attention(Q, prior_k, prior_v, K, V, first, window, self.gemma_scale,
@@ -143,10 +144,12 @@ class NeuronGemmaAttention(NeuronAttentionBase):
         pos = position_ids[:, :1].to(torch.int32)
         slots = torch.arange(k_prior.shape[2], device=Q.device, dtype=torch.int32)[None, :]
         if self.gemma_window is not None:
-            # Before this step's write, slot j holds position pos-1 - ((pos-1-j) mod W), in [pos-W, pos-1]:
-            # visible iff it exists and is inside the window (only slot pos % W, holding pos-W, is not).
-            held = pos - 1 - torch.remainder(pos - 1 - slots, self.gemma_window)
-            prior_visible = (held >= 0) & (held > pos - self.gemma_window)
+            # Before this step's write, slot j holds position pos-1 - ((pos-1-j) mod W), in [pos-W, pos-1]
+            # (pos-1-j+W >= 0: fmod is the modulo): visible iff it exists and is inside the window (only slot
+            # pos % W, holding pos-W, is not), i.e. held >= max(0, pos-W+1). One compare, no boolean `and`.
+            window = self.gemma_window
+            held = pos - 1 - torch.fmod(pos - 1 - slots + window, window)
+            prior_visible = held >= torch.clamp(pos - window + 1, min=0)
         else:
             prior_visible = slots < pos
         i = torch.arange(Q.shape[2], device=Q.device, dtype=torch.int32)

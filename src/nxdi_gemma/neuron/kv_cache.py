@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from neuronx_distributed_inference.modules.kvcache.kv_cache_manager import KVCacheManager
+from neuronx_distributed_inference.modules.kvcache.utils import dynamic_update_slice, fill_prefix
 from torch import nn
 
 from .attention import ForwardState
@@ -38,8 +39,12 @@ class GemmaKVCacheManager(KVCacheManager):
         # KV-shared layers own no cache: they read their source layer's slot.
         slot = {index: n for n, index in enumerate(self.producers)}
         self.slot_of = [slot[layer.kv_source] for layer in plan.layers]
+        self.full_length = config.neuron_config.max_length
+        # Full layers under chunked prefill keep one chunk of spare slots after max_length: a chunk's write is one
+        # dynamic-update-slice at its first position, which must fit whole (never clamped onto cached tokens).
+        spare = config.neuron_config.prefill_chunk_size if self.chunked_prefill else 0
         self.k_shapes = self.v_shapes = [
-            (batch, layers[i].self_attn.num_key_value_heads, plan.layers[i].window or config.neuron_config.max_length,
+            (batch, layers[i].self_attn.num_key_value_heads, plan.layers[i].window or self.full_length + spare,
              plan.layers[i].head_dim)
             for i in self.producers
         ]
@@ -76,64 +81,85 @@ class GemmaKVCacheManager(KVCacheManager):
             k_cache, v_cache = k_cache[:, :, :seq_len], v_cache[:, :, :seq_len]
         return k_cache, v_cache
 
-    def _rows(self, seq_ids: torch.Tensor | None, batch: int, device) -> torch.Tensor:
-        """Cache rows of a context-encoding batch: its seq_ids under continuous batching, else rows 0..B-1 (NxDI
-        fills them in order)."""
+    def _rows(self, seq_ids: torch.Tensor | None, batch: int, device) -> list[torch.Tensor]:
+        """Cache row of each sequence of a context-encoding batch, as 0-d int32 tensors (dynamic-update-slice
+        starts): its seq_id under continuous batching, else rows 0..B-1 (NxDI fills them in order)."""
         if self.is_continuous_batching and seq_ids is not None:
-            return seq_ids.reshape(-1).to(torch.int64)
-        return torch.arange(batch, device=device, dtype=torch.int64)
+            ids = seq_ids.reshape(-1).to(torch.int32)
+            return [ids[r] for r in range(batch)]
+        return [torch.tensor(r, device=device, dtype=torch.int32) for r in range(batch)]
 
     def prefill_prior(self, idx: int, seq_ids, batch: int, kvcache_buffer=None):
         """What a prompt chunk attends besides itself: its sequences' rows of layer idx's cache (the W-slot ring of
-        a sliding layer; every slot of a full layer, or None when a prompt always fits one chunk)."""
+        a sliding layer; the max_length slots of a full layer, or None when a prompt always fits one chunk)."""
         if self.windows[idx] is None and not self.chunked_prefill:
             return None
         k_cache, v_cache = self._fetch_cache(idx, kvcache_buffer)
+        length = self.windows[idx] or self.full_length  # a full layer's spare slots hold nothing to attend
         rows = k_cache.shape[0] - self.kv_cache_padding_size
         if batch == rows and not self.is_continuous_batching:
-            return k_cache[:rows], v_cache[:rows]  # every row in order: read in place
-        index = self._rows(seq_ids, batch, k_cache.device)
-        return k_cache.index_select(0, index), v_cache.index_select(0, index)
+            return k_cache[:rows, :, :length], v_cache[:rows, :, :length]  # every row in order: read in place
+        index = torch.stack(self._rows(seq_ids, batch, k_cache.device))
+        return k_cache.index_select(0, index)[:, :, :length], v_cache.index_select(0, index)[:, :, :length]
 
     def update_kv_by_layer_id(self, idx, is_for_context_encoding, seq_ids, position_ids, kv_per_layer, seq_len,
                               kvcache_buffer=None, **kwargs):
+        """Token generation: NxDI's scatter at position (or position % W, `_get_index_to_update_new_position`).
+        Context encoding (a prompt chunk): in the forms NxDI's own caches use, one dynamic-update-slice per
+        sequence with int32 starts [row, 0, slot, 0] (NxDI's `dynamic_update_slice`, or `fill_prefix` for a
+        whole ring of every row in order), updating the aliased cache in place."""
         if not is_for_context_encoding:
             return super().update_kv_by_layer_id(
                 idx=idx, is_for_context_encoding=is_for_context_encoding, seq_ids=seq_ids, position_ids=position_ids,
                 kv_per_layer=kv_per_layer, seq_len=seq_len, kvcache_buffer=kvcache_buffer, **kwargs,
             )
         k_cache, v_cache = self._fetch_cache(idx, kvcache_buffer)
-        batch, heads, length, _ = kv_per_layer[0].shape
-        rows = self._rows(seq_ids, batch, k_cache.device)[:, None, None]
-        head = torch.arange(heads, device=k_cache.device)[None, :, None]
-        first = position_ids[:, :1].to(torch.int32)
-        valid = self.state.valid  # [B, C]: False for the padding NxDI (or the caller) appended
+        batch = kv_per_layer[0].shape[0]
+        rows = self._rows(seq_ids, batch, k_cache.device)
+        positions = position_ids.to(torch.int32)
+        first = positions[:, :1]
+        # The chunk's last real position per sequence (-1: none); padding is False in `valid` ([B, C]).
+        last = torch.where(self.state.valid, positions, -1).amax(dim=1, keepdim=True)
+        zero = torch.zeros((), device=k_cache.device, dtype=torch.int32)
         window = self.windows[idx]
         if window is None:
-            # Chunk token i goes to slot p0 + i. Padding writes back what its slot holds (no change), so a padded
-            # chunk, or a row whose prompt ended in an earlier chunk, never overwrites cached tokens. Clamped so
-            # the last slot is never passed (there, only padding of a prompt that fills the cache collides).
-            offsets = torch.arange(length, device=k_cache.device, dtype=torch.int32)[None, :]
-            slots = (first + offsets).clamp(max=k_cache.shape[2] - 1).to(torch.int64)[:, None, :]
-            keep = valid[:, None, :, None]
-            return [cache.index_put((rows, head, slots), torch.where(keep, new, cache[rows, head, slots]))
+            # Chunk token i goes to slot p0 + i. Padding after a sequence's last real token lands on slots no one
+            # reads before they are written (attention sees slots < the query's position; decode writes its slot
+            # first); a sequence with no real token in this chunk (its prompt ended earlier) writes into the spare
+            # slots after max_length instead of over its cached tokens. So no cache slot is read here.
+            start = torch.where(last >= first, first, self.full_length).reshape(-1)
+            return [self._write_rows(cache, new, rows, [start[r] for r in range(batch)], zero)
                     for cache, new in zip((k_cache, v_cache), kv_per_layer, strict=True)]
-        # Ring slot j ends holding the latest position <= last (the chunk's last real token) with p % W == j:
-        # from the chunk if that position is in it, else unchanged.
-        last = torch.where(valid, position_ids.to(torch.int32), -1).amax(dim=1, keepdim=True)
+        # Ring slot j ends holding the latest position <= last with p % W == j: from the chunk if that position is
+        # in it, else unchanged. (last - j + W >= 0, so fmod is the modulo; one op, where torch.remainder's
+        # sign handling is several.) The chunk may wrap the ring (C > W, or a chunk across slot W - 1).
         slot = torch.arange(window, device=k_cache.device, dtype=torch.int32)[None, :]
-        held = last - torch.remainder(last - slot, window)
-        source = torch.where(held >= first, window + held - first, slot).to(torch.int64)  # into [ring, chunk]
-        ring_slots = slot.to(torch.int64)[:, None, :]
+        held = last - torch.fmod(last - slot + window, window)
+        source = torch.where(held >= first, window + held - first, slot)  # [B, W] into [ring, chunk], int32
+        in_order = batch == k_cache.shape[0] - self.kv_cache_padding_size and not self.is_continuous_batching
         updated = []
         for cache, new in zip((k_cache, v_cache), kv_per_layer, strict=True):
-            merged = torch.cat([cache[rows, head, ring_slots], new], dim=2)
-            ring = torch.gather(merged, 2, source[:, None, :, None].expand(batch, heads, window, new.shape[3]))
-            updated.append(cache.index_put((rows, head, ring_slots), ring))
+            rings = []
+            for r in range(batch):
+                ring = cache[r:r + 1] if in_order else cache.index_select(0, rows[r][None])
+                merged = torch.cat([ring, new[r:r + 1]], dim=2)
+                rings.append(merged.index_select(2, source[r]))
+            if in_order:  # every row's whole ring, as NxDI writes a prefix
+                updated.append(fill_prefix(cache, torch.cat(rings, dim=0)))
+            else:
+                updated.append(self._write_rows(cache, torch.cat(rings, dim=0), rows, [zero] * batch, zero))
         return updated
+
+    @staticmethod
+    def _write_rows(cache: torch.Tensor, new: torch.Tensor, rows: list[torch.Tensor], slots: list[torch.Tensor],
+                    zero: torch.Tensor) -> torch.Tensor:
+        """new[r] into cache row rows[r] from slot slots[r]: one dynamic-update-slice each, int32 starts."""
+        for r, (row, slot) in enumerate(zip(rows, slots, strict=True)):
+            cache = dynamic_update_slice(cache, new[r:r + 1], [row, zero, slot, zero])
+        return cache
 
     def _get_index_to_update_new_position(self, seq_ids, scatter_index, position_ids, full_k, transposed, layer_idx):
         window = self.windows[layer_idx]
         if window is not None:
-            position_ids = position_ids % window
+            position_ids = torch.fmod(position_ids, window)  # positions are >= 0: fmod is the modulo, one op
         return position_ids.view(-1, 1, position_ids.shape[-1], 1).expand_as(full_k)

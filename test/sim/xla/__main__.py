@@ -34,6 +34,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--ckpt", help="checkpoint directory (config.json + safetensors)")
     src.add_argument("--geometry", help="a public model name (nxdi_gemma.public_models), cut to --layers; config "
                                         "only, so --mode trace|compile")
+    p.add_argument("--nxdi", help="trace NxDI's own model class MODULE:CLASS (e.g. neuronx_distributed_inference."
+                                  "models.llama.modeling_llama:NeuronLlamaForCausalLM) instead of ours, from --ckpt "
+                                  "(its config.json, read by NxDI's load_pretrained_config); --mode trace only")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--set", default="{}", help="JSON fields overriding the geometry's text config")
@@ -117,7 +120,12 @@ def run(args: argparse.Namespace, standins) -> dict:
                      **json.loads(args.neuron_config)}
     report: dict = {"ckpt": str(ckpt), "neuron_config": {k: str(v) for k, v in neuron_config.items()}, "graphs": {}}
     t0 = time.time()
-    model = runtime.build(str(ckpt), neuron_config)
+    if args.nxdi:
+        if args.mode != "trace":
+            raise SystemExit("--nxdi traces NxDI's own classes for their HLO: use --mode trace")
+        model = nxdi_model(args.nxdi, ckpt, neuron_config)
+    else:
+        model = runtime.build(str(ckpt), neuron_config)
     wanted = [w for w in args.graphs.split(",") if w]
     if wanted and args.mode == "replay":
         raise SystemExit("--graphs selects graphs to trace and compile; replay needs every graph")
@@ -163,6 +171,22 @@ def run(args: argparse.Namespace, standins) -> dict:
     elif args.mode == "replay":
         report["replay"] = replay_prompts(args, model, traced, standins)
     return report
+
+
+def nxdi_model(spec: str, ckpt: Path, neuron_config: dict):
+    """NxDI's own causal LM MODULE:CLASS built as NxDI's examples build it: its NeuronConfig class, its
+    InferenceConfig class, and the checkpoint's config.json through NxDI's `load_pretrained_config`."""
+    import importlib
+
+    import torch
+    from neuronx_distributed_inference.utils.hf_adapter import load_pretrained_config
+
+    module, name = spec.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    settings = dict(neuron_config, torch_dtype=getattr(torch, neuron_config["torch_dtype"]))
+    config = cls.get_config_cls()(cls.get_neuron_config_cls()(**settings),
+                                  load_config=load_pretrained_config(str(ckpt)))
+    return cls(str(ckpt), config)
 
 
 def references(args: argparse.Namespace, vocab: int):

@@ -39,4 +39,18 @@ def install(xla_dump: str | None = None) -> ModuleType:
 
     module.provide("torch_neuronx.xla_impl.trace", "generate_hlo", generate_hlo)
     module.provide("torch_neuronx.xla_impl.ops", "xla_hlo_call", xla_hlo_call)
+    # NxD's CustomRMSNorm (what NxDI's Llama, Qwen and Mixtral norms use on Neuron) is a custom call neuronx-cc
+    # lowers itself; for tracing NxDI's own models (`python -m xla --nxdi`) it is plain torch here. Our classes
+    # never call it.
+    module.provide("torch_neuronx.xla_impl.ops", "RmsNorm", RmsNormStandIn)
     return module
+
+
+class RmsNormStandIn:
+    """`torch_neuronx.xla_impl.ops.RmsNorm` as plain torch: x * rsqrt(mean(x^2) + eps) * w over `dim`."""
+
+    @staticmethod
+    def apply(x, weight, eps, dim):
+        import torch
+
+        return x * torch.rsqrt(x.pow(2).mean(dim, keepdim=True) + eps) * weight

@@ -42,6 +42,14 @@ def array_bytes(shape_text: str) -> int:
     return total
 
 
+def element_type(shape_text: str) -> str:
+    """An instruction's element type: its array's (f32, s32, pred, ...), or `tuple` for a tuple shape."""
+    if shape_text.startswith("("):
+        return "tuple"
+    m = _ARRAY.match(shape_text)
+    return m.group(1) if m else shape_text
+
+
 def _instructions(text: str):
     for line in text.splitlines():
         m = _INSTR.match(line)
@@ -53,9 +61,11 @@ def hlo_stats(graph: HloGraph, seq_lens: set[int]) -> dict:
     """Statistics of one traced graph. `seq_lens`: the sequence lengths of the graph (bucket, cache length), for
     spotting int64 values with two such dimensions."""
     ops, f64, s64_seq_seq, values, collectives = Counter(), [], [], [], Counter()
+    op_types: Counter = Counter()
     flops = 0
     for _name, shape, opcode, rest in _instructions(graph.hlo_text):
         ops[opcode] += 1
+        op_types[f"{opcode} {element_type(shape)}"] += 1
         if "f64[" in shape or re.search(r"\bf64\[", rest):
             f64.append(f"{opcode} {shape}")
         for dtype, dims in _ARRAY.findall(shape):
@@ -86,6 +96,7 @@ def hlo_stats(graph: HloGraph, seq_lens: set[int]) -> dict:
     return {
         "instructions": sum(ops.values()),
         "ops": dict(ops.most_common()),
+        "op_types": dict(sorted(op_types.items())),
         "f64": f64,
         "s64_seq_by_seq": s64_seq_seq,
         "largest_values": [f"{b / 2**20:.2f} MiB {what}" for b, what in values[:5]],
