@@ -149,7 +149,7 @@ class NeuronGemmaAttention(NeuronAttentionBase):
             # pos % W, holding pos-W, is not), i.e. held >= max(0, pos-W+1). One compare, no boolean `and`.
             window = self.gemma_window
             held = pos - 1 - torch.fmod(pos - 1 - slots + window, window)
-            prior_visible = held >= torch.clamp(pos - window + 1, min=0)
+            prior_visible = held >= torch.maximum(pos - window + 1, torch.zeros_like(pos))
         else:
             prior_visible = slots < pos
         i = torch.arange(Q.shape[2], device=Q.device, dtype=torch.int32)

@@ -81,13 +81,12 @@ class GemmaKVCacheManager(KVCacheManager):
             k_cache, v_cache = k_cache[:, :, :seq_len], v_cache[:, :, :seq_len]
         return k_cache, v_cache
 
-    def _rows(self, seq_ids: torch.Tensor | None, batch: int, device) -> list[torch.Tensor]:
-        """Cache row of each sequence of a context-encoding batch, as 0-d int32 tensors (dynamic-update-slice
-        starts): its seq_id under continuous batching, else rows 0..B-1 (NxDI fills them in order)."""
+    def _rows(self, seq_ids: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+        """Cache row of each sequence of a context-encoding batch, int32 [B]: its seq_id under continuous
+        batching, else rows 0..B-1 (NxDI fills them in order)."""
         if self.is_continuous_batching and seq_ids is not None:
-            ids = seq_ids.reshape(-1).to(torch.int32)
-            return [ids[r] for r in range(batch)]
-        return [torch.tensor(r, device=device, dtype=torch.int32) for r in range(batch)]
+            return seq_ids.reshape(-1).to(torch.int32)
+        return torch.arange(batch, device=device, dtype=torch.int32)
 
     def prefill_prior(self, idx: int, seq_ids, batch: int, kvcache_buffer=None):
         """What a prompt chunk attends besides itself: its sequences' rows of layer idx's cache (the W-slot ring of
@@ -99,7 +98,7 @@ class GemmaKVCacheManager(KVCacheManager):
         rows = k_cache.shape[0] - self.kv_cache_padding_size
         if batch == rows and not self.is_continuous_batching:
             return k_cache[:rows, :, :length], v_cache[:rows, :, :length]  # every row in order: read in place
-        index = torch.stack(self._rows(seq_ids, batch, k_cache.device))
+        index = self._rows(seq_ids, batch, k_cache.device)
         return k_cache.index_select(0, index)[:, :, :length], v_cache.index_select(0, index)[:, :, :length]
 
     def update_kv_by_layer_id(self, idx, is_for_context_encoding, seq_ids, position_ids, kv_per_layer, seq_len,
@@ -128,7 +127,7 @@ class GemmaKVCacheManager(KVCacheManager):
             # first); a sequence with no real token in this chunk (its prompt ended earlier) writes into the spare
             # slots after max_length instead of over its cached tokens. So no cache slot is read here.
             start = torch.where(last >= first, first, self.full_length).reshape(-1)
-            return [self._write_rows(cache, new, rows, [start[r] for r in range(batch)], zero)
+            return [self._write_rows(cache, new, rows, start, zero)
                     for cache, new in zip((k_cache, v_cache), kv_per_layer, strict=True)]
         # Ring slot j ends holding the latest position <= last with p % W == j: from the chunk if that position is
         # in it, else unchanged. (last - j + W >= 0, so fmod is the modulo; one op, where torch.remainder's
@@ -141,21 +140,21 @@ class GemmaKVCacheManager(KVCacheManager):
         for cache, new in zip((k_cache, v_cache), kv_per_layer, strict=True):
             rings = []
             for r in range(batch):
-                ring = cache[r:r + 1] if in_order else cache.index_select(0, rows[r][None])
+                ring = cache[r:r + 1] if in_order else cache.index_select(0, rows[r:r + 1])
                 merged = torch.cat([ring, new[r:r + 1]], dim=2)
                 rings.append(merged.index_select(2, source[r]))
             if in_order:  # every row's whole ring, as NxDI writes a prefix
                 updated.append(fill_prefix(cache, torch.cat(rings, dim=0)))
             else:
-                updated.append(self._write_rows(cache, torch.cat(rings, dim=0), rows, [zero] * batch, zero))
+                updated.append(self._write_rows(cache, torch.cat(rings, dim=0), rows, zero.expand(batch), zero))
         return updated
 
     @staticmethod
-    def _write_rows(cache: torch.Tensor, new: torch.Tensor, rows: list[torch.Tensor], slots: list[torch.Tensor],
+    def _write_rows(cache: torch.Tensor, new: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
                     zero: torch.Tensor) -> torch.Tensor:
-        """new[r] into cache row rows[r] from slot slots[r]: one dynamic-update-slice each, int32 starts."""
-        for r, (row, slot) in enumerate(zip(rows, slots, strict=True)):
-            cache = dynamic_update_slice(cache, new[r:r + 1], [row, zero, slot, zero])
+        """new[r] into cache row rows[r] from slot slots[r] (int32 [B]): one dynamic-update-slice each."""
+        for r in range(new.shape[0]):
+            cache = dynamic_update_slice(cache, new[r:r + 1], [rows[r], zero, slots[r], zero])
         return cache
 
     def _get_index_to_update_new_position(self, seq_ids, scatter_index, position_ids, full_k, transposed, layer_idx):

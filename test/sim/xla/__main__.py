@@ -119,7 +119,7 @@ def run(args: argparse.Namespace, standins) -> dict:
                      "max_context_length": args.ctx_len or args.seq_len, "torch_dtype": args.dtype,
                      **json.loads(args.neuron_config)}
     report: dict = {"ckpt": str(ckpt), "neuron_config": {k: str(v) for k, v in neuron_config.items()}, "graphs": {}}
-    t0 = time.time()
+    t0, mark = time.time(), standins.mark()
     if args.nxdi:
         if args.mode != "trace":
             raise SystemExit("--nxdi traces NxDI's own classes for their HLO: use --mode trace")
@@ -131,6 +131,7 @@ def run(args: argparse.Namespace, standins) -> dict:
         raise SystemExit("--graphs selects graphs to trace and compile; replay needs every graph")
     traced = replay.trace_model(model, [w.split("_bk")[0] for w in wanted])
     report["trace_seconds"] = round(time.time() - t0, 1)
+    report["standins_called_while_tracing"] = standins.calls(since=mark)
     seq_lens = {args.seq_len, args.ctx_len or args.seq_len}
     for wrapper in model.models:
         for bucket in wrapper.neuron_config.buckets:

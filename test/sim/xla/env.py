@@ -43,7 +43,20 @@ def install(xla_dump: str | None = None) -> ModuleType:
     # lowers itself; for tracing NxDI's own models (`python -m xla --nxdi`) it is plain torch here. Our classes
     # never call it.
     module.provide("torch_neuronx.xla_impl.ops", "RmsNorm", RmsNormStandIn)
+    # NxDI's layer-boundary markers (Qwen3-MoE's decoder layers) are identity custom calls, hints for neuronx-cc's
+    # module flow, built with this decorator: identity here.
+    module.provide("torch_neuronx.xla_impl.base", "xla_hlo_call", marker_hlo_call)
     return module
+
+
+def marker_hlo_call(fn):
+    """`torch_neuronx.xla_impl.base.xla_hlo_call` as NxDI uses it (only for layer_boundary_marker's identity
+    custom calls): the decorated call returns its tensors unchanged."""
+
+    def call(*tensors):
+        return tensors[0] if len(tensors) == 1 else tensors
+
+    return call
 
 
 class RmsNormStandIn:
