@@ -341,6 +341,25 @@ def test_gemma4_unified_saved_config_gives_hfs_geometry(tmp_path, multimodal):
     assert plan.attention_scale == 1.0 and plan.final_logit_softcap == 1.0 and not plan.norm_adds_one
 
 
+def test_gemma4_12b_public_config_is_hfs_geometry():
+    """public_models' gemma-4-12b (the published text_config) planned as HF 5.25 builds it: 48 layers, every 6th
+    full; sliding 8 KV heads x 256, full 1 KV head x 512 with K=V; 16 query heads; no PLE / MoE / sharing."""
+    from nxdi_gemma.public_models import public_config, public_plan
+
+    plan = public_plan("gemma-4-12b")
+    hf_cfg = transformers.Gemma4UnifiedConfig(**public_config("gemma-4-12b")).text_config
+    assert_plan_matches_hf(plan, hf_cfg)
+    for layer in plan.layers:
+        per_layer = hf_cfg.per_layer_config[layer.index]
+        assert (layer.head_dim, layer.num_kv_heads) == (per_layer.head_dim, per_layer.num_key_value_heads)
+    assert {(lay.is_sliding, lay.num_kv_heads, lay.head_dim, lay.k_eq_v) for lay in plan.layers} == {
+        (True, 8, 256, False), (False, 1, 512, True)}
+    assert sum(not layer.is_sliding for layer in plan.layers) == 8 and plan.num_heads == 16
+    assert (plan.hidden_size, plan.layers[0].intermediate_size, plan.vocab_size) == (3840, 15360, 262144)
+    assert plan.final_logit_softcap == 30.0 and plan.ple_dim == 0 and plan.tie_word_embeddings
+    assert not any(layer.moe or layer.shares_kv for layer in plan.layers)
+
+
 def test_gemma4_unified_defaults_are_hfs():
     """Fields the 12B's own config class defaults differently from Gemma 4's (window, positions, PLE, MoE)."""
     sparse = {k: v for k, v in GEMMA4_UNIFIED_TINY.items()
