@@ -84,8 +84,8 @@ def test_no_host_syncs_no_stand_ins(runs, family):
     assert report["replay"]["standins_called"] == [], "closed-source stand-ins called while generating"
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family, tp", [(f, 1) for f in FAMILIES] + [(f, 2) for f in TP2_FAMILIES],
+                         ids=lambda v: str(v))
 def test_no_f64_no_int64_seq_by_seq(runs, family, tp):
     for name, graph in runs[(family, tp)]["graphs"].items():
         assert not graph["f64"], f"{name}: float64 in the HLO: {graph['f64'][:3]}"
