@@ -47,6 +47,7 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "gemma-4-e4b": ("inf2.xlarge", "trn1.2xlarge"),
     "gemma-4-31b": ("trn1.32xlarge", "trn2.3xlarge", "inf2.48xlarge"),
     "gemma-4-26b-a4b": ("trn1.32xlarge", "trn2.3xlarge"),
+    "gemma-4-12b": GEMMA_2_3_INSTANCES,  # issue 16: the Gemma 4 that runs on one accelerator, everywhere it fits
 }
 SEQ_LENS = (32768, 16384, 8192, 4096, 2048)
 MAX_BATCH = 4

@@ -15,7 +15,8 @@ Runs in the main environment (transformers >= 5: the HF reference, Gemma 4 inclu
   nxdi+acc, xla+acc   the same with the neuron config's `attention_fp32_accumulation` (the cache and active-token
          P @ V products summed in float32 and rounded once, as HF's single product is).
 Fixtures (random weights, deterministic, `nxdi_gemma.tiny`): Gemma 2 (softcaps), Gemma 3, Gemma 4 dense (PLE, KV
-sharing), Gemma 4 MoE (`make-tiny --kind gemma4`: PLE, KV sharing, K=V, MoE); the 6 default prompts of
+sharing), Gemma 4 MoE (`make-tiny --kind gemma4`: PLE, KV sharing, K=V, MoE), Gemma 4 12B-like (`make-tiny --kind
+gemma4_unified`: K=V global layers with one KV head); the 6 default prompts of
 `token-match` (18 to 65 tokens, window 8) and 24 new tokens. The two sides exchange tokens and logits as
 safetensors and JSON only. Float32 exactness is tested elsewhere; this only reports what bf16 gives.
 """
@@ -47,6 +48,7 @@ FAMILIES = {
     "Gemma 3": ("gemma3", {}),
     "Gemma 4 dense (PLE, KV sharing)": ("gemma4", {"enable_moe_block": False, "attention_k_eq_v": False}),
     "Gemma 4 MoE (PLE, KV sharing, K=V)": ("gemma4", {}),
+    "Gemma 4 12B-like (K=V, 1 global KV head)": ("gemma4_unified", {}),
 }
 
 

@@ -84,6 +84,25 @@ GEMMA4_TINY_MOE = dict(
     num_hidden_layers=3, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
 )  # fmt: skip
 
+# Gemma 4 12B (gemma4_unified) in miniature: its geometry's ratios (global layers: 1 KV head, K=V, head dim twice
+# the sliding layers'; sliding layers GQA 2:1), 5:1 cut to two periods of 3, final softcap, no PLE / MoE / KV sharing.
+GEMMA4_UNIFIED_TINY = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+    layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                 "sliding_attention", "sliding_attention", "full_attention"],
+    sliding_window=8,
+    rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                           "rope_theta": 1000000.0},
+    },
+    num_kv_shared_layers=0, use_double_wide_mlp=False, final_logit_softcapping=1.0,
+    max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.2,
+    pad_token_id=0, bos_token_id=2, eos_token_id=1, tie_word_embeddings=True,
+)  # fmt: skip
+
 # fixture name -> (HF model_type, config kwargs)
 TINY_FIXTURES: dict[str, tuple[str, dict]] = {
     "gemma2": ("gemma2", GEMMA2_TINY),
@@ -91,6 +110,8 @@ TINY_FIXTURES: dict[str, tuple[str, dict]] = {
     "gemma4_all": ("gemma4_text", GEMMA4_TINY_ALL),
     "gemma4_e": ("gemma4_text", GEMMA4_TINY_E),
     "gemma4_moe": ("gemma4_text", GEMMA4_TINY_MOE),
+    "gemma4_unified": ("gemma4_unified_text", GEMMA4_UNIFIED_TINY),  # text-only save (model.*)
+    "gemma4_unified_mm": ("gemma4_unified", GEMMA4_UNIFIED_TINY),  # multimodal (model.language_model.*)
 }
 
 # Tiny vision towers for the multimodal wrappers (never run: text-only inputs).
@@ -102,13 +123,20 @@ GEMMA4_TINY_VISION = dict(
     head_dim=16, position_embedding_size=64,
 )  # fmt: skip
 
+# Gemma 4 12B's embedders (raw patches / waveform frames projected to the text width; never run on text inputs).
+GEMMA4_UNIFIED_TINY_VISION = dict(patch_size=2, pooling_kernel_size=2, mm_posemb_size=16)
+GEMMA4_UNIFIED_TINY_AUDIO = dict(audio_embed_dim=16)
+
 FLOOR = 1e-4  # absolute floor of every logit bound (spec 8.1)
 
 # --------------------------------------------------------------------------------------------------------------
 # HF classes and model construction.
 
-GENERATION = {"gemma2": 2, "gemma3_text": 3, "gemma3": 3, "gemma4_text": 4, "gemma4": 4}
-MULTIMODAL = {"gemma3", "gemma4"}
+GENERATION = {
+    "gemma2": 2, "gemma3_text": 3, "gemma3": 3, "gemma4_text": 4, "gemma4": 4, "gemma4_unified_text": 4,
+    "gemma4_unified": 4,
+}  # fmt: skip
+MULTIMODAL = {"gemma3", "gemma4", "gemma4_unified"}
 
 
 def hf_classes(model_type: str):
@@ -120,6 +148,8 @@ def hf_classes(model_type: str):
         "gemma3": (t.Gemma3Config, t.Gemma3ForConditionalGeneration),
         "gemma4_text": (t.Gemma4TextConfig, t.Gemma4ForCausalLM),
         "gemma4": (t.Gemma4Config, t.Gemma4ForConditionalGeneration),
+        "gemma4_unified_text": (t.Gemma4UnifiedTextConfig, t.Gemma4UnifiedForCausalLM),
+        "gemma4_unified": (t.Gemma4UnifiedConfig, t.Gemma4UnifiedForConditionalGeneration),
     }[model_type]
 
 
@@ -128,6 +158,10 @@ def hf_config(model_type: str, text: dict, vision: dict | None = None, **top):
     config_cls, _ = hf_classes(model_type)
     if model_type not in MULTIMODAL:
         return config_cls(**text)
+    if model_type == "gemma4_unified":
+        width = text["hidden_size"]
+        vision = dict(GEMMA4_UNIFIED_TINY_VISION, mm_embed_dim=width, output_proj_dims=width, **(vision or {}))
+        top.setdefault("audio_config", dict(GEMMA4_UNIFIED_TINY_AUDIO))
     if vision is None:
         vision = GEMMA3_TINY_VISION if model_type == "gemma3" else GEMMA4_TINY_VISION
     if model_type == "gemma3":

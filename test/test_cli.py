@@ -23,7 +23,7 @@ def run(argv, capsys):
     return code, out, err
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "gemma4"])
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "gemma4", "gemma4_unified"])
 def test_token_match_embedded_default_json(kind, tmp_path, capsys):
     out_json = tmp_path / "report.json"
     code, out, _ = run(["token-match", "--tiny", kind, "--max-new-tokens", "16", "--json", str(out_json),

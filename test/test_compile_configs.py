@@ -24,7 +24,7 @@ FILES = sorted(CONFIG_DIR.glob("*.json"))
 # Models that must have at least one configuration (issue 3: Gemma 2/3; issue 4: Gemma 4).
 REQUIRED_MODELS = (
     "gemma-2-2b", "gemma-2-9b", "gemma-2-27b", "gemma-3-1b", "gemma-3-4b", "gemma-3-12b", "gemma-3-27b",
-    "gemma-4-e2b", "gemma-4-e4b", "gemma-4-31b", "gemma-4-26b-a4b",
+    "gemma-4-e2b", "gemma-4-e4b", "gemma-4-31b", "gemma-4-26b-a4b", "gemma-4-12b",
 )
 # NxDI NeuronConfig fields (models/config.py, NeuronConfig.__init__) that our configurations may set.
 KNOWN_FIELDS = {

@@ -5,6 +5,7 @@ and one-line ConfigErrors naming the field for bad input."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import warnings
 
@@ -18,6 +19,7 @@ from conftest import (
     GEMMA4_TINY_ALL,
     GEMMA4_TINY_E,
     GEMMA4_TINY_MOE,
+    GEMMA4_UNIFIED_TINY,
     build_hf_model,
     hf_config,
     hf_logits,
@@ -312,6 +314,65 @@ def test_gemma4_ple_default_is_on_like_hf():
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Gemma 4 12B (gemma4_unified / gemma4_unified_text)
+
+
+@pytest.mark.parametrize("multimodal", [False, True], ids=["text", "multimodal"])
+def test_gemma4_unified_saved_config_gives_hfs_geometry(tmp_path, multimodal):
+    """The config.json HF 5.25 writes (per_layer_config form; nested under text_config for the multimodal class)
+    plans the decoder HF builds: per-layer head dims and KV heads, K=V global layers, no PLE / MoE / sharing."""
+    if multimodal:
+        hf_config("gemma4_unified", GEMMA4_UNIFIED_TINY).save_pretrained(tmp_path)
+    else:
+        transformers.Gemma4UnifiedTextConfig(**GEMMA4_UNIFIED_TINY).save_pretrained(tmp_path)
+    plan = load_plan(tmp_path)
+    text_plan = plan_from_config(with_type("gemma4_unified_text", GEMMA4_UNIFIED_TINY))
+    assert plan == dataclasses.replace(text_plan, model_type="gemma4_unified" if multimodal else "gemma4_unified_text")
+    hf_cfg = transformers.Gemma4UnifiedTextConfig(**GEMMA4_UNIFIED_TINY)
+    assert_plan_matches_hf(plan, hf_cfg)
+    with torch.device("meta"):
+        hf = transformers.Gemma4UnifiedForCausalLM(hf_cfg)
+    for layer, hf_layer in zip(plan.layers, hf.model.layers, strict=True):
+        attn = hf_layer.self_attn
+        assert (layer.head_dim, layer.num_kv_heads) == (attn.head_dim, attn.k_proj.out_features // attn.head_dim)
+        assert layer.k_eq_v == (attn.v_proj is None)
+        assert layer.intermediate_size == hf_layer.mlp.gate_proj.out_features
+    assert plan.ple_dim == 0 and all(layer.moe is None and not layer.shares_kv for layer in plan.layers)
+    assert plan.attention_scale == 1.0 and plan.final_logit_softcap == 1.0 and not plan.norm_adds_one
+
+
+def test_gemma4_12b_public_config_is_hfs_geometry():
+    """public_models' gemma-4-12b (the published text_config) planned as HF 5.25 builds it: 48 layers, every 6th
+    full; sliding 8 KV heads x 256, full 1 KV head x 512 with K=V; 16 query heads; no PLE / MoE / sharing."""
+    from nxdi_gemma.public_models import public_config, public_plan
+
+    plan = public_plan("gemma-4-12b")
+    hf_cfg = transformers.Gemma4UnifiedConfig(**public_config("gemma-4-12b")).text_config
+    assert_plan_matches_hf(plan, hf_cfg)
+    for layer in plan.layers:
+        per_layer = hf_cfg.per_layer_config[layer.index]
+        assert (layer.head_dim, layer.num_kv_heads) == (per_layer.head_dim, per_layer.num_key_value_heads)
+    assert {(lay.is_sliding, lay.num_kv_heads, lay.head_dim, lay.k_eq_v) for lay in plan.layers} == {
+        (True, 8, 256, False), (False, 1, 512, True)}
+    assert sum(not layer.is_sliding for layer in plan.layers) == 8 and plan.num_heads == 16
+    assert (plan.hidden_size, plan.layers[0].intermediate_size, plan.vocab_size) == (3840, 15360, 262144)
+    assert plan.final_logit_softcap == 30.0 and plan.ple_dim == 0 and plan.tie_word_embeddings
+    assert not any(layer.moe or layer.shares_kv for layer in plan.layers)
+
+
+def test_gemma4_unified_defaults_are_hfs():
+    """Fields the 12B's own config class defaults differently from Gemma 4's (window, positions, PLE, MoE)."""
+    sparse = {k: v for k, v in GEMMA4_UNIFIED_TINY.items()
+              if k not in ("sliding_window", "max_position_embeddings", "layer_types")}
+    plan = plan_from_config(with_type("gemma4_unified_text", sparse))
+    hf_cfg = transformers.Gemma4UnifiedTextConfig(**sparse)
+    assert (plan.sliding_window, plan.max_position_embeddings) == (hf_cfg.sliding_window,
+                                                                   hf_cfg.max_position_embeddings) == (1024, 262144)
+    assert list(plan.layer_types) == hf_cfg.layer_types
+    assert plan.ple_dim == 0 and plan.layers[0].moe is None
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Bad input: one-line ConfigError naming the field.
 
 
@@ -329,6 +390,7 @@ _DROP = object()
 G2 = with_type("gemma2", GEMMA2_TINY)
 G3 = with_type("gemma3_text", GEMMA3_TINY)
 G4 = with_type("gemma4_text", GEMMA4_TINY_ALL)
+G4U = with_type("gemma4_unified_text", GEMMA4_UNIFIED_TINY)
 
 # fmt: off
 BAD_CONFIGS = {
@@ -351,6 +413,13 @@ BAD_CONFIGS = {
     "global kv heads do not divide heads": (bad(G4, num_global_key_value_heads=3), "KV heads"),
     "kv sharing without producer": (bad(G4, num_kv_shared_layers=5), "num_kv_shared_layers"),
     "non-integer hidden_size": (bad(G2, hidden_size="64"), "hidden_size"),
+    "gemma4_unified without text_config": ({"model_type": "gemma4_unified"}, "text_config"),
+    "gemma4_unified missing hidden_size": ({"model_type": "gemma4_unified", "text_config": bad(G4U, hidden_size=_DROP)},
+                                           "hidden_size"),
+    "gemma4_unified with a gemma4_text decoder": ({"model_type": "gemma4_unified", "text_config": G4}, "gemma4_text"),
+    "gemma4_unified with PLE": (bad(G4U, hidden_size_per_layer_input=8), "hidden_size_per_layer_input"),
+    "gemma4_unified with MoE": ({"model_type": "gemma4_unified", "text_config": bad(G4U, enable_moe_block=True)},
+                                "enable_moe_block"),
 }
 # fmt: on
 

@@ -6,7 +6,7 @@ import pytest
 
 from nxdi_gemma.cli import main
 from nxdi_gemma.errors import InputError
-from nxdi_gemma.planning import kv_cache_bytes, largest_fit, memory_plan, prefill_activation_bytes
+from nxdi_gemma.planning import INSTANCES, kv_cache_bytes, largest_fit, memory_plan, prefill_activation_bytes
 from nxdi_gemma.public_models import public_plan
 
 
@@ -26,6 +26,30 @@ def test_kv_cache_gemma4_e2b_by_hand():
     full = 2 * 2 * 4096 * 1 * 512 * 2
     assert 12 * sliding + 3 * full == 62_914_560
     assert kv_cache_bytes(public_plan("gemma-4-e2b"), tp=2, batch=2, seq_len=4096, dtype_bytes=2) == 62_914_560
+
+
+def test_kv_cache_gemma4_12b_by_hand():
+    # 48 layers, full where (i+1) % 6 == 0 -> 8 full, 40 sliding. Sliding: 8 KV heads / TP 2 = 4 per core, head_dim
+    # 256, window 1024; full: 1 KV head x 512 (K=V shares the projection, not the cache: K is normed and rotated, V
+    # only normed, so both are stored), replicated at TP 2; batch 1, 8192 tokens, bf16.
+    sliding = 2 * 1 * 1024 * 4 * 256 * 2
+    full = 2 * 1 * 8192 * 1 * 512 * 2
+    assert 40 * sliding + 8 * full == 301_989_888
+    assert kv_cache_bytes(public_plan("gemma-4-12b"), tp=2, batch=1, seq_len=8192, dtype_bytes=2) == 301_989_888
+
+
+@pytest.mark.parametrize("instance", list(INSTANCES))
+def test_gemma4_12b_plans_on_every_instance(instance, capsys):
+    """`nxdi-gemma plan --model gemma-4-12b` on every instance of the table: it fits (bf16 weights ~24 GB: TP 2
+    on the 2-core instances) and the KV cache is the hand-counted one at the chosen TP."""
+    assert main(["plan", "--model", "gemma-4-12b", "--instance", instance, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["fits"], result
+    plan = public_plan("gemma-4-12b")
+    tp, seq = result["tp"], result["seq_len"]
+    sliding = 2 * min(1024, seq) * max(1, 8 // tp) * 256 * 2
+    full = 2 * seq * 1 * 512 * 2
+    assert result["kv_cache_per_core"] == 40 * sliding + 8 * full == kv_cache_bytes(plan, tp, 1, seq, 2)
 
 
 def test_sliding_layers_cost_only_their_window():

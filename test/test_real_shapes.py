@@ -6,7 +6,8 @@ thetas, K=V, PLE width, double-wide MLP, MoE experts / top-k / expert width, and
 Gemma 2/3 keys, sparse multimodal `text_config`, Gemma 4 global_* keys and HF's saved per_layer_config) with the
 real weight prefixes (`model.`, `language_model.model.`, `model.language_model.`). Reduced: vocab 512, the layer
 count (2-7, always sliding and full layers; on E2B/E4B one KV-shared consumer of each type) and the sliding window
-(16), so that a prompt of 3 windows stays short.
+(16), so that a prompt of 3 windows stays short. One case keeps the real window too (Gemma 4 12B text-only: window
+1024, a 3072-token prompt; ~12 min on 2 shared cores, 8 GB: marked slow, `python -m pytest -m slow`).
 
 Weights are random with std 0.02 (HF's initializer_range), drawn uniform instead of normal for speed (HF's normal_
 init is ~7x slower on this CPU), perturbed per spec 8.1, and written straight to safetensors under the names HF's
@@ -49,7 +50,6 @@ from nxdi_gemma.cpu import load_model
 
 VOCAB = 512
 WINDOW = 16
-PROMPT_LEN = 3 * WINDOW
 NEW_TOKENS = 32  # as the fixtures: 100% greedy match over 32 new tokens (ties excepted)
 S, F = "sliding_attention", "full_attention"
 STD = 0.02
@@ -60,6 +60,12 @@ class Shape:
     model_type: str
     config: dict  # config.json as written to disk
     hf_saves_config: bool = False  # write config.json through HF's config class (Gemma 4: per_layer_config form)
+
+    @property
+    def prompt_len(self) -> int:
+        """Three sliding windows (the window of the config as written)."""
+        text = self.config.get("text_config", self.config)
+        return 3 * text.get("sliding_window", WINDOW)
 
 
 def gemma2(hidden, intermediate, heads, kv, head_dim, qpas) -> Shape:
@@ -124,6 +130,33 @@ def gemma4_multimodal(text: dict) -> Shape:
     })  # fmt: skip
 
 
+def gemma4_12b_text(**kw) -> dict:
+    """google/gemma-4-12B's text_config (as published: global_* keys, PLE/MoE fields present and off), cut to
+    `num_hidden_layers` with a sliding and a full layer."""
+    return gemma4_text(
+        model_type="gemma4_unified_text", hidden_size=3840, intermediate_size=15360, heads=16, kv=8,
+        attention_k_eq_v=True, num_global_key_value_heads=1, hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=262144, enable_moe_block=False, num_experts=None, top_k_experts=None,
+        moe_intermediate_size=None, num_kv_shared_layers=0, use_double_wide_mlp=False,
+        max_position_embeddings=262144, use_bidirectional_attention="vision", **kw,
+    )
+
+
+def gemma4_12b_multimodal(text: dict) -> Shape:
+    """Gemma4UnifiedForConditionalGeneration (text at model.language_model.*, embedders at model.vision_embedder.*,
+    model.embed_vision.*, model.embed_audio.*), with tiny embedders."""
+    width = text["hidden_size"]
+    return Shape("gemma4_unified", {
+        "architectures": ["Gemma4UnifiedForConditionalGeneration"], "model_type": "gemma4_unified",
+        "text_config": text, "audio_config": {"model_type": "gemma4_unified_audio", "audio_embed_dim": 16},
+        "vision_config": {"model_type": "gemma4_unified_vision", "patch_size": 2, "pooling_kernel_size": 2,
+                          "mm_posemb_size": 16, "mm_embed_dim": width, "output_proj_dims": width},
+        "initializer_range": STD, "tie_word_embeddings": True, "image_token_id": 258880, "audio_token_id": 258881,
+        "video_token_id": 258884, "boi_token_id": 255999, "eoi_token_id": 258882, "boa_token_id": 256000,
+        "eoa_token_index": 258883,
+    })  # fmt: skip
+
+
 # fmt: off
 SHAPES: dict[str, Shape] = {
     "gemma-2-2b": gemma2(2304, 9216, 8, 4, 256, 256),
@@ -182,14 +215,26 @@ SHAPES: dict[str, Shape] = {
         hidden_size_per_layer_input=0, num_kv_shared_layers=0, max_position_embeddings=262144,
         use_bidirectional_attention="vision",
     )),
+    # 12B (gemma4_unified): multimodal layout as published; text-only save (Gemma4UnifiedForCausalLM, config.json
+    # written by HF: per_layer_config form) at the real window 1024 with a 3072-token prompt.
+    "gemma-4-12B": gemma4_12b_multimodal(gemma4_12b_text(num_hidden_layers=2, layer_types=[S, F])),
+    "gemma-4-12B-text-w1024": Shape("gemma4_unified_text", {
+        "architectures": ["Gemma4UnifiedForCausalLM"],
+        **gemma4_12b_text(num_hidden_layers=2, layer_types=[S, F], sliding_window=1024),
+    }, hf_saves_config=True),
 }
 # fmt: on
 # The three largest (1.1-1.6B parameters: a 5-6 GB fp32 checkpoint and an 9-13 GB float64 HF reference).
 BIGGEST = {"gemma-2-27b", "gemma-3-12b", "gemma-4-26B-A4B"}
 
 
+# At the real window (1024; prompt 3072): minutes of CPU, deselected by default (pyproject: -m 'not slow').
+SLOW = {"gemma-4-12B-text-w1024"}
+
+
 def params(name: str):
     marks = [pytest.mark.bigmem] if name in BIGGEST else []
+    marks += [pytest.mark.slow] if name in SLOW else []
     return pytest.param(name, marks=marks, id=name)
 
 
@@ -254,7 +299,7 @@ def run_all(path: Path, shape: Shape, lap):
     """HF fp32 greedy + teacher-forced logits, HF fp64 teacher-forced logits, ours teacher-forced (prefill + decode
     through the cache over HF's tokens). One model in memory at a time."""
     hf = load_hf(path, shape.model_type, torch.float32)
-    prompt = make_prompt(PROMPT_LEN, VOCAB, seed=3)
+    prompt = make_prompt(shape.prompt_len, VOCAB, seed=3)
     tokens, step_logits = hf_greedy(hf, torch.tensor([prompt]), NEW_TOKENS)
     tokens, step_logits = tokens[0].tolist(), step_logits[0]
     seq = prompt + tokens
@@ -268,7 +313,7 @@ def run_all(path: Path, shape: Shape, lap):
     lap("hf fp64")
 
     ours_model = load_model(path, torch.float32, progress=False)
-    ours = ours_teacher_forced(ours_model, seq, PROMPT_LEN)
+    ours = ours_teacher_forced(ours_model, seq, shape.prompt_len)
     del ours_model
     gc.collect()
     lap("ours")
@@ -302,16 +347,17 @@ def test_real_shape_parity(tmp_path, name):
 
     dev = (hf32.double() - hf64).abs().max().item()
     bound = max(FLOOR, 4 * dev)
-    prefill = max_diff(ours[:PROMPT_LEN], hf32[:PROMPT_LEN])
-    decode = max_diff(ours[PROMPT_LEN:], hf32[PROMPT_LEN:])
-    gen_vs_tf = max_diff(step_logits, hf32[PROMPT_LEN - 1 : -1])  # HF's own generate vs teacher-forced
+    prompt_len = shape.prompt_len
+    prefill = max_diff(ours[:prompt_len], hf32[:prompt_len])
+    decode = max_diff(ours[prompt_len:], hf32[prompt_len:])
+    gen_vs_tf = max_diff(step_logits, hf32[prompt_len - 1 : -1])  # HF's own generate vs teacher-forced
 
     # greedy choices at the decode steps (teacher-forced on HF's tokens)
-    ours_choice = ours[PROMPT_LEN - 1 : -1].argmax(-1).tolist()
+    ours_choice = ours[prompt_len - 1 : -1].argmax(-1).tolist()
     ties, wrong = [], []
     for step, (a, b) in enumerate(zip(ours_choice, tokens, strict=True)):
         if a != b:
-            gap = abs(hf64[PROMPT_LEN - 1 + step, a] - hf64[PROMPT_LEN - 1 + step, b]).item()
+            gap = abs(hf64[prompt_len - 1 + step, a] - hf64[prompt_len - 1 + step, b]).item()
             (ties if gap < bound else wrong).append((step, a, b, gap))
     report(
         f"real/{name}",

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVE = ROOT / "scripts" / "serve_vllm.sh"
 OFFLINE = ROOT / "scripts" / "offline_inference.py"
 
-MULTIMODAL = ("gemma-3-4b", "gemma-3-27b", "gemma-4-e2b", "gemma-4-26b-a4b", "gemma-4-31b")
+MULTIMODAL = ("gemma-3-4b", "gemma-3-27b", "gemma-4-e2b", "gemma-4-26b-a4b", "gemma-4-31b", "gemma-4-12b")
 
 
 class Dummy:
@@ -58,8 +58,9 @@ def write_checkpoint(directory: Path, name: str) -> Path:
 def test_register_models_maps_every_gemma_key():
     model_types: dict = {}
     vllm_plugin.register_models(model_types, Dummy)
-    assert set(model_types) == set(vllm_plugin.GEMMA_MODEL_KEYS)
-    assert set(vllm_plugin.GEMMA_MODEL_KEYS) == {"gemma2", "gemma3", "gemma3_text", "gemma4", "gemma4_text"}
+    assert set(model_types) == set(vllm_plugin.GEMMA_MODEL_KEYS) | {"gemma4unified"}
+    assert set(vllm_plugin.GEMMA_MODEL_KEYS) == {"gemma2", "gemma3", "gemma3_text", "gemma4", "gemma4_text",
+                                                 "gemma4_unified", "gemma4_unified_text"}
     assert all(entry == {"causal-lm": Dummy} for entry in model_types.values())
 
 
@@ -124,13 +125,14 @@ def test_register_configs_under_transformers_457():
     mapping_457 = {"gemma": Other, "gemma2": Other, "gemma3": Other, "gemma3_text": _Gemma3TextConfig457,
                    "llama": Other}  # no Gemma 4; Gemma 3 classes without rope_parameters
     added = vllm_plugin.register_configs(lambda t, cls, exist_ok=False: calls.append((t, cls, exist_ok)), mapping_457)
-    assert [t for t, _, _ in calls] == ["gemma3", "gemma3_text", "gemma4", "gemma4_text"]
+    g4 = ["gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text"]
+    assert [t for t, _, _ in calls] == ["gemma3", "gemma3_text", *g4]
     assert all(exist_ok for _, _, exist_ok in calls)
     assert added == [cls for _, cls, _ in calls]
     pytest.importorskip("transformers")
     assert added == [vllm_plugin.gemma3_rope_config_class("gemma3"), vllm_plugin.gemma3_rope_config_class("gemma3_text"),
-                     vllm_plugin.gemma_config_class("gemma4"), vllm_plugin.gemma_config_class("gemma4_text")]
-    assert [cls.model_type for cls in added] == ["gemma3", "gemma3_text", "gemma4", "gemma4_text"]
+                     *map(vllm_plugin.gemma_config_class, g4)]
+    assert [cls.model_type for cls in added] == ["gemma3", "gemma3_text", *g4]
     # A second call (vLLM runs register() in every process, sometimes twice) finds our classes and re-registers none,
     # but still returns them (their tokenizer mapping is re-applied).
     mapping_457.update({t: cls for t, cls, _ in calls})
@@ -195,7 +197,8 @@ def test_register_architectures_registers_the_stand_in_for_missing_ones():
     calls: list[tuple[str, str]] = []
     supported = {"Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration", "LlamaForCausalLM"}
     added = vllm_plugin.register_architectures(lambda arch, cls: calls.append((arch, cls)), supported)
-    assert added == ["Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"]
+    assert added == ["Gemma4ForCausalLM", "Gemma4ForConditionalGeneration", "Gemma4UnifiedForCausalLM",
+                     "Gemma4UnifiedForConditionalGeneration"]
     assert calls == [(arch, vllm_plugin.VLLM_STAND_IN) for arch in added]
     assert vllm_plugin.register_architectures(lambda *a: pytest.fail("registered"), vllm_plugin.GEMMA_ARCHITECTURES) == []
 
@@ -218,7 +221,7 @@ def test_config_class_exposes_the_text_fields_of_multimodal_configs(name):
     saved = config.to_dict()
     assert set(raw) <= set(saved)  # every key kept
     assert saved["architectures"] == raw["architectures"]
-    if raw["model_type"] == "gemma4":  # (transformers 5 rewrites Gemma 3's legacy rope keys, as for every config)
+    if raw["model_type"].startswith("gemma4"):  # (transformers 5 rewrites Gemma 3's legacy rope keys, as for every config)
         assert set(raw["text_config"]) <= set(saved["text_config"])
 
 
@@ -294,6 +297,7 @@ def test_register_with_nxdi_wires_model_types_and_configs(monkeypatch):
     monkeypatch.delitem(sys.modules, "vllm", raising=False)  # no vLLM: its model registry is left alone
     vllm_plugin.register()
     assert model_types["gemma3"] == {"causal-lm": Dummy} and model_types["gemma4"] == {"causal-lm": Dummy}
+    assert model_types["gemma4unified"] == {"causal-lm": Dummy}  # vllm-neuron's key for Gemma4UnifiedFor...
     assert model_types["llama"] == {"causal-lm": Other}
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 

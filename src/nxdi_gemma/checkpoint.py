@@ -36,6 +36,8 @@ SKIPPED_PREFIXES = (
     "vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
     "model.embed_vision.", "model.audio_tower.", "model.embed_audio.", "audio_tower.", "embed_vision.",
     "embed_audio.",
+    # Gemma 4 12B (gemma4_unified): its patch embedder is saved as vision_embedder.* (HF renames it on load).
+    "model.vision_embedder.", "vision_embedder.",
 )
 _SHARED_LAYER_KV = re.compile(r"^layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm)\.weight$")
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

@@ -227,7 +227,7 @@ def _check_lengths(prompt_ids: list[list[int]], max_new_tokens: int, limit: int)
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="Hugging Face checkpoint directory (default: an embedded random tiny model)")
-    p.add_argument("--tiny", default="gemma3", choices=["gemma2", "gemma3", "gemma4"],
+    p.add_argument("--tiny", default="gemma3", choices=["gemma2", "gemma3", "gemma4", "gemma4_unified"],
                    help="which embedded tiny model to use when --model is not given")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
 
@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("make-tiny", help="write a small random-weight Gemma checkpoint")
     tiny.add_argument("--out", required=True)
-    tiny.add_argument("--kind", default="gemma3", choices=["gemma2", "gemma3", "gemma4"])
+    tiny.add_argument("--kind", default="gemma3", choices=["gemma2", "gemma3", "gemma4", "gemma4_unified"])
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=cmd_make_tiny)
     return parser

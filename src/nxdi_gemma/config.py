@@ -30,6 +30,21 @@ MODEL_TYPES: dict[str, tuple[int, bool]] = {
     "gemma3": (3, True),
     "gemma4_text": (4, False),
     "gemma4": (4, True),
+    # Gemma 4 12B: HF's gemma4_unified text decoder is Gemma 4's (Gemma 2's four-norm block with layer_scalar,
+    # Gemma 4 / 3n norms, attention, RoPE and embedding) without PLE and MoE, so it plans as generation 4.
+    "gemma4_unified_text": (4, False),
+    "gemma4_unified": (4, True),
+}
+# The text model_type a nested `text_config` must have (when it names one): another type would make HF build a
+# different decoder from the same fields.
+NESTED_TEXT_TYPE = {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "gemma4_unified": "gemma4_unified_text"}
+UNIFIED_TYPES = ("gemma4_unified", "gemma4_unified_text")
+# Fields Gemma4UnifiedTextConfig removes from Gemma4TextConfig (transformers 5.25: "PLE and MoE is not used"), with
+# the value that means "off". HF accepts and ignores them; we refuse any other value rather than plan a decoder
+# the checkpoint's own class does not build.
+UNIFIED_ABSENT = {
+    "hidden_size_per_layer_input": 0, "enable_moe_block": False, "num_experts": None, "top_k_experts": None,
+    "moe_intermediate_size": None,
 }
 
 # transformers 5.23 class defaults (Gemma2Config, Gemma3TextConfig, Gemma4TextConfig) for the fields that affect
@@ -86,6 +101,11 @@ DEFAULTS: dict[int, dict[str, Any]] = {
         "hidden_size_per_layer_input": 256,
         "vocab_size_per_layer_input": 262144,
     },
+}
+# transformers 5.25 Gemma4UnifiedTextConfig: Gemma4TextConfig's defaults with a 1024 window, 262144 positions, and no
+# PLE or MoE.
+UNIFIED_DEFAULTS: dict[str, Any] = {
+    **DEFAULTS[4], "sliding_window": 1024, "max_position_embeddings": 262144, **UNIFIED_ABSENT,
 }
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers")
 
@@ -241,7 +261,7 @@ def text_config_of(config: dict[str, Any], source: str = "config.json") -> tuple
     if model_type not in MODEL_TYPES:
         raise ConfigError(
             f"{source}: model_type {model_type!r} is not supported; expected one of {sorted(MODEL_TYPES)} "
-            "(Gemma 3n and Gemma 4 unified are different architectures)"
+            "(Gemma 3n is a different architecture)"
         )
     generation, nested = MODEL_TYPES[model_type]
     if not nested:
@@ -249,6 +269,12 @@ def text_config_of(config: dict[str, Any], source: str = "config.json") -> tuple
     text = config.get("text_config")
     if not isinstance(text, dict):
         raise ConfigError(f"{source}: model_type {model_type!r} needs a 'text_config' object with the decoder's fields")
+    text_type = text.get("model_type")
+    if text_type is not None and text_type != NESTED_TEXT_TYPE[model_type]:
+        raise ConfigError(
+            f"{source}: text_config model_type {text_type!r} does not belong in a {model_type!r} checkpoint "
+            f"(expected {NESTED_TEXT_TYPE[model_type]!r}); use the config.json the weights were saved with"
+        )
     return generation, text
 
 
@@ -257,7 +283,15 @@ def plan_from_config(config: dict[str, Any], source: str = "config.json") -> Gem
     generation, text = text_config_of(config, source)
     model_type = config["model_type"]
     where = f"{source}" + (" text_config" if text is not config else "")
-    cfg = _Fields(text, DEFAULTS[generation], where)
+    unified = model_type in UNIFIED_TYPES
+    cfg = _Fields(text, UNIFIED_DEFAULTS if unified else DEFAULTS[generation], where)
+    if unified:
+        for key, off in UNIFIED_ABSENT.items():
+            if text.get(key) not in (None, off):
+                raise ConfigError(
+                    f"{where}: {key}={text[key]!r}, but {model_type} (Gemma 4 12B) has no per-layer inputs or "
+                    f"experts; it must be {off!r} or absent"
+                )
 
     for key in REQUIRED:
         cfg.require(key)

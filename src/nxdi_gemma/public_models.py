@@ -76,6 +76,14 @@ PUBLIC_CONFIGS: dict[str, dict] = {
         num_global_key_value_heads=4, attention_k_eq_v=True, intermediate_size=21504, sliding_window=1024,
         layer_types=_g4_types(60, 6), hidden_size_per_layer_input=0, num_kv_shared_layers=0,
         max_position_embeddings=262144)),
+    # google/gemma-4-12B(-it): Gemma4UnifiedForConditionalGeneration; text_config as published (the PLE / MoE fields
+    # are present and off; K=V global layers with one KV head of 512).
+    "gemma-4-12b": _mm("gemma4_unified", "Gemma4UnifiedForConditionalGeneration", dict(
+        _G4, model_type="gemma4_unified_text", hidden_size=3840, num_hidden_layers=48, num_attention_heads=16,
+        num_key_value_heads=8, num_global_key_value_heads=1, attention_k_eq_v=True, intermediate_size=15360,
+        sliding_window=1024, layer_types=_g4_types(48, 6), hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=262144, enable_moe_block=False, num_kv_shared_layers=0,
+        use_double_wide_mlp=False, max_position_embeddings=262144, use_bidirectional_attention="vision")),
 }
 
 

@@ -50,6 +50,19 @@ TINY_CONFIGS: dict[str, dict] = {
         use_double_wide_mlp=True, enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
         final_logit_softcapping=1.0,
     ),
+    # Gemma 4 12B-like (gemma4_unified_text, Gemma4UnifiedForCausalLM): global layers with one KV head of twice the
+    # head dim and K=V, sliding layers GQA 2:1, final softcap; no PLE, MoE or KV sharing.
+    "gemma4_unified": dict(
+        _COMMON, model_type="gemma4_unified_text", architectures=["Gemma4UnifiedForCausalLM"], intermediate_size=96,
+        num_hidden_layers=6, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                     "sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
+        },
+        num_kv_shared_layers=0, use_double_wide_mlp=False, final_logit_softcapping=1.0,
+    ),
 }
 TOKENIZER_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 
@@ -69,7 +82,8 @@ def byte_tokenizer_json() -> str:
 
 
 # Where each checkpoint class stores its text decoder on disk (spec 4.5, 5.10).
-DISK_PREFIX = {"gemma3": "language_model.model.", "gemma4": "model.language_model."}
+DISK_PREFIX = {"gemma3": "language_model.model.", "gemma4": "model.language_model.",
+               "gemma4_unified": "model.language_model."}
 
 
 def random_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -22,6 +22,8 @@ Helpers for the tier's tests (constants import as `from conftest import FAMILIES
   HF tokens, float32 logits per step, bound, checkpoint path); `sim_golden.compare` scores a run.
 - FAMILIES / family_specs(): Gemma 2, Gemma 3, Gemma 4 with PLE + KV sharing (dense), Gemma 4 with K=V + MoE; sliding
   window 8, prompts of 30 (> 3x the window) and 5 tokens, 24 new tokens (decode past the window), float32.
+  ALL_FAMILIES adds Gemma 4 12B-like (`gemma4_unified_text`: K=V global layers with one KV head of twice the head
+  dim, no PLE / MoE / sharing); to keep the tier's time, only test_nxdi_cpu, test_xla (TP 1) and one vLLM case run it.
 - `sim_report` (fixture) -> report(key, text): a line in the "simulation tier measurements" summary at the end.
 """
 
@@ -41,6 +43,7 @@ REPO = SIM.parents[1]
 STANDINS = SIM / "standins"
 RELEASES = ("sdk-2.28", "sdk-2.29")  # NxDI 0.8 (Trn1/Inf2/Trn2), NxDI 0.9 (Trn2+)
 FAMILIES = ("gemma2", "gemma3", "gemma4_ple", "gemma4_moe")
+ALL_FAMILIES = (*FAMILIES, "gemma4_12b")
 PROMPT_LENGTHS = [30, 5]
 NEW_TOKENS = 24
 
@@ -58,6 +61,8 @@ def family_specs() -> dict[str, dict]:
                            num_experts=None, top_k_experts=None, moe_intermediate_size=None),
         # 26B-A4B-like: K=V global layers and MoE; no PLE, no KV sharing.
         "gemma4_moe": dict(g4, hidden_size_per_layer_input=0, num_kv_shared_layers=0, use_double_wide_mlp=False),
+        # 12B-like: Gemma4UnifiedForCausalLM (text-only save); the multimodal layout is test_vllm's gemma4unifiedmm.
+        "gemma4_12b": TINY_CONFIGS["gemma4_unified"],
     }
     return {name: {"config": config, "seed": 0, "prompt_lengths": PROMPT_LENGTHS, "prompt_seed": 7,
                    "new_tokens": NEW_TOKENS} for name, config in configs.items()}

@@ -12,7 +12,7 @@ import json
 import sys
 
 import pytest
-from conftest import FAMILIES, RELEASES, SIM
+from conftest import ALL_FAMILIES, RELEASES, SIM
 
 TP_DEGREES = (1, 2)
 _RUNS: dict[tuple[str, int], list[dict] | str] = {}  # records, or the failure of the driver process
@@ -25,7 +25,7 @@ def driver_records(sim, goldens, release: str, tp: int, tmp_path_factory) -> lis
         sim.need(release)
         out = tmp_path_factory.mktemp(f"nxdi_cpu_{release}_tp{tp}") / "records.json"
         launcher = sim.torchrun(tp) if tp > 1 else [sys.executable]
-        cases = [str(goldens[f]) for f in FAMILIES]
+        cases = [str(goldens[f]) for f in ALL_FAMILIES]
         proc = sim.run([*launcher, str(SIM / "nxdi_cpu_driver.py"), "--tp", str(tp), "--out", str(out), *cases],
                        release, check=False)
         _RUNS[(release, tp)] = json.loads(out.read_text()) if proc.returncode == 0 else sim.failure(proc)
@@ -35,7 +35,7 @@ def driver_records(sim, goldens, release: str, tp: int, tmp_path_factory) -> lis
     return result
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 @pytest.mark.parametrize("tp", TP_DEGREES, ids=lambda tp: f"tp{tp}")
 @pytest.mark.parametrize("release", RELEASES)
 def test_nxdi_cpu_mode_matches_hf(sim, goldens, sim_report, tmp_path_factory, release, tp, family):

@@ -82,6 +82,16 @@ def _checkpoints() -> dict[str, dict]:
             "text_config": text("gemma4", model_type="gemma4_text", enable_moe_block=False, num_experts=None,
                                 top_k_experts=None, moe_intermediate_size=None),
         },
+        # Gemma 4 12B-like in its any-to-any layout (Gemma4UnifiedForConditionalGeneration: text weights under
+        # model.language_model., tiny vision/audio embedders HF initializes; vllm-neuron's MODEL_TYPES key
+        # "gemma4unified")
+        "gemma4unifiedmm": {
+            "model_type": "gemma4_unified", "architectures": ["Gemma4UnifiedForConditionalGeneration"],
+            "initializer_range": 0.2, "tie_word_embeddings": True, "text_config": text("gemma4_unified"),
+            "vision_config": {"model_type": "gemma4_unified_vision", "patch_size": 2, "pooling_kernel_size": 2,
+                              "mm_posemb_size": 16, "mm_embed_dim": 64, "output_proj_dims": 64},
+            "audio_config": {"model_type": "gemma4_unified_audio", "audio_embed_dim": 16},
+        },
         # multimodal Gemma 3 (text served; weights under language_model.model.), transformers-5 RoPE in text_config
         "gemma3mm": {
             "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"], "initializer_range": 0.2,
@@ -198,12 +208,14 @@ def test_gemma4_moe_with_tokenizer_then_restart_from_artifacts(sim, tmp_path, ca
     assert any(".load(" in event for event in second["events"])
 
 
-@pytest.mark.parametrize("name", ["gemma4mm", "gemma3mm"])
+@pytest.mark.parametrize("name", ["gemma4mm", "gemma3mm", "gemma4unifiedmm"])
 def test_multimodal_checkpoints_with_hf_overrides(sim, tmp_path, cases, name):
-    """Gemma4ForConditionalGeneration (dense) and Gemma3ForConditionalGeneration (transformers-5 RoPE in
-    text_config), served text-only with the plugin's hf_overrides, as scripts/serve_vllm.sh passes them."""
+    """Gemma4ForConditionalGeneration (dense), Gemma3ForConditionalGeneration (transformers-5 RoPE in text_config)
+    and Gemma4UnifiedForConditionalGeneration (Gemma 4 12B-like), served text-only with the plugin's hf_overrides,
+    as scripts/serve_vllm.sh passes them."""
     report = _drive(sim, tmp_path, cases[name], name, hf_overrides=True, limit_images=True)
-    assert report["hf_config_class"] == {"gemma4mm": "Gemma4CompatConfig", "gemma3mm": "Gemma3RopeCompatConfig"}[name]
+    assert report["hf_config_class"] == {"gemma4mm": "Gemma4CompatConfig", "gemma3mm": "Gemma3RopeCompatConfig",
+                                         "gemma4unifiedmm": "Gemma4UnifiedCompatConfig"}[name]
 
 
 def _free_port() -> int:

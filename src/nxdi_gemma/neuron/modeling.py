@@ -271,3 +271,4 @@ def _select_rows(previous, current, take_current: torch.Tensor):
 NeuronGemma2ForCausalLM = NeuronGemmaForCausalLM
 NeuronGemma3ForCausalLM = NeuronGemmaForCausalLM
 NeuronGemma4ForCausalLM = NeuronGemmaForCausalLM
+NeuronGemma4UnifiedForCausalLM = NeuronGemmaForCausalLM  # Gemma 4 12B (gemma4_unified): its text decoder

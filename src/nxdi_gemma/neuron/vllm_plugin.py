@@ -11,11 +11,11 @@ numbers are 0.4.1's (0.5.0's differ by a few lines). What `register()` does:
 1. NxDI model classes. vllm-neuron picks the NxDI class from `architectures[0]` (`_get_neuron_model_cls`,
    vllm_neuron/worker/neuronx_distributed_model_loader.py:921-978): "Gemma3ForCausalLM" and
    "Gemma3ForConditionalGeneration" -> MODEL_TYPES["gemma3"]["causal-lm"], "Gemma2ForCausalLM" -> ["gemma2"],
-   "Gemma4For..." -> ["gemma4"]. It imports NxDI's MODEL_TYPES by reference (loader.py:42), so `register_models`
+   "Gemma4For..." -> ["gemma4"], "Gemma4UnifiedFor..." (Gemma 4 12B) -> ["gemma4unified"]. It imports NxDI's MODEL_TYPES by reference (loader.py:42), so `register_models`
    mutates that dict in place: every Gemma key maps to `NeuronGemmaForCausalLM`, replacing NxDI's own gemma3 class.
 
 2. transformers configs (`register_configs`). vLLM parses config.json with transformers' AutoConfig.
-   - gemma4 / gemma4_text: transformers 4.57 has neither, so `gemma_config_class(model_type)` is registered for every
+   - gemma4 / gemma4_text / gemma4_unified / gemma4_unified_text: transformers 4.57 has none, so `gemma_config_class(model_type)` is registered for every
      Gemma model type the installed transformers lacks (none under transformers 5). These classes keep every key and
      expose the text decoder's fields at top level, because vllm-neuron reads `num_key_value_heads` / `head_dim`
      from the top level of the hf_config (`_get_model_configs`, loader.py:895-913) and `get_text_config().vocab_size`
@@ -65,9 +65,14 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# MODEL_TYPES keys served by NeuronGemmaForCausalLM. vllm-neuron looks up "gemma2" / "gemma3" / "gemma4" (the
-# architecture prefix, lower-cased); the *_text keys serve NxDI's own tooling, which keys by config model_type.
-GEMMA_MODEL_KEYS = ("gemma2", "gemma3", "gemma3_text", "gemma4", "gemma4_text")
+# The Gemma config model_types (config.json "model_type"); also MODEL_TYPES keys served by NeuronGemmaForCausalLM,
+# for NxDI's own tooling, which keys by config model_type.
+GEMMA_MODEL_KEYS = (
+    "gemma2", "gemma3", "gemma3_text", "gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text",
+)
+# MODEL_TYPES keys vllm-neuron derives from the architecture (`_get_neuron_model_cls`: the part before "For",
+# lower-cased) where that is no model_type: "Gemma4UnifiedFor..." -> "gemma4unified". Not config model_types.
+VLLM_NEURON_KEYS = ("gemma4unified",)
 
 # Architectures vLLM must accept for our checkpoints (config.json `architectures[0]`).
 GEMMA_ARCHITECTURES = (
@@ -76,6 +81,8 @@ GEMMA_ARCHITECTURES = (
     "Gemma3ForConditionalGeneration",
     "Gemma4ForCausalLM",
     "Gemma4ForConditionalGeneration",
+    "Gemma4UnifiedForCausalLM",
+    "Gemma4UnifiedForConditionalGeneration",
 )
 # Text-only vLLM class registered for Gemma architectures vLLM does not know (present since vLLM 0.8). vLLM only
 # inspects it (text generation, no multimodal inputs); on Neuron, vllm-neuron builds the NxDI model instead.
@@ -89,13 +96,15 @@ TEXT_FIELDS = (
 # Fields vllm-neuron's `_get_model_configs` needs at the top level of hf_config.
 NEURON_TOP_LEVEL_FIELDS = ("num_key_value_heads", "head_dim")
 
-_TEXT_MODEL_TYPE = {"gemma3": "gemma3_text", "gemma4": "gemma4_text"}
+_TEXT_MODEL_TYPE = {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "gemma4_unified": "gemma4_unified_text"}
 _CONFIG_CLASS_NAMES = {
     "gemma2": "Gemma2CompatConfig",
     "gemma3": "Gemma3CompatConfig",
     "gemma3_text": "Gemma3TextCompatConfig",
     "gemma4": "Gemma4CompatConfig",
     "gemma4_text": "Gemma4TextCompatConfig",
+    "gemma4_unified": "Gemma4UnifiedCompatConfig",
+    "gemma4_unified_text": "Gemma4UnifiedTextCompatConfig",
 }
 # Subclasses of transformers' own Gemma 3 configs that read rope_parameters keyed by layer type (see the docstring).
 _ROPE_CLASS_NAMES = {"gemma3": "Gemma3RopeCompatConfig", "gemma3_text": "Gemma3TextRopeCompatConfig"}
@@ -108,11 +117,12 @@ INSTALL_HINT = (
 
 
 def register_models(model_types: MutableMapping[str, dict], causal_lm_cls: type) -> None:
-    """Map every key of GEMMA_MODEL_KEYS to {"causal-lm": causal_lm_cls} in NxDI's MODEL_TYPES, in place.
+    """Map every key of GEMMA_MODEL_KEYS and VLLM_NEURON_KEYS to {"causal-lm": causal_lm_cls} in NxDI's MODEL_TYPES,
+    in place.
 
     An existing entry's other tasks (e.g. "image-encoding") are kept; its "causal-lm" class is replaced. The entry
     is a new dict, so a dict shared with something else is never mutated."""
-    for key in GEMMA_MODEL_KEYS:
+    for key in GEMMA_MODEL_KEYS + VLLM_NEURON_KEYS:
         entry = dict(model_types.get(key) or {})
         entry["causal-lm"] = causal_lm_cls
         model_types[key] = entry
@@ -370,7 +380,7 @@ def register() -> None:
 
         architectures = register_architectures(ModelRegistry.register_model, ModelRegistry.get_supported_archs())
     logger.info("nxdi_gemma vLLM plugin: NxDI MODEL_TYPES %s -> %s; transformers config classes (with the Gemma "
-                "tokenizer) registered: %s; vLLM architectures added: %s", list(GEMMA_MODEL_KEYS),
+                "tokenizer) registered: %s; vLLM architectures added: %s", list(GEMMA_MODEL_KEYS + VLLM_NEURON_KEYS),
                 NeuronGemmaForCausalLM.__name__, [cls.__name__ for cls in configs] or "none",
                 architectures or "none")
 
