@@ -20,8 +20,10 @@ from nxdi_gemma import ops
 
 HEADS, KV_HEADS, DIM = 8, 2, 64
 DTYPE = torch.bfloat16
-# Outputs are O(1) (bf16 ulp 2^-7 near 1): only a float32 summation-order difference on a near-zero value fits here.
-FP32_ORDER = 1e-6
+# Outputs are O(1) (bf16 ulp 2^-7 near 1). A float32 summation-order difference over ~45 products of |p v| <= ~8
+# is ~45 * 8 * 2^-24 = 2e-5 and moves a bf16 rounding only on outputs that small; a double rounding moves O(1)
+# outputs by their ulp (1e-3 and more), so this bound tells the two apart.
+FP32_ORDER = 2e-5
 
 
 def hf_attention(q, k, v, visible, scale, cap):
@@ -46,16 +48,20 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("cap", [None, 50.0])
-@pytest.mark.parametrize("queries", [1, 5])  # decode (one active token), a prompt chunk after cached tokens
+@pytest.mark.parametrize("queries", [1, 4])  # decode (one active token), a prompt chunk after cached tokens
 def test_two_segments_match_hf_in_bf16(queries: int, cap: float | None):
-    cached = 40
-    q, k, v = tensors(queries, queries, cached + queries)
+    # Sizes keep every elementwise op on whole CPU vectors, in HF's one score tensor and in our two segments:
+    # ATen runs a flat tensor's tail through the scalar kernel, whose bf16 tanh (the softcap) can differ by an ulp
+    # from the vectorized one on CPUs with AVX-512 bf16, a kernel artefact no device shares. 8 x 8 x S x T scores
+    # with T in {40, S, 40 + S} are multiples of 64 for S in {1, 4}.
+    cached, batch = 40, 8
+    q, k, v = tensors(queries, queries, cached + queries, batch=batch)
     scale = 256 ** -0.5
-    # The cache: rows see different prefixes (37 and all 40 slots); the active tokens: causal.
-    seen = torch.tensor([37, 40])[:, None]
+    # The cache: rows see different prefixes (37 to all 40 slots); the active tokens: causal.
+    seen = (37 + torch.arange(batch) % 4)[:, None]
     cache_visible = (torch.arange(cached)[None, :] < seen)[:, None, None, :].expand(-1, 1, queries, -1)
     i = torch.arange(queries)
-    active_visible = (i[None, :] <= i[:, None])[None, None].expand(2, 1, -1, -1)
+    active_visible = (i[None, :] <= i[:, None])[None, None].expand(batch, 1, -1, -1)
     reference = hf_attention(q, k, v, torch.cat([cache_visible, active_visible], dim=-1), scale, cap)
 
     segments = [(k[:, :, :cached], v[:, :, :cached], cache_visible), (k[:, :, cached:], v[:, :, cached:],
