@@ -1,7 +1,9 @@
 """Per-layer KV caches for Gemma on NxDI's KVCacheManager.
 
 Overrides checked against NxDI 0.8 (cd3abf3) and 0.9 (c63afe0): KVCacheManager.__init__, _fetch_cache, get_cache,
-update_cache, get_kv_by_layer_id, update_kv_by_layer_id, _get_index_to_update_new_position.
+update_cache, get_kv_by_layer_id, update_kv_by_layer_id, _get_index_to_update_new_position; and the helpers
+`kvcache.utils.dynamic_update_slice(tensor, update, start_indices)` and `fill_prefix(cache, prefix_cache)`, the same
+in both (an XLA DynamicUpdateSlice on device, slice assignment in CPU mode).
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ from .config import GemmaInferenceConfig
 
 
 class GemmaKVCacheManager(KVCacheManager):
-    """Per-layer cache shapes: full layers hold max_length slots (position p at slot p; sliced to the bucket for
-    token generation), sliding layers a ring of W slots (position p at slot p % W), each with its own KV heads and
+    """Per-layer cache shapes: full layers hold max_length slots (position p at slot p; sliced to a smaller bucket
+    for token generation; plus prefill_chunk_size spare slots when prompts are prefilled in chunks), sliding layers a ring of W slots (position p at slot p % W), each with its own KV heads and
     head dim; KV-shared Gemma 4 layers own none and read their source layer's.
 
     Context encoding runs the prompt in chunks (one fixed-size graph per chunk, see `NeuronGemmaForCausalLM`):
     `prefill_prior` gives a chunk's attention the cache rows of its sequences, and the chunk's K/V are written at
-    their positions (full layers) or merged into the ring (sliding layers), in place. Token generation writes
-    through NxDI's scatter at position (or position % W)."""
+    their positions (full layers) or merged into the ring (sliding layers), in place, with dynamic-update-slices
+    (the forms NxDI's own caches use; test/sim/test_op_set.py). Token generation writes through NxDI's scatter at
+    position (or position % W)."""
 
     def __init__(self, config: GemmaInferenceConfig, layers: nn.ModuleList, global_rank, state: ForwardState):
         plan = config.gemma_plan
