@@ -30,11 +30,7 @@ from torch import nn
 from .. import ops
 from ..config import GemmaPlan
 from ..errors import ConfigError
-
-
-def window_blocks(window: int, block_size: int) -> int:
-    """Blocks holding the keys a query can see before its chunk: positions p0-W+1 .. p0-1 span at most this many."""
-    return -(-(window - 1) // block_size) + 1
+from ..planning import window_blocks
 
 
 class GemmaBlockKVCacheManager(KVCacheManager):
