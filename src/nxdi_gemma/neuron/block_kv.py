@@ -104,13 +104,15 @@ class GemmaBlockKVCacheManager(KVCacheManager):
             raise ConfigError("block KV layout needs a slot_mapping for every call (NxDI passes it as scatter_index)")
         slots = scatter_index.reshape(-1).to(torch.int32)
         slots = torch.where(slots < 0, torch.full_like(slots, self.num_blocks * self.block_size), slots)
+        # (block, offset) indices into the 4-D cache: a scatter straight on the aliased cache (a reshape around it
+        # would hide the in-place update from the compiler).
+        block = slots // self.block_size
+        offset = slots - block * self.block_size
         updated = []
         for idx in self.producers:
             for cache, new in zip(self._fetch_cache(idx, kvcache_buffer), new_key_values[idx], strict=True):
-                blocks, bs, heads, dim = cache.shape
-                flat = cache.reshape(blocks * bs, heads, dim)
-                rows = new.transpose(1, 2).reshape(-1, heads, dim).to(cache.dtype)  # [B * S, H, D]
-                updated.append(flat.index_put((slots,), rows).reshape(blocks, bs, heads, dim))
+                rows = new.transpose(1, 2).reshape(-1, cache.shape[2], cache.shape[3]).to(cache.dtype)  # [B*S, H, D]
+                updated.append(cache.index_put((block, offset), rows))
         return updated
 
 
