@@ -25,8 +25,15 @@
 #   OVERRIDE_NEURON_CONFIG  JSON object merged into vllm-neuron's NxDI neuron config (default {}), sent as
 #                    --additional-config '{"override_neuron_config": ...}' (read by vllm-neuron's get_neuron_model).
 #                    E.g. '{"context_encoding_buckets": [1024, 4096], "token_generation_buckets": [4096]}'.
-#                    nxdi_gemma refuses prefix caching, block KV layout, chunked prefill, speculation, quantization
-#                    and the NKI attention kernels (GemmaNeuronConfig).
+#                    nxdi_gemma refuses chunked prefill, speculation, quantization and the NKI attention kernels
+#                    (GemmaNeuronConfig). With prefix caching NxDI's context-encoding buckets are 2-D: set
+#                    "context_encoding_buckets" (prefill lengths) and "prefix_buckets" (multiples of BLOCK_SIZE).
+#   BLOCK_SIZE       --block-size (default 32): vLLM's prefix caching (on, vLLM's default) makes vllm-neuron use NxDI's
+#                    block KV layout, which needs a block size.
+#   NUM_BLOCKS       --num-gpu-blocks-override (default ceil(MAX_MODEL_LEN / BLOCK_SIZE) x MAX_NUM_SEQS, what
+#                    vllm-neuron allocates in NxDI): vllm-neuron otherwise sizes vLLM's block pool from the device's
+#                    free memory and layer 0's head dim, which need not match the blocks NxDI holds (Gemma 4's
+#                    full layers have twice layer 0's head dim); more blocks keep more prefixes cached.
 #   NEURON_COMPILED_ARTIFACTS  where the compiled model lives (default ./neuron-compiled/<model>-<settings hash>).
 #                    vllm-neuron loads from this directory when it holds a compiled model and compiles into it
 #                    otherwise. It does NOT check that the artifacts match the current settings (and ignores
@@ -56,6 +63,8 @@ fi
 TP="${TP:-8}"
 MAX_MODEL_LEN="${MAX_MODEL_LEN:-4096}"
 MAX_NUM_SEQS="${MAX_NUM_SEQS:-4}"
+BLOCK_SIZE="${BLOCK_SIZE:-32}"
+NUM_BLOCKS="${NUM_BLOCKS:-$(( (MAX_MODEL_LEN + BLOCK_SIZE - 1) / BLOCK_SIZE * MAX_NUM_SEQS ))}"
 DTYPE="${DTYPE:-bfloat16}"
 OVERRIDE_NEURON_CONFIG="${OVERRIDE_NEURON_CONFIG:-}"
 [[ -n "$OVERRIDE_NEURON_CONFIG" ]] || OVERRIDE_NEURON_CONFIG="{}"
@@ -76,7 +85,7 @@ ADDITIONAL_CONFIG="{\"override_neuron_config\": ${OVERRIDE_NEURON_CONFIG}}"
 HF_OVERRIDES="$("$PYTHON" -m nxdi_gemma.neuron.vllm_plugin "$MODEL")"
 
 if [[ -z "${NEURON_COMPILED_ARTIFACTS:-}" ]]; then
-    settings="$MODEL|$TP|$MAX_MODEL_LEN|$MAX_NUM_SEQS|$DTYPE|$OVERRIDE_NEURON_CONFIG"
+    settings="$MODEL|$TP|$MAX_MODEL_LEN|$MAX_NUM_SEQS|$DTYPE|$OVERRIDE_NEURON_CONFIG|$BLOCK_SIZE|$NUM_BLOCKS"
     digest="$(printf '%s' "$settings" | sha256sum | cut -c1-12)"
     NEURON_COMPILED_ARTIFACTS="$PWD/neuron-compiled/$(basename "$MODEL")-tp${TP}-len${MAX_MODEL_LEN}-seqs${MAX_NUM_SEQS}-${digest}"
 fi
@@ -94,9 +103,8 @@ export VLLM_PLUGINS
 echo "serving $MODEL on http://$HOST:$PORT (tp=$TP max_model_len=$MAX_MODEL_LEN max_num_seqs=$MAX_NUM_SEQS)" >&2
 echo "compiled artifacts: $NEURON_COMPILED_ARTIFACTS; VLLM_PLUGINS=$VLLM_PLUGINS; hf overrides: $HF_OVERRIDES" >&2
 
-# --no-enable-prefix-caching: vLLM (0.13, 0.16) enables prefix caching by default, which makes vllm-neuron request a block KV
-# layout (is_prefix_caching / is_block_kv_layout) that nxdi_gemma refuses. Without it vllm-neuron sets the block size
-# to max_model_len itself, so --block-size is not passed.
+# Prefix caching stays on (vLLM's default): vllm-neuron then sets is_prefix_caching / is_block_kv_layout and nxdi_gemma
+# runs NxDI's block-KV path (neuron/block_kv.py); --block-size and --num-gpu-blocks-override as above.
 exec vllm serve "$MODEL" \
     --host "$HOST" \
     --port "$PORT" \
@@ -104,7 +112,8 @@ exec vllm serve "$MODEL" \
     --max-model-len "$MAX_MODEL_LEN" \
     --max-num-seqs "$MAX_NUM_SEQS" \
     --dtype "$DTYPE" \
-    --no-enable-prefix-caching \
+    --block-size "$BLOCK_SIZE" \
+    --num-gpu-blocks-override "$NUM_BLOCKS" \
     --hf-overrides "$HF_OVERRIDES" \
     --additional-config "$ADDITIONAL_CONFIG" \
     "$@"

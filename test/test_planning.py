@@ -119,3 +119,17 @@ def test_readme_instance_table_is_generated():
     script = Path(__file__).resolve().parent.parent / "scripts" / "update_readme.py"
     result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_block_layout_kv_bytes():
+    """Prefix caching's block layout stores every position on sliding layers too; decode still reads only the blocks
+    inside the window."""
+    from nxdi_gemma.planning import block_kv_cache_bytes, block_kv_decode_read_bytes, kv_cache_bytes, window_blocks
+    from nxdi_gemma.public_models import public_plan
+
+    plan = public_plan("gemma-3-27b")
+    ring = kv_cache_bytes(plan, 1, 1, 32768, 2)
+    per_position = sum(2 * layer.num_kv_heads * layer.head_dim * 2 for layer in plan.layers if not layer.shares_kv)
+    assert block_kv_cache_bytes(plan, 1, 1, 32768, 2, 32) == 32768 * per_position > ring
+    assert window_blocks(1024, 32) == 33 and window_blocks(8, 8) == 2
+    assert ring < block_kv_decode_read_bytes(plan, 1, 1, 32768, 2, 32) < 1.01 * ring

@@ -359,7 +359,8 @@ def test_serve_script_syntax_and_arguments(tmp_path):
     assert flag("--max-model-len") == "4096" and flag("--max-num-seqs") == "4"
     assert json.loads(flag("--hf-overrides")) == {"num_key_value_heads": 4, "head_dim": 256}
     assert json.loads(flag("--additional-config")) == {"override_neuron_config": {}}
-    assert "--no-enable-prefix-caching" in args and args[-2:] == ["--seed", "0"]
+    assert "--no-enable-prefix-caching" not in args and args[-2:] == ["--seed", "0"]  # prefix caching on
+    assert flag("--block-size") == "32" and flag("--num-gpu-blocks-override") == str(4096 // 32 * 4)
     assert artifacts.startswith(str(tmp_path / "neuron-compiled" / "gemma-3-4b-tp4-len4096-seqs4-"))
     assert plugins == "neuron,nxdi_gemma"
 

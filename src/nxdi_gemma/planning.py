@@ -118,6 +118,35 @@ def kv_cache_bytes(plan: GemmaPlan, tp: int, batch: int, seq_len: int, dtype_byt
     return total
 
 
+def window_blocks(window: int, block_size: int) -> int:
+    """Blocks holding the keys a query can see before its chunk on a sliding layer: positions p0-W+1 .. p0-1 span
+    at most this many (the block layout reads no more)."""
+    return -(-(window - 1) // block_size) + 1
+
+
+def block_kv_cache_bytes(plan: GemmaPlan, tp: int, batch: int, seq_len: int, dtype_bytes: int,
+                         block_size: int) -> int:
+    """KV bytes of the block layout (prefix caching, neuron/block_kv.py) for `batch` sequences of seq_len: vLLM hands
+    out one block table for every layer, so each producer layer, sliding ones included, stores every position
+    (rounded up to whole blocks); sliding layers still read only the blocks inside their window."""
+    length = -(-seq_len // block_size) * block_size
+    return sum(2 * batch * length * kv_heads_per_core(layer.num_kv_heads, tp) * layer.head_dim * dtype_bytes
+               for layer in plan.layers if not layer.shares_kv)
+
+
+def block_kv_decode_read_bytes(plan: GemmaPlan, tp: int, batch: int, seq_len: int, dtype_bytes: int,
+                               block_size: int) -> int:
+    """KV bytes one decode step reads in the block layout: every block of a full layer, `window_blocks` blocks of a
+    sliding layer (KV-shared layers read their producer's blocks again)."""
+    total = 0
+    for layer in plan.layers:
+        length = -(-seq_len // block_size) * block_size
+        if layer.window:
+            length = min(length, window_blocks(layer.window, block_size) * block_size)
+        total += 2 * batch * length * kv_heads_per_core(layer.num_kv_heads, tp) * layer.head_dim * dtype_bytes
+    return total
+
+
 def parameter_counts(plan: GemmaPlan) -> dict[str, int]:
     """Parameters by how they are held and read: 'sharded' (split over TP; includes all experts and the LM head,
     which NxDI keeps as its own copy even when tied), 'tables' (embedding tables: split over TP, only gathered),

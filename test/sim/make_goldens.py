@@ -4,6 +4,7 @@
     python test/sim/make_goldens.py SPEC.json OUT_DIR
 
 SPEC.json maps a case name to {"config": config.json dict, "seed": int, "prompt_lengths": [int], "prompt_seed": int,
+(optional "shared_prefix": int, the first tokens every prompt takes from prompt 0),
 "new_tokens": int, optionally "dtype": "bfloat16"}. For each case, OUT_DIR/<name>/ckpt is a checkpoint (our writer,
 `nxdi_gemma.tiny.random_weights`) and OUT_DIR/<name>/golden.json holds, per prompt, HF's greedy tokens and logits at
 every step (HF forward + KV cache in a plain argmax loop: `nxdi_gemma.reference.hf_greedy`) in float32, or in the
@@ -35,7 +36,9 @@ def spec_hash(spec: dict) -> str:
 
 def prompts_of(spec: dict, vocab: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(spec["prompt_seed"])
-    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in spec["prompt_lengths"]]  # no specials
+    prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in spec["prompt_lengths"]]  # no specials
+    shared = spec.get("shared_prefix", 0)  # optional: every prompt starts with prompt 0's first `shared` tokens
+    return [prompts[0][:shared] + prompt[shared:] for prompt in prompts]
 
 
 @torch.no_grad()

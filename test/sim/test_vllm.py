@@ -277,3 +277,50 @@ def test_serve_script_over_http(sim, tmp_path, cases):
     assert got == want
     served_log = (tmp_path / "serve.log").read_text()
     assert "vllm_neuron._is_neuron_dev -> True" in served_log  # served by vllm-neuron's platform, stand-ins active
+
+
+PREFIX_BLOCK = 8  # vLLM's --block-size; the tiny models' window is 8 too
+PREFIX_LENGTHS = [60, 67, 74, 81]  # all start with the same 56 tokens: 7 blocks, 7 windows
+PREFIX_SHARED = 56
+PREFIX_MAX_FED = 0.35  # of the prompt tokens, in the second round
+
+
+@pytest.fixture(scope="module")
+def prefix_cases(sim) -> dict[str, dict]:
+    """HF goldens of prompts sharing a long prefix, for one checkpoint per family (the tiny Gemma 4 has PLE, KV
+    sharing, K=V and MoE)."""
+    sim.need(RELEASE)
+    configs = _checkpoints()
+    specs = {f"vllm_prefix_{name}": {"config": configs[name], "seed": 0, "prompt_lengths": PREFIX_LENGTHS,
+                                     "prompt_seed": 2027, "shared_prefix": PREFIX_SHARED, "new_tokens": NEW_TOKENS}
+             for name in ("gemma2", "gemma3", "gemma4moe")}
+    out = {}
+    for name, case_dir in sim.goldens(specs).items():
+        golden = json.loads((case_dir / "golden.json").read_text())
+        out[name.removeprefix("vllm_prefix_")] = {
+            "ckpt": case_dir / "ckpt", "prompts": golden["prompts"], "tokens": golden["tokens"],
+            "transformers": golden["transformers"], "max_tokens": [NEW_TOKENS] * len(PREFIX_LENGTHS)}
+    return out
+
+
+@pytest.mark.parametrize("name", ["gemma3", "gemma4moe", pytest.param("gemma2", marks=pytest.mark.slow)])
+def test_prefix_caching_on(sim, tmp_path, prefix_cases, name, sim_report):
+    """vLLM's default prefix caching left on, --block-size 8 (vllm-neuron then sets is_block_kv_layout and
+    is_prefix_caching): four prompts sharing 7 blocks, sent concurrently (max_num_seqs 4), twice. HF's greedy tokens
+    on every request of both rounds; in the second round vLLM reports cached tokens and the NxDI context-encoding
+    model is fed at most 35% of the prompt tokens (NxDI's 16-token prefill bucket recomputes a few cached ones)."""
+    case = prefix_cases[name]
+    buckets = {"context_encoding_buckets": [16, MAX_MODEL_LEN], "prefix_buckets": [MAX_MODEL_LEN],
+               "token_generation_buckets": [MAX_MODEL_LEN]}
+    report = _drive(sim, tmp_path, case, f"prefix_{name}", enable_prefix_caching=True, block_size=PREFIX_BLOCK,
+                    rounds=2, override_neuron_config=buckets, skip_tokenizer_init=True)
+    assert report["neuron_config"]["is_prefix_caching"] and report["neuron_config"]["is_block_kv_layout"]
+    want = [tokens[:n] for tokens, n in zip(case["tokens"], case["max_tokens"], strict=True)]
+    first, second = report["rounds"]
+    assert first["tokens"] == want and second["tokens"] == want
+    total = sum(map(len, case["prompts"]))
+    assert all(n and n >= PREFIX_SHARED for n in second["cached_tokens"]), second["cached_tokens"]
+    assert second["prefill_tokens"] <= PREFIX_MAX_FED * total, (second, total)
+    sim_report(f"vLLM prefix caching {name} {RELEASE}",
+               f"prefill tokens fed: round 1 {first['prefill_tokens']}, round 2 {second['prefill_tokens']} of {total}"
+               f" (vLLM cached {sum(second['cached_tokens'])})")

@@ -7,9 +7,11 @@ Run by test_vllm.py in the tier's environment with vllm_site/ first on PYTHONPAT
 and NXDI_GEMMA_SIM_VLLM=1 (so the stand-ins of vllm_standins.py and `standins` are installed at start-up).
 SPEC keys: ckpt, prompts (token-id lists), max_tokens (one per prompt), max_model_len, max_num_seqs, dtype,
 skip_tokenizer_init, hf_overrides (bool: pass the plugin's checkpoint_hf_overrides), override_neuron_config,
-limit_images (bool: limit_mm_per_prompt image 0, for multimodal checkpoints served text-only).
+limit_images (bool: limit_mm_per_prompt image 0, for multimodal checkpoints served text-only), enable_prefix_caching
+(bool, default false) with block_size, rounds (default 1: how many times all prompts are sent, one generate each).
 OUT keys: versions, tokens (per prompt), texts (detokenized, when a tokenizer is loaded), events (stand-in uses),
-closed_calls_while_generating, neuron_config and final_norm_weight (of the loaded NxDI model), model_types (what the plugin registered),
+closed_calls_while_generating, rounds (per round: tokens, prefill_tokens = the prompt tokens that reached the
+NxDI context-encoding model, cached_tokens = vLLM's num_cached_tokens per request), neuron_config and final_norm_weight (of the loaded NxDI model), model_types (what the plugin registered),
 hf_config_class (what transformers parsed config.json into), seconds (start, generate).
 """
 
@@ -58,7 +60,8 @@ def main(spec_path: str, out_path: str) -> int:
         kwargs["limit_mm_per_prompt"] = {"image": 0}
     started = time.monotonic()
     llm = LLM(model=spec["ckpt"], tensor_parallel_size=1, max_model_len=spec["max_model_len"],
-              max_num_seqs=spec["max_num_seqs"], dtype=spec["dtype"], seed=0, enable_prefix_caching=False,
+              max_num_seqs=spec["max_num_seqs"], dtype=spec["dtype"], seed=0,
+              enable_prefix_caching=spec.get("enable_prefix_caching", False), block_size=spec.get("block_size"),
               skip_tokenizer_init=spec.get("skip_tokenizer_init", False),
               additional_config={"override_neuron_config": override}, **kwargs)
     hf_config = llm.llm_engine.model_config.hf_config
@@ -69,8 +72,26 @@ def main(spec_path: str, out_path: str) -> int:
     # different lengths: slots free up at different steps, so prefills land between other sequences' decodes.
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True,
                              detokenize=not spec.get("skip_tokenizer_init", False)) for n in spec["max_tokens"]]
+    fed: list[int] = []
+    if vllm_standins.MODELS:
+        # A probe on the NxDI context-encoding model (called with the bucket-padded chunk): its real tokens are
+        # positions p0 .. L-1, the padding after them has position 1.
+        inner = vllm_standins.MODELS[-1].context_encoding_model.model
+        original = inner.forward
+
+        def counting(input_ids, attention_mask, position_ids, *args, **kwargs):
+            fed.append(int((position_ids.amax(dim=1) - position_ids[:, 0] + 1).sum()))
+            return original(input_ids, attention_mask, position_ids, *args, **kwargs)
+
+        inner.forward = counting
     before = standins.mark()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    rounds = []
+    for _ in range(spec.get("rounds", 1)):
+        start = len(fed)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        rounds.append({"tokens": [list(out.outputs[0].token_ids) for out in outputs],
+                       "prefill_tokens": sum(fed[start:]),
+                       "cached_tokens": [out.num_cached_tokens for out in outputs]})
     closed_calls = standins.calls(since=before)
     done = time.monotonic()
 
@@ -83,6 +104,7 @@ def main(spec_path: str, out_path: str) -> int:
         "texts": [out.outputs[0].text for out in outputs],
         "events": vllm_standins.EVENTS,
         "closed_calls_while_generating": closed_calls,
+        "rounds": rounds,
         "neuron_config": None if model is None else json.loads(model.config.to_json_string())["neuron_config"],
         # the final norm's weight as the CPU-mode model holds it: w, or 1 + w when fold_norm_offset folds the offset
         "final_norm_weight": None if model is None else model.models[0].model.state_dict()["norm.weight"].tolist(),

@@ -9,6 +9,8 @@ after the closed-source package stand-ins of `standins`). Each takes effect righ
    and weight sharding need the SDK.
 3. NxDI `NeuronApplicationBase.load(path)` becomes NxDI's own CPU path `self.to_cpu()` (the checkpoint's weights
    loaded into the CPU-mode model) instead of loading NEFFs onto NeuronCores.
+4. With prefix caching, NxDI's ModelWrapper in CPU mode selects a partial batch's output rows the way its Neuron
+   path does (see `_model_wrapper`).
 
 Everything else is the real code: vLLM, vllm-neuron (platform, scheduler, worker, runner, loader with its
 compile-or-load logic), the project's plugin and NxDI classes. `EVENTS` records each stand-in use, and `MODELS` the
@@ -57,9 +59,29 @@ def _application_base(module: ModuleType) -> None:
     base.compile, base.load = compile, load
 
 
+def _model_wrapper(module: ModuleType) -> None:
+    """Prefix caching only: on Neuron, NxDI's ModelWrapper (0.8 and 0.9) pads a partial batch with the missing seq
+    ids after the given ones (unsorted) and returns the padded output's first rows; in CPU mode it instead
+    index-selects rows by the given seq ids, which picks padding rows unless they are 0 .. n-1. The block KV layout
+    does not use seq ids for the cache (block tables do), so this stands in for the Neuron slice by numbering the
+    rows 0 .. n-1 in CPU mode."""
+    wrapper = module.ModelWrapper
+    original = wrapper._forward_with_pad
+
+    def _forward_with_pad(self: Any, *args: Any) -> Any:
+        if self.neuron_config.is_prefix_caching and not self.is_neuron():
+            import torch
+
+            args = (*args[:3], torch.arange(args[3].shape[0], dtype=args[3].dtype), *args[4:])
+        return original(self, *args)
+
+    wrapper._forward_with_pad = _forward_with_pad
+
+
 HOOKS: dict[str, Callable[[ModuleType], None]] = {
     "vllm_neuron": _neuron_device_probe,
     "neuronx_distributed_inference.models.application_base": _application_base,
+    "neuronx_distributed_inference.models.model_wrapper": _model_wrapper,
 }
 
 

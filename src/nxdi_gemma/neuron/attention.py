@@ -17,6 +17,7 @@ from torch import nn
 from .. import ops
 from ..config import GemmaPlan, LayerPlan, RopeSpec
 from ..layers import attention_norms, make_norm
+from .block_kv import block_attention
 from .config import GemmaInferenceConfig
 
 
@@ -106,7 +107,10 @@ class NeuronGemmaAttention(NeuronAttentionBase):
             position_ids if rotary_position_ids is None else rotary_position_ids, hidden_states, past_key_value,
             adapter_ids=adapter_ids, residual=residual,
         )
-        if past_key_value is None:
+        if getattr(kv_mgr, "block_layout", False):
+            out = block_attention(self, Q, K, V, position_ids, kv_mgr, kwargs.get("active_block_table"),
+                                  kwargs.get("kvcache_buffer"))
+        elif past_key_value is None:
             prior = kv_mgr.prefill_prior(self.layer_index, kwargs.get("seq_ids"), batch, kwargs.get("kvcache_buffer"))
             out = self.chunk_attention(Q, K, V, position_ids, prior)
         else:

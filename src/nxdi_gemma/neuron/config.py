@@ -20,7 +20,7 @@ from ..planning import check_tp, prefill_chunk
 
 # NeuronConfig features our classes do not implement: refused instead of silently producing wrong outputs.
 UNSUPPORTED_FLAGS = (
-    "k_cache_transposed", "flash_decoding_enabled", "is_block_kv_layout", "is_prefix_caching", "is_medusa",
+    "k_cache_transposed", "flash_decoding_enabled", "is_chunked_prefill", "is_medusa",
     "enable_fused_speculation", "kv_cache_tiling", "qkv_kernel_enabled", "qkv_nki_kernel_enabled",
     "mlp_kernel_enabled", "attn_block_tkg_nki_kernel_enabled", "attn_tkg_nki_kernel_enabled",
     "attn_tkg_builtin_kernel_enabled", "attn_block_cte_nki_kernel_enabled", "quantized", "sequence_parallel_enabled",
@@ -70,6 +70,13 @@ class GemmaNeuronConfig(NeuronConfig):
             enabled.append("attn_kernel_enabled")
         if enabled:
             raise ConfigError(f"neuron config enables {enabled}, which nxdi-gemma does not support; remove them")
+        if self.is_block_kv_layout != self.is_prefix_caching:
+            raise ConfigError(f"neuron config is_block_kv_layout={self.is_block_kv_layout}, is_prefix_caching="
+                              f"{self.is_prefix_caching}: nxdi-gemma's block KV layout is the prefix-caching one; "
+                              "set both or neither")
+        if self.is_block_kv_layout and not (self.pa_block_size and self.pa_num_blocks):
+            raise ConfigError("block KV layout needs pa_block_size and pa_num_blocks in the neuron config "
+                              f"(got {self.pa_block_size}, {self.pa_num_blocks})")
         if self.padding_side != "right":
             raise ConfigError(f"neuron config padding_side={self.padding_side!r}; nxdi-gemma supports 'right'")
         if getattr(self, "speculation_length", 0):
@@ -174,7 +181,17 @@ class GemmaInferenceConfig(InferenceConfig):
 def plan_prefill_chunks(neuron_config: NeuronConfig, plan: GemmaPlan) -> None:
     """Prompts longer than `prefill_chunk_size` run as consecutive chunks through one context-encoding graph (its
     buckets capped at the chunk), each chunk reading the KV cache its predecessors wrote: activation memory grows
-    with the chunk, not the prompt. Token generation keeps its buckets (one of seq_len unless the user set them)."""
+    with the chunk, not the prompt. Token generation keeps its buckets (one of seq_len unless the user set them).
+
+    With the block KV layout (prefix caching) NxDI's own 2-D (prefill x prefix) buckets run each prompt's uncached
+    part in one call: no chunks of ours (a prefill_chunk_size below max_context_length is refused)."""
+    if neuron_config.is_block_kv_layout:
+        chunk = neuron_config.prefill_chunk_size
+        if chunk is not None and chunk < neuron_config.max_context_length:
+            raise ConfigError(f"neuron config prefill_chunk_size={chunk} with the block KV layout (prefix caching): "
+                              "prompts run through NxDI's prefill x prefix buckets; omit prefill_chunk_size")
+        neuron_config.prefill_chunk_size = neuron_config.max_context_length
+        return
     if neuron_config.prefill_chunk_size is None:
         neuron_config.prefill_chunk_size = prefill_chunk(plan, neuron_config.tp_degree, neuron_config.ctx_batch_size,
                                                          neuron_config.max_length, neuron_config.max_context_length)

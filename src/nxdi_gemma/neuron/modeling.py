@@ -31,6 +31,7 @@ from ..errors import ConfigError
 from ..layers import GemmaBlock, make_norm, per_layer_inputs
 from . import state_dict as conversion
 from .attention import ForwardState, NeuronGemmaAttention
+from .block_kv import GemmaBlockKVCacheManager
 from .config import GemmaInferenceConfig, GemmaNeuronConfig
 from .kv_cache import GemmaKVCacheManager
 from .moe import ParallelMoeExperts
@@ -169,7 +170,10 @@ class NeuronGemmaModel(NeuronBaseModel):
     def init_inference_optimization(self, config: GemmaInferenceConfig) -> None:
         if self.on_device_sampling:
             self.sampler = create_sampler(config.neuron_config, self.lm_head.tensor_parallel_group.size())
-        self.kv_mgr = GemmaKVCacheManager(config, self.layers, global_rank=self.rank_util, state=self.state)
+        if config.neuron_config.is_block_kv_layout:
+            self.kv_mgr = GemmaBlockKVCacheManager(config, self.layers, global_rank=self.rank_util)
+        else:
+            self.kv_mgr = GemmaKVCacheManager(config, self.layers, global_rank=self.rank_util, state=self.state)
 
     def create_attn_mask(self, attention_mask, is_for_context_encoding, is_for_speculation, position_ids=None,
                          **kwargs):
@@ -177,6 +181,11 @@ class NeuronGemmaModel(NeuronBaseModel):
         keeps which tokens of the chunk are real ([B, C] from the 2-D mask) for the cache writes."""
         if is_for_context_encoding:
             self.state.valid = attention_mask.to(torch.bool)
+        if self.is_prefix_caching:
+            # The bucket's prefix size, which NxDI's forward reads (0.8 and 0.9). Its ModelWrapper.get sets it per
+            # compiled bucket; in CPU mode no bucket is loaded and it would stay 0. The bucket's prefix is the
+            # width of the mask NxDI pads to it (a 1-element placeholder when there is no prefix): static.
+            self.prefix_size = attention_mask.shape[-1] if attention_mask.dim() == 2 else 0
         return super().create_attn_mask(attention_mask, is_for_context_encoding, is_for_speculation,
                                         position_ids=position_ids, **kwargs)
 

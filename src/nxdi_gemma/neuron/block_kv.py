@@ -1,0 +1,142 @@
+"""Block KV layout and prefix caching for Gemma, on NxDI's own block-KV path (what vllm-neuron drives when it sets
+`is_block_kv_layout` / `is_prefix_caching`): NxDI's model forward and model wrapper pick the 2-D (prefill x prefix)
+bucket, slice the cached prefix off the prompt and pass `slot_mapping` (as `scatter_index`) and
+`active_block_table`; token generation makes its slot mapping in the graph. NxDI's `BlockKVCacheManager` keeps one
+cache shape for every layer, so this module has its own manager (per-layer shapes) and attention reads (per-layer
+windows, KV sharing); the attention core stays `ops.attention_over_segments` (Gemma's scale, softcap, float32
+softmax). Plain torch, no NKI kernel.
+
+NxDI calls checked against NxDI 0.8 (cd3abf3) and 0.9 (c63afe0), identical in both: `NeuronBaseModel.get_model_output`
+calls `kv_mgr.get_cache(seq_ids=, seq_len=, is_for_context_encoding=, windowed_context_encoding_window_idx=,
+**kwargs)` when a prefix may exist or in token generation, and `kv_mgr.update_cache(is_for_context_encoding=,
+seq_ids=, position_ids=, new_key_values=, seq_len=, windowed_context_encoding_window_idx=, **kwargs)` with
+`scatter_index` = the slot mapping (-1 for padding), `active_block_table` and `kvcache_buffer` among the kwargs; the
+decoder layers get the same kwargs. The cache parameters are NxDI's aliased state (`past_key_values`, [k, v] per
+slot), as in `KVCacheManager`. Untested on Trainium/Inferentia hardware.
+
+Layout: per KV-producing layer a K and a V cache of shape (pa_num_blocks + 1, block_size, kv_heads, head_dim) (NxDI's
+prefix-caching layout; the extra block receives padding writes, as NxDI's). Every producer, sliding or full, stores
+every position (vLLM allocates blocks per token for every layer); sliding layers read only the blocks inside their
+window. KV-shared Gemma 4 layers own no cache and read their producer's blocks. Index tensors are int32; masks are
+comparisons combined with `torch.where`, no `torch.remainder`.
+"""
+
+from __future__ import annotations
+
+import torch
+from neuronx_distributed_inference.modules.kvcache.kv_cache_manager import KVCacheManager
+from torch import nn
+
+from .. import ops
+from ..config import GemmaPlan
+from ..errors import ConfigError
+from ..planning import window_blocks
+
+
+class GemmaBlockKVCacheManager(KVCacheManager):
+    """Per-layer block caches (see the module docstring). `block_layout` tells our attention to take the block
+    path."""
+
+    block_layout = True
+
+    def __init__(self, config, layers: nn.ModuleList, global_rank=None):
+        plan: GemmaPlan = config.gemma_plan
+        neuron_config = config.neuron_config
+        super().__init__(config, num_kv_head=config.num_key_value_heads, global_rank=global_rank,
+                         layer_to_cache_size_mapping=[1] * plan.num_layers)
+        self.num_blocks, self.block_size = neuron_config.pa_num_blocks, neuron_config.pa_block_size
+        self.windows = [layer.window for layer in plan.layers]
+        self.producers = plan.kv_producers
+        slot = {index: n for n, index in enumerate(self.producers)}
+        self.slot_of = [slot[layer.kv_source] for layer in plan.layers]
+        self.k_shapes = self.v_shapes = [
+            (self.num_blocks + 1, self.block_size, layers[i].self_attn.num_key_value_heads, plan.layers[i].head_dim)
+            for i in self.producers
+        ]
+        self.past_key_values = nn.ParameterList(
+            nn.Parameter(torch.zeros(shape, dtype=self.cache_dtype), requires_grad=False)
+            for shape in self.k_shapes for _ in ("k", "v")
+        )
+
+    def _fetch_cache(self, idx: int, kvcache_buffer=None):
+        return super()._fetch_cache(self.slot_of[idx], kvcache_buffer)
+
+    def get_cache(self, *args, **kwargs):
+        """Nothing is read here: each layer reads its own blocks in `prior` (the blocks it needs depend on its window
+        and the positions). One None per layer for NxDI's layer loop."""
+        return [None] * len(self.windows)
+
+    def prior(self, idx: int, first: torch.Tensor, block_table: torch.Tensor | None, kvcache_buffer=None):
+        """The cached keys/values layer idx may attend before a chunk (or token) starting at position `first`
+        ([B, 1] int32): (k, v, key_positions) with k, v [B, kv_heads, T, D] and key_positions [B, T] int32 (the
+        logical position each key holds; blocks past the table's end get positions >= first, so masks drop them).
+        Full layers read every block of the table, sliding layers only `window_blocks` from the one holding
+        first - W + 1. None when the call has no prefix (a 1-D placeholder table)."""
+        if block_table is None or block_table.dim() != 2:
+            return None
+        table = block_table.to(torch.int32)
+        batch, width = table.shape
+        bs = self.block_size
+        window = self.windows[idx]
+        if window is None:
+            blocks = torch.arange(width, device=table.device, dtype=torch.int32)[None, :].expand(batch, width)
+        else:
+            count = min(window_blocks(window, bs), width)
+            start = torch.clamp(first - (window - 1), min=0) // bs  # [B, 1]
+            blocks = start + torch.arange(count, device=table.device, dtype=torch.int32)[None, :]
+            table = torch.gather(table, 1, blocks.clamp(max=width - 1).to(torch.int64))
+        offsets = torch.arange(bs, device=table.device, dtype=torch.int32)
+        key_positions = (blocks[:, :, None] * bs + offsets[None, None, :]).reshape(batch, -1)
+        k_cache, v_cache = self._fetch_cache(idx, kvcache_buffer)
+        index = table.reshape(-1)
+
+        def read(cache: torch.Tensor) -> torch.Tensor:
+            picked = cache.index_select(0, index)  # [B * n, bs, H, D]
+            return picked.reshape(batch, -1, cache.shape[2], cache.shape[3]).transpose(1, 2)
+
+        return read(k_cache), read(v_cache), key_positions
+
+    def update_cache(self, is_for_context_encoding, seq_ids, position_ids, new_key_values, seq_len,
+                     scatter_index=None, kvcache_buffer=None, **kwargs):
+        """Write every producer's new K/V at its slot (`scatter_index` = the slot mapping; -1, padding, goes to the
+        extra block). Returns [k, v] per cache slot, in slot order (what NxDI aliases)."""
+        if scatter_index is None:
+            raise ConfigError("block KV layout needs a slot_mapping for every call (NxDI passes it as scatter_index)")
+        slots = scatter_index.reshape(-1).to(torch.int32)
+        slots = torch.where(slots < 0, torch.full_like(slots, self.num_blocks * self.block_size), slots)
+        # (block, offset) indices into the 4-D cache: a scatter straight on the aliased cache (a reshape around it
+        # would hide the in-place update from the compiler).
+        block = slots // self.block_size
+        offset = slots - block * self.block_size
+        updated = []
+        for idx in self.producers:
+            for cache, new in zip(self._fetch_cache(idx, kvcache_buffer), new_key_values[idx], strict=True):
+                rows = new.transpose(1, 2).reshape(-1, cache.shape[2], cache.shape[3]).to(cache.dtype)  # [B*S, H, D]
+                updated.append(cache.index_put((block, offset), rows))
+        return updated
+
+
+def block_attention(attn, Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, position_ids: torch.Tensor,
+                    kv_mgr: GemmaBlockKVCacheManager, active_block_table, kvcache_buffer) -> torch.Tensor:
+    """Attention of a prompt chunk (positions p0 .. p0+C-1, right-padded) or of decode tokens over the layer's cached
+    blocks and the active tokens. Masks from positions: a cached key at position k is visible to a query at q iff
+    k < p0 (the chunk's own tokens come from the active segment) and, on a sliding layer, k > q - W; active keys
+    causally (and within W on a sliding layer)."""
+    positions = position_ids.to(torch.int32)
+    first = positions[:, :1]
+    length = Q.shape[2]
+    window = attn.gemma_window
+    i = torch.arange(length, device=Q.device, dtype=torch.int32)
+    active = i[None, :] <= i[:, None]
+    if window is not None:
+        active = torch.where(active, (i[:, None] - i[None, :]) < window, False)
+    segments = [(K, V, active[None, None])]
+    prior = kv_mgr.prior(attn.layer_index, first, active_block_table, kvcache_buffer)
+    if prior is not None:
+        k_prior, v_prior, keys = prior
+        visible = keys[:, None, :] < first[:, :, None]  # [B, 1, T]
+        if window is not None:
+            query = first + i[None, :]  # [B, S]: the chunk's positions (padding's never read)
+            visible = torch.where(visible, keys[:, None, :] > query[:, :, None] - window, False)  # [B, S, T]
+        segments.insert(0, (k_prior, v_prior, visible[:, None]))
+    return ops.attention_over_segments(Q, segments, attn.gemma_scale, attn.gemma_softcap, attn.fp32_accumulation)
