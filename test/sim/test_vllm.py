@@ -15,8 +15,10 @@ process per rank. vLLM starts are slow, so each start generates all six prompts 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -122,7 +124,9 @@ def _env(sim, **extra: str) -> dict[str, str]:
     """The tier's environment for NxDI of RELEASE, with vllm_site first (its sitecustomize replaces the stand-ins'
     own and adds vllm_standins)."""
     env = sim.env(RELEASE, "cpu")
-    env.update(PYTHONPATH=os.pathsep.join([str(SITE), env["PYTHONPATH"]]), NXDI_GEMMA_SIM_VLLM="1", HF_HUB_OFFLINE="1")
+    env.update(PYTHONPATH=os.pathsep.join([str(SITE), env["PYTHONPATH"]]), NXDI_GEMMA_SIM_VLLM="1", HF_HUB_OFFLINE="1",
+               # the instance the plugin's HBM check plans for (no EC2 DMI product name here); the tiny models fit
+               NXDI_GEMMA_INSTANCE="trn1.2xlarge")
     for name in ("VLLM_PLUGINS", "NEURON_COMPILED_ARTIFACTS", "MASTER_PORT"):
         env.pop(name, None)
     env.update(extra)
@@ -218,41 +222,26 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
-def test_serve_script_over_http(sim, tmp_path, cases):
-    """scripts/serve_vllm.sh (`vllm serve` with the settings the README documents) on 127.0.0.1 with the Gemma 3
-    checkpoint whose config.json transformers 5 wrote (rope_parameters keyed by layer type, which vLLM rejects under
-    transformers 4.57 unless the plugin rewrites it), the six prompts sent concurrently to /v1/completions as token
-    ids: HF's greedy tokens on every one."""
-    case = cases["gemma3"]
-    bash, vllm = shutil.which("bash"), Path(sys.executable).parent / "vllm"
-    assert bash and vllm.exists(), "bash and the vllm command of this environment are needed"
-    port = _free_port()
-    env = _env(sim, MODEL=str(case["ckpt"]), TP="1", MAX_MODEL_LEN=str(MAX_MODEL_LEN), MAX_NUM_SEQS=str(MAX_NUM_SEQS),
-               DTYPE="float32", OVERRIDE_NEURON_CONFIG='{"on_cpu": true}', HOST="127.0.0.1", PORT=str(port),
-               PYTHON=sys.executable, PATH=f"{vllm.parent}{os.pathsep}{os.environ['PATH']}")
-    log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen([bash, str(ROOT / "scripts" / "serve_vllm.sh")], env=env, cwd=tmp_path, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+@contextlib.contextmanager
+def _serving(cmd: list[str], env: dict[str, str], tmp_path: Path):
+    """A server started with `cmd` (in its own session), yielding its base URL once /v1/models answers; stopped on
+    exit. `env` must hold PORT."""
+    log_path = tmp_path / "serve.log"
+    log = log_path.open("w")
+    server = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    base = f"http://127.0.0.1:{env['PORT']}"
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
-            assert server.poll() is None, f"serve_vllm.sh exited ({server.returncode}):\n" + \
-                (tmp_path / "serve.log").read_text()[-6000:]
+            assert server.poll() is None, f"{cmd[1]} exited ({server.returncode}):\n" + log_path.read_text()[-6000:]
             try:
                 urllib.request.urlopen(f"{base}/v1/models", timeout=5).read()
                 break
             except OSError:
                 assert time.monotonic() < deadline, "vllm serve did not answer in time"
                 time.sleep(2)
-
-        def complete(i: int) -> list[int]:
-            body = {"model": str(case["ckpt"]), "prompt": case["prompts"][i], "temperature": 0,
-                    "max_tokens": case["max_tokens"][i], "ignore_eos": True, "return_token_ids": True}
-            return _post(f"{base}/v1/completions", body)["choices"][0]["token_ids"]
-
-        with concurrent.futures.ThreadPoolExecutor(len(case["prompts"])) as pool:
-            got = list(pool.map(complete, range(len(case["prompts"]))))
+        yield base
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -261,7 +250,124 @@ def test_serve_script_over_http(sim, tmp_path, cases):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
-    want = [tokens[:n] for tokens, n in zip(case["tokens"], case["max_tokens"], strict=True)]
-    assert got == want
+
+
+def _complete_all(base: str, case: dict, model: str) -> list[list[int]]:
+    """Every prompt of `case` sent concurrently to /v1/completions as token ids; the generated token ids."""
+
+    def complete(i: int) -> list[int]:
+        body = {"model": model, "prompt": case["prompts"][i], "temperature": 0, "max_tokens": case["max_tokens"][i],
+                "ignore_eos": True, "return_token_ids": True}
+        return _post(f"{base}/v1/completions", body)["choices"][0]["token_ids"]
+
+    with concurrent.futures.ThreadPoolExecutor(len(case["prompts"])) as pool:
+        return list(pool.map(complete, range(len(case["prompts"]))))
+
+
+def _want(case: dict) -> list[list[int]]:
+    return [tokens[:n] for tokens, n in zip(case["tokens"], case["max_tokens"], strict=True)]
+
+
+def _vllm_command() -> Path:
+    vllm = Path(sys.executable).parent / "vllm"
+    assert vllm.exists(), "the vllm command of this environment is needed"
+    return vllm
+
+
+def test_serve_script_over_http(sim, tmp_path, cases):
+    """scripts/serve_vllm.sh (`vllm serve` with the settings the README documents) on 127.0.0.1 with the Gemma 3
+    checkpoint whose config.json transformers 5 wrote (rope_parameters keyed by layer type, which vLLM rejects under
+    transformers 4.57 unless the plugin rewrites it), the six prompts sent concurrently to /v1/completions as token
+    ids: HF's greedy tokens on every one."""
+    case = cases["gemma3"]
+    bash, vllm = shutil.which("bash"), _vllm_command()
+    assert bash, "bash is needed"
+    env = _env(sim, MODEL=str(case["ckpt"]), TP="1", MAX_MODEL_LEN=str(MAX_MODEL_LEN), MAX_NUM_SEQS=str(MAX_NUM_SEQS),
+               DTYPE="float32", OVERRIDE_NEURON_CONFIG='{"on_cpu": true}', HOST="127.0.0.1", PORT=str(_free_port()),
+               PYTHON=sys.executable, PATH=f"{vllm.parent}{os.pathsep}{os.environ['PATH']}")
+    with _serving([bash, str(ROOT / "scripts" / "serve_vllm.sh")], env, tmp_path) as base:
+        got = _complete_all(base, case, str(case["ckpt"]))
+    assert got == _want(case)
     served_log = (tmp_path / "serve.log").read_text()
     assert "vllm_neuron._is_neuron_dev -> True" in served_log  # served by vllm-neuron's platform, stand-ins active
+
+
+# The simulation's own settings, and nothing else: NxDI's CPU mode (on_cpu) and float32 (HF's goldens are float32).
+SIM_SETTINGS = ["--dtype", "float32", "--additional-config", json.dumps({"override_neuron_config": {"on_cpu": True}})]
+# Until nxdi-gemma serves prefix caching (vLLM's default), our serving check refuses it naming this flag.
+NO_PREFIX_CACHING = ["--no-enable-prefix-caching"]
+
+
+def test_plainest_serve_multimodal_over_http(sim, tmp_path, cases):
+    """`vllm serve DIR --max-model-len N` plus only the simulation's settings (and --no-enable-prefix-caching while
+    prefix caching is refused), on the multimodal Gemma 3 checkpoint without --hf-overrides: the plugin's serving
+    check supplies the text fields; vLLM's default max_num_seqs (256) fits the trn1.2xlarge the tier names
+    (NXDI_GEMMA_INSTANCE), so it is the NxDI batch. HF's greedy tokens on every prompt."""
+    case = cases["gemma3mm"]
+    port = _free_port()
+    env = _env(sim, PORT=str(port), VLLM_PLUGINS="neuron,nxdi_gemma")
+    cmd = [str(_vllm_command()), "serve", str(case["ckpt"]), "--port", str(port), "--max-model-len",
+           str(MAX_MODEL_LEN), *SIM_SETTINGS, *NO_PREFIX_CACHING]
+    with _serving(cmd, env, tmp_path) as base:
+        got = _complete_all(base, case, str(case["ckpt"]))
+    assert got == _want(case)
+    log = (tmp_path / "serve.log").read_text()
+    assert "no --hf-overrides needed" in log
+    assert "'batch_size': 256" in log or '"batch_size": 256' in log  # vLLM's default max_num_seqs became the batch
+
+
+def _public_config_dir(tmp_path: Path, name: str) -> Path:
+    """A checkpoint directory with only the public `name`'s config.json (and the byte tokenizer): enough for vLLM to
+    build its config, so a refusal before any weight is read or graph compiled can use real model sizes."""
+    from nxdi_gemma.public_models import public_config
+    from nxdi_gemma.tiny import byte_tokenizer_json
+
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(public_config(name)))
+    (folder / "tokenizer.json").write_text(byte_tokenizer_json())
+    return folder
+
+
+# name -> (vllm serve arguments after the model, environment changes (None: unset), what the error line names)
+REFUSALS = {
+    # Gemma 3 4B (config.json only) at TP 2 x 4096 on trn1.32xlarge with vLLM's default batch (256), in the
+    # checkpoint's own dtype (bfloat16): the planner's 34.2 GiB per core of 16
+    "hbm": (["--tensor-parallel-size", "2", "--max-model-len", "4096", *NO_PREFIX_CACHING],
+            {"NXDI_GEMMA_INSTANCE": "trn1.32xlarge"},
+            ["34.2 GiB per NeuronCore", "of trn1.32xlarge's 16.0 GiB", "pass --max-num-seqs 64 or less"]),
+    # no NXDI_GEMMA_INSTANCE and no EC2 DMI product name: which HBM to plan for is not guessed
+    "instance": (["--max-model-len", str(MAX_MODEL_LEN), *SIM_SETTINGS, *NO_PREFIX_CACHING],
+                 {"NXDI_GEMMA_INSTANCE": None}, ["NXDI_GEMMA_INSTANCE"]),
+    # vLLM's default prefix caching: --no-enable-prefix-caching today, --block-size once prefix caching is served
+    "prefix_caching": (["--max-model-len", str(MAX_MODEL_LEN), *SIM_SETTINGS], {},
+                       ["--no-enable-prefix-caching|--block-size"]),
+}
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[] if name == "hbm" else [pytest.mark.slow])
+                                  for name in REFUSALS])
+def test_refused_before_compile(sim, tmp_path, cases, name):
+    """A configuration our serving check refuses: `vllm serve` ends before anything is built, with one `error:` line
+    from our code as its last line, exit 1, no traceback. (About a minute per vLLM start: only "hbm" runs in CI.)"""
+    args, extra, wanted = REFUSALS[name]
+    model = _public_config_dir(tmp_path, "gemma-3-4b") if name == "hbm" else cases["gemma3"]["ckpt"]
+    env = _env(sim, VLLM_PLUGINS="neuron,nxdi_gemma")
+    for key, value in extra.items():
+        if value is None:
+            env.pop(key)
+        else:
+            env[key] = value
+    started = time.monotonic()
+    run = subprocess.run([str(_vllm_command()), "serve", str(model), *args], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=START_TIMEOUT)
+    lines = run.stderr.strip().splitlines()
+    # vLLM's API server prefixes what its process prints with "(APIServer pid=N) " (in color)
+    last = re.sub(r"^(\x1b\[[0-9;]*m)?\(APIServer pid=\d+\)(\x1b\[[0-9;]*m)? ", "", lines[-1] if lines else "")
+    print(f"{name}: exit {run.returncode} after {time.monotonic() - started:.0f} s: {last}")
+    assert run.returncode == 1, f"{name}: exit {run.returncode}\n{run.stderr[-4000:]}"
+    assert last.startswith("error: "), f"{name}: last line {last!r}\n{run.stderr[-4000:]}"
+    for want in wanted:
+        assert any(option in last for option in want.split("|")), f"{name}: {want!r} not in {last!r}"
+    assert "Traceback" not in run.stderr and "Traceback" not in run.stdout, f"{name}:\n{run.stderr[-4000:]}"
+    assert ".compile(" not in run.stderr and ".load(" not in run.stderr  # no NxDI model was built
