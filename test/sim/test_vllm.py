@@ -203,10 +203,12 @@ def test_gemma4_moe_with_tokenizer_then_restart_from_artifacts(sim, tmp_path, ca
 
 
 @pytest.mark.parametrize("name", ["gemma4mm", "gemma3mm"])
-def test_multimodal_checkpoints_with_hf_overrides(sim, tmp_path, cases, name):
+def test_multimodal_checkpoints_without_hf_overrides(sim, tmp_path, cases, name):
     """Gemma4ForConditionalGeneration (dense) and Gemma3ForConditionalGeneration (transformers-5 RoPE in
-    text_config), served text-only with the plugin's hf_overrides, as scripts/serve_vllm.sh passes them."""
-    report = _drive(sim, tmp_path, cases[name], name, hf_overrides=True, limit_images=True)
+    text_config), served text-only by `LLM(model=DIR, ...)` with neither hf_overrides nor limit_mm_per_prompt: the
+    plugin's serving check supplies both (the tiny checkpoints have no image processor, which vLLM would load for
+    image inputs)."""
+    report = _drive(sim, tmp_path, cases[name], name)
     assert report["hf_config_class"] == {"gemma4mm": "Gemma4CompatConfig", "gemma3mm": "Gemma3RopeCompatConfig"}[name]
 
 
@@ -311,9 +313,6 @@ def test_plainest_serve_multimodal_over_http(sim, tmp_path, cases):
     with _serving(cmd, env, tmp_path) as base:
         got = _complete_all(base, case, str(case["ckpt"]))
     assert got == _want(case)
-    log = (tmp_path / "serve.log").read_text()
-    assert "no --hf-overrides needed" in log
-    assert "'batch_size': 256" in log or '"batch_size": 256' in log  # vLLM's default max_num_seqs became the batch
 
 
 def _public_config_dir(tmp_path: Path, name: str) -> Path:

@@ -22,13 +22,14 @@ from neuronx_distributed.parallel_layers import parallel_state
 from neuronx_distributed.parallel_layers.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from neuronx_distributed_inference.models.model_base import NeuronBaseForCausalLM, NeuronBaseModel
 from neuronx_distributed_inference.modules.generation.sampling import create_sampler
+from neuronx_distributed_inference.modules.lora_serving import is_lora_module
 from torch import nn
 
 from .. import ops
 from ..checkpoint import expected_shapes, load_state_dict
 from ..config import GemmaPlan, LayerPlan
 from ..errors import ConfigError
-from ..layers import GemmaBlock, make_norm, per_layer_inputs
+from ..layers import GemmaBlock, GemmaMLP, make_norm, per_layer_inputs
 from . import state_dict as conversion
 from .attention import ForwardState, NeuronGemmaAttention
 from .config import GemmaInferenceConfig, GemmaNeuronConfig
@@ -118,6 +119,26 @@ class SoftcapColumnParallelLinear(ColumnParallelLinear):
         return ops.softcap(logits, self.softcap)
 
 
+class AdapterMLP(GemmaMLP):
+    """GemmaMLP whose linears get the batch's LoRA adapter ids when NxDI's LoRA serving has wrapped them.
+
+    NxDI (`wrap_model_with_lora`, modules/lora_serving, 0.8 and 0.9) replaces every linear named in the LoRA
+    target_modules by a MultiLoraModule whose forward is `(x, adapter_ids)`; NxDI hands adapter_ids to each decoder
+    layer, which keeps them in `state.adapter_ids` for this module (the attention passes its own to the q/k/v/o
+    projections). Unwrapped linears are called as before."""
+
+    def __init__(self, hidden: int, intermediate: int, linear, state: ForwardState):
+        super().__init__(hidden, intermediate, linear)
+        self.state = state
+
+    def _linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return module(x, adapter_ids=self.state.adapter_ids) if is_lora_module(module) else module(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = ops.gelu_tanh(self._linear(self.gate_proj, x)) * self._linear(self.up_proj, x)
+        return self._linear(self.down_proj, hidden)
+
+
 class NeuronGemmaDecoderLayer(GemmaBlock):
     """The shared Gemma block (norms, MLP, residuals) around NxDI attention. Returns cos/sin as None so NxDI's
     layer loop cannot hand one layer type's RoPE table to the next layer."""
@@ -125,13 +146,16 @@ class NeuronGemmaDecoderLayer(GemmaBlock):
     def __init__(self, config: GemmaInferenceConfig, plan: GemmaPlan, layer: LayerPlan, state: ForwardState):
         dtype = config.neuron_config.torch_dtype
         experts = ParallelMoeExperts(plan.hidden_size, layer.moe, dtype) if layer.moe else None
-        super().__init__(plan, layer, NeuronGemmaAttention(config, plan, layer, state),
-                         parallel_linear_factory(dtype), folded_norms=config.fold_norm_offset, experts=experts)
+        linear = parallel_linear_factory(dtype)
+        super().__init__(plan, layer, NeuronGemmaAttention(config, plan, layer, state), linear,
+                         folded_norms=config.fold_norm_offset, experts=experts,
+                         mlp=AdapterMLP(plan.hidden_size, layer.intermediate_size, linear, state))
         self.state, self.index = state, layer.index
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_value=None, **kwargs):
         for handed_over in ("cos_cache", "sin_cache", "residual", "local_mask"):
             kwargs.pop(handed_over, None)
+        self.state.adapter_ids = kwargs.get("adapter_ids")  # for AdapterMLP (attention takes it from kwargs)
         out = self.self_attn(
             hidden_states=self.attention_input(hidden_states), attention_mask=attention_mask,
             position_ids=position_ids, past_key_value=past_key_value, cos_cache=None, sin_cache=None, **kwargs,

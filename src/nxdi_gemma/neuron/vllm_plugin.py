@@ -405,6 +405,23 @@ def check_serving_settings(config: dict[str, Any], source: str, *, tp: int, batc
     return hf_overrides_for(config, source)
 
 
+def text_only_inputs(multimodal_config: Any) -> None:
+    """nxdi-gemma serves the text decoder of multimodal checkpoints: vLLM's image limit (MultiModalConfig,
+    vLLM 0.13.0 / 0.16.0), 999 when not given, becomes 0, so vLLM neither loads the checkpoint's image processor nor
+    profiles images, and refuses image inputs itself. An image limit above 0 given by the user is refused."""
+    if multimodal_config is None:
+        return
+    limits = multimodal_config.limit_per_prompt
+    given = limits.get("image")
+    if given is not None and given.count > 0:
+        raise ServeConfigError(f"--limit-mm-per-prompt allows {given.count} image(s), but nxdi-gemma serves the text "
+                               "decoder only: pass --limit-mm-per-prompt '{\"image\": 0}' or leave it out")
+    if given is None:
+        from vllm.config.multimodal import ImageDummyOptions
+
+        limits["image"] = ImageDummyOptions(count=0)
+
+
 def serving_check(vllm_config: Any) -> None:
     """The MODELS_CONFIG_MAP hook (see the module docstring, 5): reads the settings vllm-neuron will pass to NxDI
     (its `_get_default_neuron_config`, then `override_neuron_config`'s batch_size / tp_degree / seq_len / torch_dtype)
@@ -430,6 +447,7 @@ def serving_check(vllm_config: Any) -> None:
         dtype=str(dtype).removeprefix("torch."), prefix_caching=bool(cache.enable_prefix_caching),
         block_size=cache.block_size, instance=instance,
         prefix_caching_supported="is_prefix_caching" not in UNSUPPORTED_FLAGS)
+    text_only_inputs(model_config.multimodal_config)
     hf_config = model_config.hf_config
     missing = {key: value for key, value in fields.items() if getattr(hf_config, key, None) is None}
     if missing:
