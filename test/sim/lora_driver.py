@@ -67,7 +67,7 @@ def main() -> None:
     names = sorted(adapters)
     rows = len(names) + 1
     seq_len = -(-(max(map(len, golden.prompts)) + golden.new_tokens) // BUCKET) * BUCKET
-    lora = {"max_loras": rows, "max_lora_rank": max(a["rank"] for a in adapters.values()),
+    lora = {"max_loras": rows, "max_lora_rank": max(a["rank"] for a in adapters.values()), "batch_size": rows,
             "lora_ckpt_paths": {name: str(case / adapters[name]["dir"]) for name in names}}
     settings = {"tp_degree": 1, "batch_size": rows, "ctx_batch_size": rows, "seq_len": seq_len,
                 "max_context_length": seq_len, "torch_dtype": "float32", "lora_config": lora}

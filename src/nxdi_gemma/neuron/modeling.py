@@ -268,6 +268,16 @@ class NeuronGemmaForCausalLM(NeuronBaseForCausalLM):
             combined = out if combined is None else _select_rows(combined, out, mine)
         return combined
 
+    def _copy_past_key_values(self, outputs):
+        """NxDI's CPU path (no NEFF: outputs are not aliased to the caches) copies every output after the logits into
+        the KV cache. With LoRA serving the model also returns its active LoRA weights after the caches
+        (`outputs += lora_weights`, model_base forward in 0.8 and 0.9), which would run past the cache list; on
+        device those outputs are aliased to the LoRA weights, so here they are left out before NxDI's copy."""
+        if getattr(self.neuron_config, "lora_config", None) is not None:
+            count = len(self.token_generation_model.model.lora_weight_manager.get_lora_tensors())
+            outputs = outputs[: len(outputs) - count]
+        super()._copy_past_key_values(outputs)
+
     @staticmethod
     def load_hf_model(model_path, **kwargs):
         from ..errors import CheckpointError
