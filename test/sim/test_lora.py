@@ -15,15 +15,22 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 ADAPTERS = {"a4": {"rank": 4, "seed": 11, "targets": TARGETS}, "a8": {"rank": 8, "seed": 12, "targets": TARGETS}}
 
 
-def _spec(kind: str) -> dict:
+def _config(kind: str) -> dict:
     from nxdi_gemma.tiny import TINY_CONFIGS
 
-    return {f"lora_{kind}": {"config": TINY_CONFIGS[kind], "seed": 0, "prompt_lengths": [5, 19], "prompt_seed": 31,
+    if kind == "gemma4_dense":  # PLE, KV sharing, K=V, no MoE (see the module docstring)
+        return {**TINY_CONFIGS["gemma4"], "enable_moe_block": False, "num_experts": None, "top_k_experts": None,
+                "moe_intermediate_size": None}
+    return TINY_CONFIGS[kind]
+
+
+def _spec(kind: str) -> dict:
+    return {f"lora_{kind}": {"config": _config(kind), "seed": 0, "prompt_lengths": [5, 19], "prompt_seed": 31,
                              "new_tokens": 8, "adapters": ADAPTERS}}
 
 
 @pytest.mark.parametrize("release", ["sdk-2.28"])
-@pytest.mark.parametrize("kind", ["gemma3"])
+@pytest.mark.parametrize("kind", ["gemma3", "gemma4_dense"])
 def test_lora_adapters_and_base_in_one_batch_match_peft(sim, tmp_path, release, kind):
     sim.need(release)
     (case,) = sim.goldens(_spec(kind)).values()

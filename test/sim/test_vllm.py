@@ -370,3 +370,45 @@ def test_refused_before_compile(sim, tmp_path, cases, name):
         assert any(option in last for option in want.split("|")), f"{name}: {want!r} not in {last!r}"
     assert "Traceback" not in run.stderr and "Traceback" not in run.stdout, f"{name}:\n{run.stderr[-4000:]}"
     assert ".compile(" not in run.stderr and ".load(" not in run.stderr  # no NxDI model was built
+
+
+def _lora_case(sim, tmp_path: Path) -> tuple[dict, dict]:
+    """The LoRA golden of test_lora.py (Gemma 3, adapters a4 and a8 made by PEFT) as a vLLM case: every prompt with
+    each adapter and with "base", a copy of a4 whose B matrices are zero (NxDI serves only requests with an adapter,
+    and vllm-neuron 0.4.1 fails on a request without one: this is how the base model is served next to adapters).
+    Returns the case (prompts, tokens, max_tokens, ckpt) and the driver's lora spec."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from test_lora import _spec
+
+    (case_dir,) = sim.goldens(_spec("gemma3")).values()
+    golden = json.loads((case_dir / "golden.json").read_text())
+    base = tmp_path / "base"
+    shutil.copytree(case_dir / "adapters" / "a4", base)
+    weights = load_file(str(base / "adapter_model.safetensors"))
+    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in weights.items()},
+              str(base / "adapter_model.safetensors"))
+    dirs = {"a4": case_dir / "adapters" / "a4", "a8": case_dir / "adapters" / "a8", "base": base}
+    want = {"a4": golden["adapters"]["a4"]["tokens"], "a8": golden["adapters"]["a8"]["tokens"],
+            "base": golden["tokens"]}
+    order = [(name, i) for i in range(len(golden["prompts"])) for name in ("a4", "base", "a8")]
+    ckpt_json = tmp_path / "lora.json"
+    paths = {name: str(path) for name, path in dirs.items()}
+    ckpt_json.write_text(json.dumps({"lora-ckpt-dir": str(tmp_path), "lora-ckpt-paths": paths,
+                                     "lora-ckpt-paths-cpu": paths}))
+    case = {"ckpt": case_dir / "ckpt", "prompts": [golden["prompts"][i] for _, i in order],
+            "tokens": [want[name][i] for name, i in order], "max_tokens": [golden["new_tokens"]] * len(order),
+            "transformers": golden["transformers"]}
+    lora = {"max_loras": len(dirs), "max_lora_rank": 8, "ckpt_json": str(ckpt_json),
+            "adapters": [[name, paths[name]] for name, _ in order]}
+    return case, lora
+
+
+def test_lora_adapters_and_base_in_one_batch(sim, tmp_path):
+    """`LLM(..., enable_lora=True, max_loras=3, max_lora_rank=8)` with vllm-neuron's lora_ckpt_json naming adapters
+    a4 (rank 4), a8 (rank 8) and the zero adapter "base": six requests, 4 at a time, mixing them; each request's
+    greedy tokens equal HF with its adapter merged by PEFT (base: plain HF). vllm-neuron turns on NxDI's dynamic
+    multi-LoRA (max_cpu_loras defaults to max_loras), whose adapter swaps vllm_standins directs to the CPU model."""
+    case, lora = _lora_case(sim, tmp_path)
+    report = _drive(sim, tmp_path, case, "lora", lora=lora)
+    assert any("dynamic multi-LoRA" in event for event in report["events"])

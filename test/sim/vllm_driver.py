@@ -7,7 +7,9 @@ Run by test_vllm.py in the tier's environment with vllm_site/ first on PYTHONPAT
 and NXDI_GEMMA_SIM_VLLM=1 (so the stand-ins of vllm_standins.py and `standins` are installed at start-up).
 SPEC keys: ckpt, prompts (token-id lists), max_tokens (one per prompt), max_model_len, max_num_seqs, dtype,
 skip_tokenizer_init, hf_overrides (bool: pass the plugin's checkpoint_hf_overrides), override_neuron_config,
-limit_images (bool: limit_mm_per_prompt image 0, for multimodal checkpoints served text-only).
+limit_images (bool: limit_mm_per_prompt image 0, for multimodal checkpoints served text-only), lora ({max_loras,
+max_lora_rank, ckpt_json (vllm-neuron's lora_ckpt_json), adapters: one [name, path] per prompt}: LoRA on, each prompt
+sent with its adapter).
 OUT keys: versions, tokens (per prompt), texts (detokenized, when a tokenizer is loaded), events (stand-in uses),
 closed_calls_while_generating, neuron_config and final_norm_weight (of the loaded NxDI model), model_types (what the plugin registered),
 hf_config_class (what transformers parsed config.json into), seconds (start, generate).
@@ -56,6 +58,15 @@ def main(spec_path: str, out_path: str) -> int:
         kwargs["hf_overrides"] = checkpoint_hf_overrides(spec["ckpt"]) or None
     if spec.get("limit_images"):
         kwargs["limit_mm_per_prompt"] = {"image": 0}
+    lora = spec.get("lora")
+    requests = None
+    if lora:
+        from vllm.lora.request import LoRARequest
+
+        override["lora_ckpt_json"] = lora["ckpt_json"]
+        kwargs.update(enable_lora=True, max_loras=lora["max_loras"], max_lora_rank=lora["max_lora_rank"])
+        ids = {name: i + 1 for i, name in enumerate(sorted({name for name, _ in lora["adapters"]}))}
+        requests = [LoRARequest(name, ids[name], path) for name, path in lora["adapters"]]
     started = time.monotonic()
     llm = LLM(model=spec["ckpt"], tensor_parallel_size=1, max_model_len=spec["max_model_len"],
               max_num_seqs=spec["max_num_seqs"], dtype=spec["dtype"], seed=0, enable_prefix_caching=False,
@@ -70,7 +81,7 @@ def main(spec_path: str, out_path: str) -> int:
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True,
                              detokenize=not spec.get("skip_tokenizer_init", False)) for n in spec["max_tokens"]]
     before = standins.mark()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=requests)
     closed_calls = standins.calls(since=before)
     done = time.monotonic()
 

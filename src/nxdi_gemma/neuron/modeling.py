@@ -269,12 +269,18 @@ class NeuronGemmaForCausalLM(NeuronBaseForCausalLM):
         return combined
 
     def _copy_past_key_values(self, outputs):
-        """NxDI's CPU path (no NEFF: outputs are not aliased to the caches) copies every output after the logits into
-        the KV cache. With LoRA serving the model also returns its active LoRA weights after the caches
-        (`outputs += lora_weights`, model_base forward in 0.8 and 0.9), which would run past the cache list; on
-        device those outputs are aliased to the LoRA weights, so here they are left out before NxDI's copy."""
+        """NxDI's CPU path (no NEFF, so no outputs aliased to state) copies every output after the logits into the KV
+        caches. With LoRA serving the model also returns its active LoRA weights after the caches (`outputs +=
+        lora_weights`, model_base forward, 0.8 and 0.9), on device aliased to the `weight_active` tensors that token
+        generation reads (context encoding fills each sequence's slot). Here they are written back to those tensors
+        of every CPU submodel (NxDI builds one per wrapper under continuous batching), then NxDI copies the caches."""
         if getattr(self.neuron_config, "lora_config", None) is not None:
+            models = {id(w.model): w.model for w in (self.context_encoding_model, self.token_generation_model)}
             count = len(self.token_generation_model.model.lora_weight_manager.get_lora_tensors())
+            active = outputs[len(outputs) - count:]
+            for model in models.values():
+                for tensor, new in zip(model.lora_weight_manager.get_lora_tensors(), active, strict=True):
+                    tensor.data = new
             outputs = outputs[: len(outputs) - count]
         super()._copy_past_key_values(outputs)
 
