@@ -381,8 +381,12 @@ def _lora_case(sim, tmp_path: Path) -> tuple[dict, dict]:
     from safetensors.torch import load_file, save_file
     from test_lora import _spec
 
+    from nxdi_gemma.tiny import byte_tokenizer_json
+
     (case_dir,) = sim.goldens(_spec("gemma3")).values()
     golden = json.loads((case_dir / "golden.json").read_text())
+    if not (case_dir / "ckpt" / "tokenizer.json").exists():
+        (case_dir / "ckpt" / "tokenizer.json").write_text(byte_tokenizer_json())
     base = tmp_path / "base"
     shutil.copytree(case_dir / "adapters" / "a4", base)
     weights = load_file(str(base / "adapter_model.safetensors"))

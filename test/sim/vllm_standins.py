@@ -15,7 +15,9 @@ after the closed-source package stand-ins of `standins`). Each takes effect righ
    `dynamic_update_weights_for_lora` swaps adapters into (`context_encoding_model.model.nxd_model.weights`, one dict
    per rank of the loaded weights by name): the CPU model's own tensors, so a swap writes the CPU model's LoRA slots.
    On device both submodels read that one weight set; NxDI's CPU mode builds one model per submodel under
-   continuous batching, so the token-generation model's LoRA weights are tied to the context-encoding model's.
+   continuous batching, so the token-generation model's LoRA weights are tied to the context-encoding model's, and
+   the context-encoding model's LoRA modules get `is_context_encoding = True`, which NxDI sets on the shared LoRA
+   config while it makes each submodel's trace inputs (model_wrapper.py `input_generator`), a step CPU mode skips.
 
 Everything else is the real code: vLLM, vllm-neuron (platform, scheduler, worker, runner, loader with its
 compile-or-load logic), the project's plugin and NxDI classes. `EVENTS` records each stand-in use, and `MODELS` the
@@ -74,6 +76,11 @@ def _dynamic_lora_on_cpu(app: Any) -> None:
     cte = app.context_encoding_model.model
     tkg = app.token_generation_model.model
     if tkg is not cte:
+        from neuronx_distributed_inference.modules.lora_serving import is_lora_module
+
+        for module in cte.modules():
+            if is_lora_module(module):
+                module.is_context_encoding = True
         weights = dict(cte.named_parameters())
         for name, _ in list(tkg.named_parameters()):
             if ".lora_A." in f"{name}." or ".lora_B." in f"{name}.":

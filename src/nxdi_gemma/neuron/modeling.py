@@ -195,6 +195,36 @@ class NeuronGemmaModel(NeuronBaseModel):
             self.sampler = create_sampler(config.neuron_config, self.lm_head.tensor_parallel_group.size())
         self.kv_mgr = GemmaKVCacheManager(config, self.layers, global_rank=self.rank_util, state=self.state)
 
+    def forward(self, *args, **kwargs):
+        """NxDI's forward. With LoRA serving it also returns the active LoRA weights after the caches (`outputs +=
+        lora_weights`, 0.8 and 0.9), aliased on device to the `weight_active` tensors token generation reads. NxDI's
+        CPU mode (`on_cpu`: eager, nothing aliased) would copy them into the KV cache list with the caches
+        (`_copy_past_key_values`, ModelWrapper.forward) and fail; there they are written to those tensors here, as
+        the device's aliasing does, and left out of the outputs. Traced graphs are unchanged."""
+        outputs = super().forward(*args, **kwargs)
+        if self.neuron_config.lora_config is None or not self.neuron_config.on_cpu:
+            return outputs
+        tensors = self.lora_weight_manager.get_lora_tensors()
+        for tensor, new in zip(tensors, outputs[len(outputs) - len(tensors):], strict=True):
+            tensor.data = new
+        return outputs[: len(outputs) - len(tensors)]
+
+    def update_weights_for_lora(self, model_sd: dict) -> dict:
+        """NxDI's LoRA weight loading (NeuronBaseModel.update_weights_for_lora, 0.8 and 0.9: each LoRA slot filled
+        from the adapter weights of the same layer and projection), then K=V layers (Gemma 4): V is the K projection
+        there (the V projection holds K's weights, `state_dict.py`), so it gets K's adapter too, as HF, which has no
+        V projection in those layers and applies the k_proj adapter to the K it also uses as V."""
+        model_sd = super().update_weights_for_lora(model_sd)
+        for layer in self.config.gemma_plan.layers:
+            if not layer.k_eq_v or layer.shares_kv:
+                continue
+            prefix = f"layers.{layer.index}.self_attn.qkv_proj."
+            for part in ("lora_A", "lora_B"):
+                k_name, v_name = f"{prefix}k_proj.{part}.weight", f"{prefix}v_proj.{part}.weight"
+                if k_name in model_sd and v_name in model_sd:
+                    model_sd[v_name] = model_sd[k_name].clone()
+        return model_sd
+
     def create_attn_mask(self, attention_mask, is_for_context_encoding, is_for_speculation, position_ids=None,
                          **kwargs):
         """NxDI's masks, unchanged (our attention derives its masks from the positions); context encoding also
@@ -267,22 +297,6 @@ class NeuronGemmaForCausalLM(NeuronBaseForCausalLM):
             mine = (last_token >= begin) & (last_token < end)
             combined = out if combined is None else _select_rows(combined, out, mine)
         return combined
-
-    def _copy_past_key_values(self, outputs):
-        """NxDI's CPU path (no NEFF, so no outputs aliased to state) copies every output after the logits into the KV
-        caches. With LoRA serving the model also returns its active LoRA weights after the caches (`outputs +=
-        lora_weights`, model_base forward, 0.8 and 0.9), on device aliased to the `weight_active` tensors that token
-        generation reads (context encoding fills each sequence's slot). Here they are written back to those tensors
-        of every CPU submodel (NxDI builds one per wrapper under continuous batching), then NxDI copies the caches."""
-        if getattr(self.neuron_config, "lora_config", None) is not None:
-            models = {id(w.model): w.model for w in (self.context_encoding_model, self.token_generation_model)}
-            count = len(self.token_generation_model.model.lora_weight_manager.get_lora_tensors())
-            active = outputs[len(outputs) - count:]
-            for model in models.values():
-                for tensor, new in zip(model.lora_weight_manager.get_lora_tensors(), active, strict=True):
-                    tensor.data = new
-            outputs = outputs[: len(outputs) - count]
-        super()._copy_past_key_values(outputs)
 
     @staticmethod
     def load_hf_model(model_path, **kwargs):
