@@ -479,3 +479,39 @@ def test_current_instance_rules():
     for environ, dmi in (({}, None), ({}, "Standard PC (Q35 + ICH9, 2009)\n"), ({"NXDI_GEMMA_INSTANCE": "p5"}, None)):
         with pytest.raises(InputError, match="NXDI_GEMMA_INSTANCE"):
             current_instance(environ, dmi)
+
+
+def _adapter(folder: Path, rank: int = 4, targets=("q_proj", "down_proj")) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": rank, "target_modules": list(targets)}))
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    return folder
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (None, None),
+    ("missing", "no adapter_config.json and *.safetensors"),
+    ("rank", "rank 16, above --max-lora-rank 8"),
+    ("target", "targets ['lm_head']"),
+])
+def test_lora_adapters_are_checked_before_the_start(tmp_path, change, message):
+    _adapter(tmp_path / "a4")
+    paths = {"a4": "a4", "b": "b"}
+    if change == "rank":
+        _adapter(tmp_path / "b", rank=16)
+    elif change == "target":
+        _adapter(tmp_path / "b", targets=("q_proj", "lm_head"))
+    elif change is None:
+        _adapter(tmp_path / "b", rank=8, targets=("v_proj", "gate_proj"))
+    ckpt_json = tmp_path / "lora.json"
+    ckpt_json.write_text(json.dumps({"lora-ckpt-dir": str(tmp_path), "lora-ckpt-paths": paths}))
+    if message is None:
+        assert vllm_plugin.check_lora_adapters(str(ckpt_json), 8, plan_has_moe=False) == ["a4", "b"]
+        with pytest.raises(vllm_plugin.ServeConfigError, match="MoE"):
+            vllm_plugin.check_lora_adapters(str(ckpt_json), 8, plan_has_moe=True)
+        with pytest.raises(vllm_plugin.ServeConfigError, match="lora_ckpt_json"):
+            vllm_plugin.check_lora_adapters(None, 8, plan_has_moe=False)
+        return
+    with pytest.raises(vllm_plugin.ServeConfigError) as refused:
+        vllm_plugin.check_lora_adapters(str(ckpt_json), 8, plan_has_moe=False)
+    assert message in str(refused.value) and "'b'" in str(refused.value)

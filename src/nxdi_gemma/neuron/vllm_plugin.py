@@ -422,6 +422,53 @@ def text_only_inputs(multimodal_config: Any) -> None:
         limits["image"] = ImageDummyOptions(count=0)
 
 
+# Linears of our layers that NxDI's LoRA serving can wrap (attention through NxDI's projections, MLP: AdapterMLP).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def check_lora_adapters(ckpt_json: str | None, max_lora_rank: int, plan_has_moe: bool) -> list[str]:
+    """The adapters vllm-neuron's `lora_ckpt_json` (override_neuron_config) names, checked the way NxDI will load
+    them (LoraServingConfig / LoraCheckpoint, 0.8 and 0.9: "lora-ckpt-dir" joined with each path of
+    "lora-ckpt-paths" and "lora-ckpt-paths-cpu"; a PEFT folder with adapter_config.json and safetensors): every
+    path exists, its rank is at most --max-lora-rank, its target modules are linears our layers have. Returns the
+    adapter names; ServeConfigError names the adapter and what to fix. NxDI itself would fail at model load."""
+    if ckpt_json is None:
+        raise ServeConfigError("--enable-lora on Neuron needs the adapters listed in a JSON file: pass --additional-"
+                               "config '{\"override_neuron_config\": {\"lora_ckpt_json\": \"lora.json\"}}' (see README)")
+    path = Path(ckpt_json).expanduser()
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ServeConfigError(f"lora_ckpt_json {path}: cannot read it as JSON ({error})") from None
+    base = Path(content.get("lora-ckpt-dir", ".")).expanduser()
+    adapters: dict[str, Path] = {}
+    for key in ("lora-ckpt-paths", "lora-ckpt-paths-cpu"):
+        for name, relative in (content.get(key) or {}).items():
+            adapters[name] = base / relative
+    if not adapters:
+        raise ServeConfigError(f"lora_ckpt_json {path} lists no adapters under lora-ckpt-paths")
+    for name, folder in adapters.items():
+        config_file = folder / "adapter_config.json"
+        if not config_file.is_file() or not any(folder.glob("*.safetensors")):
+            raise ServeConfigError(f"LoRA adapter {name!r} ({folder}): no adapter_config.json and *.safetensors "
+                                   f"there; fix its path in {path}")
+        adapter = json.loads(config_file.read_text())
+        rank = adapter.get("r")
+        if not isinstance(rank, int) or rank > max_lora_rank:
+            raise ServeConfigError(f"LoRA adapter {name!r} has rank {rank}, above --max-lora-rank {max_lora_rank}; "
+                                   "pass a larger --max-lora-rank")
+        targets = adapter.get("target_modules") or []
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        unknown = sorted(set(targets) - set(LORA_TARGETS))
+        if unknown:
+            raise ServeConfigError(f"LoRA adapter {name!r} targets {unknown}, which nxdi-gemma's layers do not have "
+                                   f"as LoRA-capable linears ({', '.join(LORA_TARGETS)})")
+        if plan_has_moe and {"gate_proj", "up_proj"} & set(targets):
+            raise ServeConfigError(f"LoRA adapter {name!r} targets gate_proj/up_proj, which on a Gemma 4 MoE model "
+                                   "would also wrap the stacked expert linears: not supported yet")
+    return sorted(adapters)
+
+
 def serving_check(vllm_config: Any) -> None:
     """The MODELS_CONFIG_MAP hook (see the module docstring, 5): reads the settings vllm-neuron will pass to NxDI
     (its `_get_default_neuron_config`, then `override_neuron_config`'s batch_size / tp_degree / seq_len / torch_dtype)
@@ -447,6 +494,10 @@ def serving_check(vllm_config: Any) -> None:
         dtype=str(dtype).removeprefix("torch."), prefix_caching=bool(cache.enable_prefix_caching),
         block_size=cache.block_size, instance=instance,
         prefix_caching_supported="is_prefix_caching" not in UNSUPPORTED_FLAGS)
+    lora = getattr(vllm_config, "lora_config", None)
+    if lora is not None:
+        has_moe = any(layer.moe for layer in plan_from_config(config, source=source).layers)
+        check_lora_adapters(override.get("lora_ckpt_json"), lora.max_lora_rank, has_moe)
     text_only_inputs(model_config.multimodal_config)
     hf_config = model_config.hf_config
     missing = {key: value for key, value in fields.items() if getattr(hf_config, key, None) is None}
