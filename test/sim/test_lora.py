@@ -30,7 +30,7 @@ def _spec(kind: str) -> dict:
 
 
 @pytest.mark.parametrize("release", ["sdk-2.28"])
-@pytest.mark.parametrize("kind", ["gemma3", "gemma4_dense"])
+@pytest.mark.parametrize("kind", ["gemma3", pytest.param("gemma4_dense", marks=pytest.mark.slow)])
 def test_lora_adapters_and_base_in_one_batch_match_peft(sim, tmp_path, release, kind):
     sim.need(release)
     (case,) = sim.goldens(_spec(kind)).values()

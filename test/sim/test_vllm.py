@@ -372,7 +372,7 @@ def test_refused_before_compile(sim, tmp_path, cases, name):
     assert ".compile(" not in run.stderr and ".load(" not in run.stderr  # no NxDI model was built
 
 
-def _lora_case(sim, tmp_path: Path) -> tuple[dict, dict]:
+def _lora_case(sim, tmp_path: Path, kind: str = "gemma3") -> tuple[dict, dict]:
     """The LoRA golden of test_lora.py (Gemma 3, adapters a4 and a8 made by PEFT) as a vLLM case: every prompt with
     each adapter and with "base", a copy of a4 whose B matrices are zero (NxDI serves only requests with an adapter,
     and vllm-neuron 0.4.1 fails on a request without one: this is how the base model is served next to adapters).
@@ -383,7 +383,7 @@ def _lora_case(sim, tmp_path: Path) -> tuple[dict, dict]:
 
     from nxdi_gemma.tiny import byte_tokenizer_json
 
-    (case_dir,) = sim.goldens(_spec("gemma3")).values()
+    (case_dir,) = sim.goldens(_spec(kind)).values()
     golden = json.loads((case_dir / "golden.json").read_text())
     if not (case_dir / "ckpt" / "tokenizer.json").exists():
         (case_dir / "ckpt" / "tokenizer.json").write_text(byte_tokenizer_json())
@@ -408,11 +408,36 @@ def _lora_case(sim, tmp_path: Path) -> tuple[dict, dict]:
     return case, lora
 
 
-def test_lora_adapters_and_base_in_one_batch(sim, tmp_path):
+@pytest.mark.parametrize("kind", ["gemma3", pytest.param("gemma4_dense", marks=pytest.mark.slow)])
+def test_lora_adapters_and_base_in_one_batch(sim, tmp_path, kind):
     """`LLM(..., enable_lora=True, max_loras=3, max_lora_rank=8)` with vllm-neuron's lora_ckpt_json naming adapters
     a4 (rank 4), a8 (rank 8) and the zero adapter "base": six requests, 4 at a time, mixing them; each request's
     greedy tokens equal HF with its adapter merged by PEFT (base: plain HF). vllm-neuron turns on NxDI's dynamic
     multi-LoRA (max_cpu_loras defaults to max_loras), whose adapter swaps vllm_standins directs to the CPU model."""
-    case, lora = _lora_case(sim, tmp_path)
-    report = _drive(sim, tmp_path, case, "lora", lora=lora)
+    case, lora = _lora_case(sim, tmp_path, kind)
+    report = _drive(sim, tmp_path, case, f"lora_{kind}", lora=lora)
     assert any("dynamic multi-LoRA" in event for event in report["events"])
+
+
+def test_lora_over_http(sim, tmp_path):
+    """`vllm serve DIR --max-model-len N --enable-lora --max-loras 3 --max-lora-rank 8 --lora-modules a4=.. a8=..
+    base=..` (+ the simulation's settings, lora_ckpt_json): the six requests of the LoRA case sent at once to
+    /v1/completions with `"model": <adapter name>`, each gives HF's tokens with its adapter merged by PEFT."""
+    case, lora = _lora_case(sim, tmp_path)
+    port = _free_port()
+    modules = sorted({f"{name}={path}" for name, path in lora["adapters"]})
+    extra = {"override_neuron_config": {"on_cpu": True, "lora_ckpt_json": lora["ckpt_json"]}}
+    cmd = [str(_vllm_command()), "serve", str(case["ckpt"]), "--port", str(port), "--max-model-len",
+           str(MAX_MODEL_LEN), "--dtype", "float32", "--additional-config", json.dumps(extra), *NO_PREFIX_CACHING,
+           "--max-num-seqs", str(MAX_NUM_SEQS), "--enable-lora", "--max-loras", str(lora["max_loras"]),
+           "--max-lora-rank", str(lora["max_lora_rank"]), "--lora-modules", *modules]
+    env = _env(sim, PORT=str(port), VLLM_PLUGINS="neuron,nxdi_gemma")
+    with _serving(cmd, env, tmp_path) as base:
+        def complete(i: int) -> list[int]:
+            body = {"model": lora["adapters"][i][0], "prompt": case["prompts"][i], "temperature": 0,
+                    "max_tokens": case["max_tokens"][i], "ignore_eos": True, "return_token_ids": True}
+            return _post(f"{base}/v1/completions", body)["choices"][0]["token_ids"]
+
+        with concurrent.futures.ThreadPoolExecutor(len(case["prompts"])) as pool:
+            got = list(pool.map(complete, range(len(case["prompts"]))))
+    assert got == _want(case)

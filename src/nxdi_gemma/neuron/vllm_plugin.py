@@ -51,6 +51,9 @@ numbers are 0.4.1's (0.5.0's differ by a few lines). What `register()` does:
      batch x length whose planner figures (`planning.memory_plan`, per NeuronCore) exceed the instance's HBM (it
      names the largest `--max-num-seqs` that fits). The instance comes from `planning.current_instance`:
      NXDI_GEMMA_INSTANCE, else EC2's DMI product name; neither known is refused too ('none' skips the HBM check).
+   - with --enable-lora, checks every adapter of vllm-neuron's `lora_ckpt_json` as NxDI will load it
+     (`check_lora_adapters`: path, rank, target modules), since NxDI's own failure would come at model load;
+   - sets the image limit of multimodal checkpoints to 0 (`text_only_inputs`: only the text decoder is served).
    The max model length cannot be defaulted here: vllm-neuron replaces vLLM's `get_and_verify_max_len` with one that
    returns the `--max-model-len` given (None without it), and vLLM's ModelConfig rejects None before any VllmConfig
    (and so this hook) exists. `--max-model-len` is the one flag a plain `vllm serve DIR` needs.
