@@ -398,3 +398,125 @@ def test_offline_script_without_vllm_exits_with_a_clear_error(tmp_path, monkeypa
     assert "gemma-4-e2b-tp2-len4096-seqs4-" in os.environ["NEURON_COMPILED_ARTIFACTS"]
     assert offline.main(["--model", str(model), "--override-neuron-config", "[1]"]) == 2
     assert offline.main(["--model", str(tmp_path / "missing")]) == 2
+
+
+def _serving(name: str = "gemma-3-4b", **changes):
+    settings = dict(tp=2, batch=4, max_model_len=4096, dtype="bfloat16", prefix_caching=False, block_size=None,
+                    instance="trn1.32xlarge", prefix_caching_supported=False)
+    settings.update(changes)
+    return vllm_plugin.check_serving_settings(public_config(name), f"{name}/config.json", **settings)
+
+
+def test_serving_check_passes_fitting_settings_and_supplies_the_multimodal_fields():
+    assert _serving() == vllm_plugin.hf_overrides_for(public_config("gemma-3-4b"))  # multimodal: the text fields
+    assert _serving("gemma-3-1b", tp=1) == {}  # text-only: nothing to add
+    assert _serving(batch=256, instance=None) == _serving()  # no instance: no HBM check
+
+
+def test_serving_check_refuses_a_batch_that_does_not_fit_with_the_planner_figures():
+    from nxdi_gemma.planning import GIB, largest_fit, memory_plan
+
+    plan = plan_from_config(public_config("gemma-3-4b"))
+    need = memory_plan(plan, "trn1.32xlarge", 2, 256, 4096)
+    _, fitting = largest_fit(plan, "trn1.32xlarge", 2, seq_len=4096)
+    assert not need.fits and fitting >= 1
+    with pytest.raises(vllm_plugin.ServeConfigError) as refused:
+        _serving(batch=256)
+    message = str(refused.value)
+    assert message.startswith("error: batch 256 (--max-num-seqs) x --max-model-len 4096 at TP 2 needs ")
+    assert f"{need.total_per_core / GIB:.1f} GiB per NeuronCore" in message
+    assert f"pass --max-num-seqs {fitting} or less" in message and "\n" not in message
+    with pytest.raises(vllm_plugin.ServeConfigError, match="batch 1 does not fit either"):
+        _serving("gemma-3-27b", tp=1, instance="inf2.xlarge")
+
+
+@pytest.mark.parametrize(("changes", "flag"), [
+    ({"prefix_caching": True}, "--no-enable-prefix-caching"),
+    ({"prefix_caching": True, "prefix_caching_supported": True}, "--block-size"),
+    ({"max_model_len": 10**7}, "--max-model-len 131072 or less"),
+    ({"tp": 3}, "--tensor-parallel-size 3 does not divide"),
+    ({"tp": 8, "instance": "trn2.3xlarge"}, "exceeds the 4 NeuronCores of trn2.3xlarge"),
+    ({"dtype": "float8"}, "--dtype float8"),
+])
+def test_serving_check_refusals_name_the_flag(changes, flag):
+    with pytest.raises(vllm_plugin.ServeConfigError) as refused:
+        _serving(**changes)
+    assert str(refused.value).startswith("error: ") and flag in str(refused.value)
+
+
+def test_serve_config_error_is_a_one_line_exit_and_a_config_error():
+    from nxdi_gemma.errors import ConfigError
+
+    error = vllm_plugin.ServeConfigError("what to pass")
+    assert isinstance(error, SystemExit) and isinstance(error, ConfigError)
+    assert error.code == "error: what to pass"  # what the interpreter prints (exit status 1) instead of a traceback
+    assert _serving(prefix_caching=True, prefix_caching_supported=True, block_size=32) == _serving()
+
+
+def test_register_serving_check_keeps_an_existing_entry_and_is_idempotent(monkeypatch):
+    calls = []
+
+    class Existing:
+        @staticmethod
+        def verify_and_update_config(vllm_config):
+            calls.append("existing")
+
+    monkeypatch.setattr(vllm_plugin.GemmaServingConfig, "previous", {})
+    monkeypatch.setattr(vllm_plugin, "serving_check", lambda vllm_config: calls.append("ours"))
+    config_map = {"Gemma3ForCausalLM": Existing, "LlamaForCausalLM": Existing}
+    assert vllm_plugin.register_serving_check(config_map) == list(vllm_plugin.GEMMA_ARCHITECTURES)
+    vllm_plugin.register_serving_check(config_map)
+    assert all(config_map[arch] is vllm_plugin.GemmaServingConfig for arch in vllm_plugin.GEMMA_ARCHITECTURES)
+    assert config_map["LlamaForCausalLM"] is Existing
+    for arch in ("Gemma3ForCausalLM", "Gemma2ForCausalLM"):
+        vllm_config = types.SimpleNamespace(model_config=types.SimpleNamespace(architecture=arch))
+        config_map[arch].verify_and_update_config(vllm_config)
+    assert calls == ["existing", "ours", "ours"]
+
+
+def test_current_instance_rules():
+    from nxdi_gemma.errors import InputError
+    from nxdi_gemma.planning import current_instance
+
+    assert current_instance({"NXDI_GEMMA_INSTANCE": "trn2.3xlarge"}, "trn1.32xlarge\n") == "trn2.3xlarge"
+    assert current_instance({"NXDI_GEMMA_INSTANCE": "none"}, "trn1.32xlarge\n") is None
+    assert current_instance({}, "trn1.32xlarge\n") == "trn1.32xlarge"  # EC2's DMI product name
+    for environ, dmi in (({}, None), ({}, "Standard PC (Q35 + ICH9, 2009)\n"), ({"NXDI_GEMMA_INSTANCE": "p5"}, None)):
+        with pytest.raises(InputError, match="NXDI_GEMMA_INSTANCE"):
+            current_instance(environ, dmi)
+
+
+def _adapter(folder: Path, rank: int = 4, targets=("q_proj", "down_proj")) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": rank, "target_modules": list(targets)}))
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    return folder
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (None, None),
+    ("missing", "no adapter_config.json and *.safetensors"),
+    ("rank", "rank 16, above --max-lora-rank 8"),
+    ("target", "targets ['lm_head']"),
+])
+def test_lora_adapters_are_checked_before_the_start(tmp_path, change, message):
+    _adapter(tmp_path / "a4")
+    paths = {"a4": "a4", "b": "b"}
+    if change == "rank":
+        _adapter(tmp_path / "b", rank=16)
+    elif change == "target":
+        _adapter(tmp_path / "b", targets=("q_proj", "lm_head"))
+    elif change is None:
+        _adapter(tmp_path / "b", rank=8, targets=("v_proj", "gate_proj"))
+    ckpt_json = tmp_path / "lora.json"
+    ckpt_json.write_text(json.dumps({"lora-ckpt-dir": str(tmp_path), "lora-ckpt-paths": paths}))
+    if message is None:
+        assert vllm_plugin.check_lora_adapters(str(ckpt_json), 8, plan_has_moe=False) == ["a4", "b"]
+        with pytest.raises(vllm_plugin.ServeConfigError, match="MoE"):
+            vllm_plugin.check_lora_adapters(str(ckpt_json), 8, plan_has_moe=True)
+        with pytest.raises(vllm_plugin.ServeConfigError, match="lora_ckpt_json"):
+            vllm_plugin.check_lora_adapters(None, 8, plan_has_moe=False)
+        return
+    with pytest.raises(vllm_plugin.ServeConfigError) as refused:
+        vllm_plugin.check_lora_adapters(str(ckpt_json), 8, plan_has_moe=False)
+    assert message in str(refused.value) and "'b'" in str(refused.value)

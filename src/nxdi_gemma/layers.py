@@ -107,7 +107,7 @@ class GemmaBlock(nn.Module):
     """
 
     def __init__(self, plan: GemmaPlan, layer: LayerPlan, self_attn: nn.Module, linear: LinearFactory = plain_linear,
-                 folded_norms: bool = False, experts: nn.Module | None = None):
+                 folded_norms: bool = False, experts: nn.Module | None = None, mlp: nn.Module | None = None):
         super().__init__()
         hidden = plan.hidden_size
         self.self_attn = self_attn
@@ -115,7 +115,8 @@ class GemmaBlock(nn.Module):
         self.post_attention_layernorm = make_norm(plan, hidden, folded=folded_norms)
         self.pre_feedforward_layernorm = make_norm(plan, hidden, folded=folded_norms)
         self.post_feedforward_layernorm = make_norm(plan, hidden, folded=folded_norms)
-        self.mlp = GemmaMLP(hidden, layer.intermediate_size, linear)
+        # a runtime may supply its own GemmaMLP subclass (the NxDI classes pass LoRA adapter ids to its linears)
+        self.mlp = mlp if mlp is not None else GemmaMLP(hidden, layer.intermediate_size, linear)
         self.moe = layer.moe is not None
         if self.moe:
             self.router = MoeRouter(plan, layer.moe)

@@ -303,3 +303,38 @@ def instance_table(dtype: str = "bfloat16") -> str:
             cells.append(f"TP{result.tp}, {context // 1024}K, {result.decode_tokens_per_s:.0f} tok/s")
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+INSTANCE_ENV = "NXDI_GEMMA_INSTANCE"
+# EC2 (Nitro) reports the instance type as the DMI product name, readable without privileges and inside containers.
+DMI_PRODUCT_NAME = "/sys/devices/virtual/dmi/id/product_name"
+
+
+def current_instance(environ: dict[str, str], dmi_product_name: str | None) -> str | None:
+    """The INSTANCES name of this machine for memory checks: `NXDI_GEMMA_INSTANCE` when set ("none": skip the check,
+    returns None), else the DMI product name when it is a known instance. Anything else is an InputError saying what
+    to set: a check against a guessed HBM size would be a silent default. `dmi_product_name`: the file's content, or
+    None when it does not exist (not EC2, e.g. the simulation tier)."""
+    chosen = environ.get(INSTANCE_ENV)
+    if chosen is not None:
+        if chosen.strip().lower() == "none":
+            return None
+        if chosen not in INSTANCES:
+            raise InputError(f"{INSTANCE_ENV}={chosen!r} is not a known instance; use one of "
+                             f"{', '.join(INSTANCES)}, or 'none' to skip the HBM check")
+        return chosen
+    detected = (dmi_product_name or "").strip()
+    if detected in INSTANCES:
+        return detected
+    found = f"this machine's DMI product name is {detected!r}" if detected else f"{DMI_PRODUCT_NAME} is absent"
+    raise InputError(f"cannot tell which Neuron instance this is for the HBM check ({found}): set {INSTANCE_ENV} to "
+                     f"one of {', '.join(INSTANCES)}, or to 'none' to skip the check")
+
+
+def read_dmi_product_name(path: str = DMI_PRODUCT_NAME) -> str | None:
+    """The DMI product name (EC2: the instance type), None when the file does not exist."""
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None

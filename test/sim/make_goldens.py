@@ -5,12 +5,15 @@
 
 SPEC.json maps a case name to {"config": config.json dict, "seed": int, "prompt_lengths": [int], "prompt_seed": int,
 (optional "shared_prefix": int, the first tokens every prompt takes from prompt 0),
-"new_tokens": int, optionally "dtype": "bfloat16"}. For each case, OUT_DIR/<name>/ckpt is a checkpoint (our writer,
+"new_tokens": int, optionally "dtype": "bfloat16" and "adapters": {name: {"rank": int, "seed": int, "targets": [module
+names]}}}. For each case, OUT_DIR/<name>/ckpt is a checkpoint (our writer,
 `nxdi_gemma.tiny.random_weights`) and OUT_DIR/<name>/golden.json holds, per prompt, HF's greedy tokens and logits at
 every step (HF forward + KV cache in a plain argmax loop: `nxdi_gemma.reference.hf_greedy`) in float32, or in the
 spec's dtype, and, for float32, HF's own float32-vs-float64 deviation over the same sequences (teacher-forced, every
 position), from which spec 8.1's bound is derived (a bfloat16 golden has none: bound null, the test sets its own).
-A case whose golden.json already records the same spec is kept.
+With "adapters", OUT_DIR/<name>/adapters/<adapter> is a PEFT LoRA adapter (random A and B, lora_alpha = 2 x rank,
+saved by PEFT) and golden.json's "adapters" holds, per adapter, HF's greedy tokens and logits with that adapter merged
+into the weights by PEFT (`merge_and_unload`). A case whose golden.json already records the same spec is kept.
 """
 
 from __future__ import annotations
@@ -55,6 +58,41 @@ def fp32_vs_fp64(ckpt: Path, sequences: list[list[int]]) -> float:
     return max((a - b).abs().max().item() for a, b in zip(out[torch.float32], out[torch.float64], strict=True))
 
 
+@torch.no_grad()
+def lora_golden(ckpt: Path, folder: Path, prompts: list[list[int]], new_tokens: int, rank: int, seed: int,
+                targets: list[str]) -> dict:
+    """Save a random PEFT LoRA adapter for `ckpt` into `folder`; HF's greedy tokens / logits with it merged."""
+    import peft
+
+    from nxdi_gemma.reference import cache_argument, load_hf_model
+
+    model = load_hf_model(ckpt, torch.float32)
+    lora = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False)
+    wrapped = peft.get_peft_model(model, lora)
+    gen = torch.Generator().manual_seed(seed)
+    for param_name, param in wrapped.named_parameters():
+        if "lora_" in param_name:  # small random A and B: every adapted projection moves the logits
+            param.copy_(0.2 * torch.randn(param.shape, generator=gen))
+    wrapped.save_pretrained(str(folder))
+    merged = wrapped.merge_and_unload().eval()
+    cache_kw = cache_argument(merged)
+    tokens, logits = [], []
+    for ids in prompts:
+        cache = transformers.DynamicCache(config=merged.config)
+        step = merged(torch.tensor([ids]), use_cache=True, **{cache_kw: cache})
+        out, steps = [], []
+        for i in range(new_tokens):
+            last = step.logits[0, -1].float()
+            steps.append(last.tolist())
+            out.append(int(last.argmax()))
+            if i + 1 < new_tokens:
+                step = merged(torch.tensor([[out[-1]]]), use_cache=True, **{cache_kw: cache})
+        tokens.append(out)
+        logits.append(steps)
+    return {"dir": f"adapters/{folder.name}", "rank": rank, "targets": targets, "tokens": tokens, "logits": logits,
+            "peft": peft.__version__}
+
+
 def make_case(name: str, spec: dict, out: Path) -> None:
     case = out / name
     golden = case / "golden.json"
@@ -80,7 +118,10 @@ def make_case(name: str, spec: dict, out: Path) -> None:
         generation = 4 if config["model_type"].startswith("gemma4") else int(config["model_type"][5])
         # Gemma 2/3: the spec's fixed 1e-4. Gemma 4: 4x HF's own float32 error where that exceeds the floor (8.1).
         bound = FLOOR if generation < 4 else max(FLOOR, 4.0 * deviation)
+    adapters = {adapter: lora_golden(ckpt, case / "adapters" / adapter, prompts, spec["new_tokens"], **settings)
+                for adapter, settings in spec.get("adapters", {}).items()}
     doc = {
+        "adapters": adapters,
         "name": name, "spec_hash": key, "transformers": transformers.__version__, "torch": torch.__version__,
         "model_type": config["model_type"], "sliding_window": text.get("sliding_window"),
         "new_tokens": spec["new_tokens"], "dtype": dtype, "hf_fp32_vs_fp64": deviation, "bound": bound,

@@ -15,8 +15,10 @@ process per rank. vLLM starts are slow, so each start generates all six prompts 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -132,7 +134,9 @@ def _env(sim, **extra: str) -> dict[str, str]:
     """The tier's environment for NxDI of RELEASE, with vllm_site first (its sitecustomize replaces the stand-ins'
     own and adds vllm_standins)."""
     env = sim.env(RELEASE, "cpu")
-    env.update(PYTHONPATH=os.pathsep.join([str(SITE), env["PYTHONPATH"]]), NXDI_GEMMA_SIM_VLLM="1", HF_HUB_OFFLINE="1")
+    env.update(PYTHONPATH=os.pathsep.join([str(SITE), env["PYTHONPATH"]]), NXDI_GEMMA_SIM_VLLM="1", HF_HUB_OFFLINE="1",
+               # the instance the plugin's HBM check plans for (no EC2 DMI product name here); the tiny models fit
+               NXDI_GEMMA_INSTANCE="trn1.2xlarge")
     for name in ("VLLM_PLUGINS", "NEURON_COMPILED_ARTIFACTS", "MASTER_PORT"):
         env.pop(name, None)
     env.update(extra)
@@ -208,8 +212,18 @@ def test_gemma4_moe_with_tokenizer_then_restart_from_artifacts(sim, tmp_path, ca
     assert any(".load(" in event for event in second["events"])
 
 
-@pytest.mark.parametrize("name", ["gemma4mm", "gemma3mm", "gemma4unifiedmm"])
-def test_multimodal_checkpoints_with_hf_overrides(sim, tmp_path, cases, name):
+@pytest.mark.parametrize("name", ["gemma4mm", "gemma3mm"])
+def test_multimodal_checkpoints_without_hf_overrides(sim, tmp_path, cases, name):
+    """Gemma4ForConditionalGeneration (dense) and Gemma3ForConditionalGeneration (transformers-5 RoPE in
+    text_config), served text-only by `LLM(model=DIR, ...)` with neither hf_overrides nor limit_mm_per_prompt: the
+    plugin's serving check supplies both (the tiny checkpoints have no image processor, which vLLM would load for
+    image inputs)."""
+    report = _drive(sim, tmp_path, cases[name], name)
+    assert report["hf_config_class"] == {"gemma4mm": "Gemma4CompatConfig", "gemma3mm": "Gemma3RopeCompatConfig"}[name]
+
+
+@pytest.mark.parametrize("name", ["gemma4unifiedmm"])
+def test_multimodal_unified_with_hf_overrides(sim, tmp_path, cases, name):
     """Gemma4ForConditionalGeneration (dense), Gemma3ForConditionalGeneration (transformers-5 RoPE in text_config)
     and Gemma4UnifiedForConditionalGeneration (Gemma 4 12B-like), served text-only with the plugin's hf_overrides,
     as scripts/serve_vllm.sh passes them."""
@@ -230,41 +244,26 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
-def test_serve_script_over_http(sim, tmp_path, cases):
-    """scripts/serve_vllm.sh (`vllm serve` with the settings the README documents) on 127.0.0.1 with the Gemma 3
-    checkpoint whose config.json transformers 5 wrote (rope_parameters keyed by layer type, which vLLM rejects under
-    transformers 4.57 unless the plugin rewrites it), the six prompts sent concurrently to /v1/completions as token
-    ids: HF's greedy tokens on every one."""
-    case = cases["gemma3"]
-    bash, vllm = shutil.which("bash"), Path(sys.executable).parent / "vllm"
-    assert bash and vllm.exists(), "bash and the vllm command of this environment are needed"
-    port = _free_port()
-    env = _env(sim, MODEL=str(case["ckpt"]), TP="1", MAX_MODEL_LEN=str(MAX_MODEL_LEN), MAX_NUM_SEQS=str(MAX_NUM_SEQS),
-               DTYPE="float32", OVERRIDE_NEURON_CONFIG='{"on_cpu": true}', HOST="127.0.0.1", PORT=str(port),
-               PYTHON=sys.executable, PATH=f"{vllm.parent}{os.pathsep}{os.environ['PATH']}")
-    log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen([bash, str(ROOT / "scripts" / "serve_vllm.sh")], env=env, cwd=tmp_path, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+@contextlib.contextmanager
+def _serving(cmd: list[str], env: dict[str, str], tmp_path: Path):
+    """A server started with `cmd` (in its own session), yielding its base URL once /v1/models answers; stopped on
+    exit. `env` must hold PORT."""
+    log_path = tmp_path / "serve.log"
+    log = log_path.open("w")
+    server = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    base = f"http://127.0.0.1:{env['PORT']}"
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
-            assert server.poll() is None, f"serve_vllm.sh exited ({server.returncode}):\n" + \
-                (tmp_path / "serve.log").read_text()[-6000:]
+            assert server.poll() is None, f"{cmd[1]} exited ({server.returncode}):\n" + log_path.read_text()[-6000:]
             try:
                 urllib.request.urlopen(f"{base}/v1/models", timeout=5).read()
                 break
             except OSError:
                 assert time.monotonic() < deadline, "vllm serve did not answer in time"
                 time.sleep(2)
-
-        def complete(i: int) -> list[int]:
-            body = {"model": str(case["ckpt"]), "prompt": case["prompts"][i], "temperature": 0,
-                    "max_tokens": case["max_tokens"][i], "ignore_eos": True, "return_token_ids": True}
-            return _post(f"{base}/v1/completions", body)["choices"][0]["token_ids"]
-
-        with concurrent.futures.ThreadPoolExecutor(len(case["prompts"])) as pool:
-            got = list(pool.map(complete, range(len(case["prompts"]))))
+        yield base
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -273,8 +272,44 @@ def test_serve_script_over_http(sim, tmp_path, cases):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
-    want = [tokens[:n] for tokens, n in zip(case["tokens"], case["max_tokens"], strict=True)]
-    assert got == want
+
+
+def _complete_all(base: str, case: dict, model: str) -> list[list[int]]:
+    """Every prompt of `case` sent concurrently to /v1/completions as token ids; the generated token ids."""
+
+    def complete(i: int) -> list[int]:
+        body = {"model": model, "prompt": case["prompts"][i], "temperature": 0, "max_tokens": case["max_tokens"][i],
+                "ignore_eos": True, "return_token_ids": True}
+        return _post(f"{base}/v1/completions", body)["choices"][0]["token_ids"]
+
+    with concurrent.futures.ThreadPoolExecutor(len(case["prompts"])) as pool:
+        return list(pool.map(complete, range(len(case["prompts"]))))
+
+
+def _want(case: dict) -> list[list[int]]:
+    return [tokens[:n] for tokens, n in zip(case["tokens"], case["max_tokens"], strict=True)]
+
+
+def _vllm_command() -> Path:
+    vllm = Path(sys.executable).parent / "vllm"
+    assert vllm.exists(), "the vllm command of this environment is needed"
+    return vllm
+
+
+def test_serve_script_over_http(sim, tmp_path, cases):
+    """scripts/serve_vllm.sh (`vllm serve` with the settings the README documents) on 127.0.0.1 with the Gemma 3
+    checkpoint whose config.json transformers 5 wrote (rope_parameters keyed by layer type, which vLLM rejects under
+    transformers 4.57 unless the plugin rewrites it), the six prompts sent concurrently to /v1/completions as token
+    ids: HF's greedy tokens on every one."""
+    case = cases["gemma3"]
+    bash, vllm = shutil.which("bash"), _vllm_command()
+    assert bash, "bash is needed"
+    env = _env(sim, MODEL=str(case["ckpt"]), TP="1", MAX_MODEL_LEN=str(MAX_MODEL_LEN), MAX_NUM_SEQS=str(MAX_NUM_SEQS),
+               DTYPE="float32", OVERRIDE_NEURON_CONFIG='{"on_cpu": true}', HOST="127.0.0.1", PORT=str(_free_port()),
+               PYTHON=sys.executable, PATH=f"{vllm.parent}{os.pathsep}{os.environ['PATH']}")
+    with _serving([bash, str(ROOT / "scripts" / "serve_vllm.sh")], env, tmp_path) as base:
+        got = _complete_all(base, case, str(case["ckpt"]))
+    assert got == _want(case)
     served_log = (tmp_path / "serve.log").read_text()
     assert "vllm_neuron._is_neuron_dev -> True" in served_log  # served by vllm-neuron's platform, stand-ins active
 
@@ -324,3 +359,152 @@ def test_prefix_caching_on(sim, tmp_path, prefix_cases, name, sim_report):
     sim_report(f"vLLM prefix caching {name} {RELEASE}",
                f"prefill tokens fed: round 1 {first['prefill_tokens']}, round 2 {second['prefill_tokens']} of {total}"
                f" (vLLM cached {sum(second['cached_tokens'])})")
+
+
+# The simulation's own settings, and nothing else: NxDI's CPU mode (on_cpu) and float32 (HF's goldens are float32).
+SIM_SETTINGS = ["--dtype", "float32", "--additional-config", json.dumps({"override_neuron_config": {"on_cpu": True}})]
+# Until nxdi-gemma serves prefix caching (vLLM's default), our serving check refuses it naming this flag.
+NO_PREFIX_CACHING = ["--no-enable-prefix-caching"]
+
+
+def test_plainest_serve_multimodal_over_http(sim, tmp_path, cases):
+    """`vllm serve DIR --max-model-len N` plus only the simulation's settings (and --no-enable-prefix-caching while
+    prefix caching is refused), on the multimodal Gemma 3 checkpoint without --hf-overrides: the plugin's serving
+    check supplies the text fields; vLLM's default max_num_seqs (256) fits the trn1.2xlarge the tier names
+    (NXDI_GEMMA_INSTANCE), so it is the NxDI batch. HF's greedy tokens on every prompt."""
+    case = cases["gemma3mm"]
+    port = _free_port()
+    env = _env(sim, PORT=str(port), VLLM_PLUGINS="neuron,nxdi_gemma")
+    cmd = [str(_vllm_command()), "serve", str(case["ckpt"]), "--port", str(port), "--max-model-len",
+           str(MAX_MODEL_LEN), *SIM_SETTINGS, *NO_PREFIX_CACHING]
+    with _serving(cmd, env, tmp_path) as base:
+        got = _complete_all(base, case, str(case["ckpt"]))
+    assert got == _want(case)
+
+
+def _public_config_dir(tmp_path: Path, name: str) -> Path:
+    """A checkpoint directory with only the public `name`'s config.json (and the byte tokenizer): enough for vLLM to
+    build its config, so a refusal before any weight is read or graph compiled can use real model sizes."""
+    from nxdi_gemma.public_models import public_config
+    from nxdi_gemma.tiny import byte_tokenizer_json
+
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(public_config(name)))
+    (folder / "tokenizer.json").write_text(byte_tokenizer_json())
+    return folder
+
+
+# name -> (vllm serve arguments after the model, environment changes (None: unset), what the error line names)
+REFUSALS = {
+    # Gemma 3 4B (config.json only) at TP 2 x 4096 on trn1.32xlarge with vLLM's default batch (256), in the
+    # checkpoint's own dtype (bfloat16): the planner's 34.2 GiB per core of 16
+    "hbm": (["--tensor-parallel-size", "2", "--max-model-len", "4096", *NO_PREFIX_CACHING],
+            {"NXDI_GEMMA_INSTANCE": "trn1.32xlarge"},
+            ["34.2 GiB per NeuronCore", "of trn1.32xlarge's 16.0 GiB", "pass --max-num-seqs 64 or less"]),
+    # no NXDI_GEMMA_INSTANCE and no EC2 DMI product name: which HBM to plan for is not guessed
+    "instance": (["--max-model-len", str(MAX_MODEL_LEN), *SIM_SETTINGS, *NO_PREFIX_CACHING],
+                 {"NXDI_GEMMA_INSTANCE": None}, ["NXDI_GEMMA_INSTANCE"]),
+    # vLLM's default prefix caching: --no-enable-prefix-caching today, --block-size once prefix caching is served
+    "prefix_caching": (["--max-model-len", str(MAX_MODEL_LEN), *SIM_SETTINGS], {},
+                       ["--no-enable-prefix-caching|--block-size"]),
+}
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[] if name == "hbm" else [pytest.mark.slow])
+                                  for name in REFUSALS])
+def test_refused_before_compile(sim, tmp_path, cases, name):
+    """A configuration our serving check refuses: `vllm serve` ends before anything is built, with one `error:` line
+    from our code as its last line, exit 1, no traceback. (About a minute per vLLM start: only "hbm" runs in CI.)"""
+    args, extra, wanted = REFUSALS[name]
+    model = _public_config_dir(tmp_path, "gemma-3-4b") if name == "hbm" else cases["gemma3"]["ckpt"]
+    env = _env(sim, VLLM_PLUGINS="neuron,nxdi_gemma")
+    for key, value in extra.items():
+        if value is None:
+            env.pop(key)
+        else:
+            env[key] = value
+    started = time.monotonic()
+    run = subprocess.run([str(_vllm_command()), "serve", str(model), *args], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=START_TIMEOUT)
+    lines = run.stderr.strip().splitlines()
+    # vLLM's API server prefixes what its process prints with "(APIServer pid=N) " (in color)
+    last = re.sub(r"^(\x1b\[[0-9;]*m)?\(APIServer pid=\d+\)(\x1b\[[0-9;]*m)? ", "", lines[-1] if lines else "")
+    print(f"{name}: exit {run.returncode} after {time.monotonic() - started:.0f} s: {last}")
+    assert run.returncode == 1, f"{name}: exit {run.returncode}\n{run.stderr[-4000:]}"
+    assert last.startswith("error: "), f"{name}: last line {last!r}\n{run.stderr[-4000:]}"
+    for want in wanted:
+        assert any(option in last for option in want.split("|")), f"{name}: {want!r} not in {last!r}"
+    assert "Traceback" not in run.stderr and "Traceback" not in run.stdout, f"{name}:\n{run.stderr[-4000:]}"
+    assert ".compile(" not in run.stderr and ".load(" not in run.stderr  # no NxDI model was built
+
+
+def _lora_case(sim, tmp_path: Path, kind: str = "gemma3") -> tuple[dict, dict]:
+    """The LoRA golden of test_lora.py (Gemma 3, adapters a4 and a8 made by PEFT) as a vLLM case: every prompt with
+    each adapter and with "base", a copy of a4 whose B matrices are zero (NxDI serves only requests with an adapter,
+    and vllm-neuron 0.4.1 fails on a request without one: this is how the base model is served next to adapters).
+    Returns the case (prompts, tokens, max_tokens, ckpt) and the driver's lora spec."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from test_lora import _spec
+
+    from nxdi_gemma.tiny import byte_tokenizer_json
+
+    (case_dir,) = sim.goldens(_spec(kind)).values()
+    golden = json.loads((case_dir / "golden.json").read_text())
+    if not (case_dir / "ckpt" / "tokenizer.json").exists():
+        (case_dir / "ckpt" / "tokenizer.json").write_text(byte_tokenizer_json())
+    base = tmp_path / "base"
+    shutil.copytree(case_dir / "adapters" / "a4", base)
+    weights = load_file(str(base / "adapter_model.safetensors"))
+    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in weights.items()},
+              str(base / "adapter_model.safetensors"))
+    dirs = {"a4": case_dir / "adapters" / "a4", "a8": case_dir / "adapters" / "a8", "base": base}
+    want = {"a4": golden["adapters"]["a4"]["tokens"], "a8": golden["adapters"]["a8"]["tokens"],
+            "base": golden["tokens"]}
+    order = [(name, i) for i in range(len(golden["prompts"])) for name in ("a4", "base", "a8")]
+    ckpt_json = tmp_path / "lora.json"
+    paths = {name: str(path) for name, path in dirs.items()}
+    ckpt_json.write_text(json.dumps({"lora-ckpt-dir": str(tmp_path), "lora-ckpt-paths": paths,
+                                     "lora-ckpt-paths-cpu": paths}))
+    case = {"ckpt": case_dir / "ckpt", "prompts": [golden["prompts"][i] for _, i in order],
+            "tokens": [want[name][i] for name, i in order], "max_tokens": [golden["new_tokens"]] * len(order),
+            "transformers": golden["transformers"]}
+    lora = {"max_loras": len(dirs), "max_lora_rank": 8, "ckpt_json": str(ckpt_json),
+            "adapters": [[name, paths[name]] for name, _ in order]}
+    return case, lora
+
+
+@pytest.mark.parametrize("kind", ["gemma3", pytest.param("gemma4_dense", marks=pytest.mark.slow)])
+def test_lora_adapters_and_base_in_one_batch(sim, tmp_path, kind):
+    """`LLM(..., enable_lora=True, max_loras=3, max_lora_rank=8)` with vllm-neuron's lora_ckpt_json naming adapters
+    a4 (rank 4), a8 (rank 8) and the zero adapter "base": six requests, 4 at a time, mixing them; each request's
+    greedy tokens equal HF with its adapter merged by PEFT (base: plain HF). vllm-neuron turns on NxDI's dynamic
+    multi-LoRA (max_cpu_loras defaults to max_loras), whose adapter swaps vllm_standins directs to the CPU model."""
+    case, lora = _lora_case(sim, tmp_path, kind)
+    report = _drive(sim, tmp_path, case, f"lora_{kind}", lora=lora)
+    assert any("dynamic multi-LoRA" in event for event in report["events"])
+
+
+def test_lora_over_http(sim, tmp_path):
+    """`vllm serve DIR --max-model-len N --enable-lora --max-loras 3 --max-lora-rank 8 --lora-modules a4=.. a8=..
+    base=..` (+ the simulation's settings, lora_ckpt_json): the six requests of the LoRA case sent at once to
+    /v1/completions with `"model": <adapter name>`, each gives HF's tokens with its adapter merged by PEFT."""
+    case, lora = _lora_case(sim, tmp_path)
+    port = _free_port()
+    modules = sorted({f"{name}={path}" for name, path in lora["adapters"]})
+    extra = {"override_neuron_config": {"on_cpu": True, "lora_ckpt_json": lora["ckpt_json"]}}
+    cmd = [str(_vllm_command()), "serve", str(case["ckpt"]), "--port", str(port), "--max-model-len",
+           str(MAX_MODEL_LEN), "--dtype", "float32", "--additional-config", json.dumps(extra), *NO_PREFIX_CACHING,
+           "--max-num-seqs", str(MAX_NUM_SEQS), "--enable-lora", "--max-loras", str(lora["max_loras"]),
+           "--max-lora-rank", str(lora["max_lora_rank"]), "--lora-modules", *modules]
+    env = _env(sim, PORT=str(port), VLLM_PLUGINS="neuron,nxdi_gemma")
+    with _serving(cmd, env, tmp_path) as base:
+        def complete(i: int) -> list[int]:
+            body = {"model": lora["adapters"][i][0], "prompt": case["prompts"][i], "temperature": 0,
+                    "max_tokens": case["max_tokens"][i], "ignore_eos": True, "return_token_ids": True}
+            return _post(f"{base}/v1/completions", body)["choices"][0]["token_ids"]
+
+        with concurrent.futures.ThreadPoolExecutor(len(case["prompts"])) as pool:
+            got = list(pool.map(complete, range(len(case["prompts"]))))
+    assert got == _want(case)

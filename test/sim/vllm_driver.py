@@ -8,7 +8,9 @@ and NXDI_GEMMA_SIM_VLLM=1 (so the stand-ins of vllm_standins.py and `standins` a
 SPEC keys: ckpt, prompts (token-id lists), max_tokens (one per prompt), max_model_len, max_num_seqs, dtype,
 skip_tokenizer_init, hf_overrides (bool: pass the plugin's checkpoint_hf_overrides), override_neuron_config,
 limit_images (bool: limit_mm_per_prompt image 0, for multimodal checkpoints served text-only), enable_prefix_caching
-(bool, default false) with block_size, rounds (default 1: how many times all prompts are sent, one generate each).
+(bool, default false) with block_size, rounds (default 1: how many times all prompts are sent, one generate each),
+lora ({max_loras, max_lora_rank, ckpt_json (vllm-neuron's lora_ckpt_json), adapters: one [name, path] per prompt}: LoRA
+on, each prompt sent with its adapter).
 OUT keys: versions, tokens (per prompt), texts (detokenized, when a tokenizer is loaded), events (stand-in uses),
 closed_calls_while_generating, rounds (per round: tokens, prefill_tokens = the prompt tokens that reached the
 NxDI context-encoding model, cached_tokens = vLLM's num_cached_tokens per request), neuron_config and final_norm_weight (of the loaded NxDI model), model_types (what the plugin registered),
@@ -58,6 +60,15 @@ def main(spec_path: str, out_path: str) -> int:
         kwargs["hf_overrides"] = checkpoint_hf_overrides(spec["ckpt"]) or None
     if spec.get("limit_images"):
         kwargs["limit_mm_per_prompt"] = {"image": 0}
+    lora = spec.get("lora")
+    requests = None
+    if lora:
+        from vllm.lora.request import LoRARequest
+
+        override["lora_ckpt_json"] = lora["ckpt_json"]
+        kwargs.update(enable_lora=True, max_loras=lora["max_loras"], max_lora_rank=lora["max_lora_rank"])
+        ids = {name: i + 1 for i, name in enumerate(sorted({name for name, _ in lora["adapters"]}))}
+        requests = [LoRARequest(name, ids[name], path) for name, path in lora["adapters"]]
     started = time.monotonic()
     llm = LLM(model=spec["ckpt"], tensor_parallel_size=1, max_model_len=spec["max_model_len"],
               max_num_seqs=spec["max_num_seqs"], dtype=spec["dtype"], seed=0,
@@ -88,7 +99,7 @@ def main(spec_path: str, out_path: str) -> int:
     rounds = []
     for _ in range(spec.get("rounds", 1)):
         start = len(fed)
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=requests)
         rounds.append({"tokens": [list(out.outputs[0].token_ids) for out in outputs],
                        "prefill_tokens": sum(fed[start:]),
                        "cached_tokens": [out.num_cached_tokens for out in outputs]})

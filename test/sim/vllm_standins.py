@@ -8,10 +8,18 @@ after the closed-source package stand-ins of `standins`). Each takes effect righ
    neuron_config.json that vllm-neuron's precompiled-load path reads back on the next start); tracing, neuronx-cc
    and weight sharding need the SDK.
 3. NxDI `NeuronApplicationBase.load(path)` becomes NxDI's own CPU path `self.to_cpu()` (the checkpoint's weights
-   loaded into the CPU-mode model) instead of loading NEFFs onto NeuronCores.
+   loaded into the CPU-mode model) instead of loading NEFFs onto NeuronCores. With NxDI's dynamic multi-LoRA (what
+   vllm-neuron 0.4.1 turns on whenever max_cpu_loras > 0), it then does what NxDI's device `load()` does for it
+   (application_base.py 0.8, "Sharding CPU LoRA adapter weights on load": `update_weights_for_lora_cpu`,
+   `shard_cpu_checkpoints`, `init_dynamic_multi_lora`), and stands in for the device weight set that
+   `dynamic_update_weights_for_lora` swaps adapters into (`context_encoding_model.model.nxd_model.weights`, one dict
+   per rank of the loaded weights by name): the CPU model's own tensors, so a swap writes the CPU model's LoRA slots.
+   On device both submodels read that one weight set; NxDI's CPU mode builds one model per submodel under
+   continuous batching, so the token-generation model's LoRA weights are tied to the context-encoding model's, and
+   the context-encoding model's LoRA modules get `is_context_encoding = True`, which NxDI sets on the shared LoRA
+   config while it makes each submodel's trace inputs (model_wrapper.py `input_generator`), a step CPU mode skips.
 4. With prefix caching, NxDI's ModelWrapper in CPU mode selects a partial batch's output rows the way its Neuron
    path does (see `_model_wrapper`).
-
 Everything else is the real code: vLLM, vllm-neuron (platform, scheduler, worker, runner, loader with its
 compile-or-load logic), the project's plugin and NxDI classes. `EVENTS` records each stand-in use, and `MODELS` the
 NxDI applications loaded in this process (for the driver's report).
@@ -54,6 +62,9 @@ def _application_base(module: ModuleType) -> None:
     def load(self: Any, compiled_model_path: str, *args: Any, **kwargs: Any) -> None:
         _event(f"{type(self).__name__}.load({compiled_model_path}): to_cpu()")
         self.to_cpu()
+        lora = self.neuron_config.lora_config
+        if lora is not None and lora.dynamic_multi_lora:
+            _dynamic_lora_on_cpu(self)
         MODELS.append(self)
 
     base.compile, base.load = compile, load
@@ -76,6 +87,29 @@ def _model_wrapper(module: ModuleType) -> None:
         return original(self, *args)
 
     wrapper._forward_with_pad = _forward_with_pad
+def _dynamic_lora_on_cpu(app: Any) -> None:
+    """See 3. in the module docstring."""
+    from types import SimpleNamespace
+
+    cte = app.context_encoding_model.model
+    tkg = app.token_generation_model.model
+    if tkg is not cte:
+        from neuronx_distributed_inference.modules.lora_serving import is_lora_module
+
+        for module in cte.modules():
+            if is_lora_module(module):
+                module.is_context_encoding = True
+        weights = dict(cte.named_parameters())
+        for name, _ in list(tkg.named_parameters()):
+            if ".lora_A." in f"{name}." or ".lora_B." in f"{name}.":
+                module_name, _, attr = name.rpartition(".")
+                setattr(tkg.get_submodule(module_name), attr, weights[name])
+    checkpoint = cte.lora_weight_manager.lora_checkpoint
+    checkpoint.update_weights_for_lora_cpu(cte)
+    cpu_weights = checkpoint.shard_cpu_checkpoints(0, 1, app.neuron_config.tp_degree, cte)
+    app.lora_model_manager.init_dynamic_multi_lora(cpu_weights)
+    cte.nxd_model = SimpleNamespace(weights=[{name: p.data for name, p in cte.named_parameters()}])
+    _event(f"{type(app).__name__}: dynamic multi-LoRA on the CPU model's weights")
 
 
 HOOKS: dict[str, Callable[[ModuleType], None]] = {

@@ -43,6 +43,7 @@ class ForwardState:
         self.ple: torch.Tensor | None = None
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.valid: torch.Tensor | None = None  # context encoding: bool [B, C], False for padding tokens
+        self.adapter_ids: torch.Tensor | None = None  # LoRA serving: the batch's adapter slots (modeling.AdapterMLP)
 
 
 class NeuronGemmaAttention(NeuronAttentionBase):

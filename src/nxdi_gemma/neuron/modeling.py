@@ -22,13 +22,14 @@ from neuronx_distributed.parallel_layers import parallel_state
 from neuronx_distributed.parallel_layers.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from neuronx_distributed_inference.models.model_base import NeuronBaseForCausalLM, NeuronBaseModel
 from neuronx_distributed_inference.modules.generation.sampling import create_sampler
+from neuronx_distributed_inference.modules.lora_serving import is_lora_module
 from torch import nn
 
 from .. import ops
 from ..checkpoint import expected_shapes, load_state_dict
 from ..config import GemmaPlan, LayerPlan
 from ..errors import ConfigError
-from ..layers import GemmaBlock, make_norm, per_layer_inputs
+from ..layers import GemmaBlock, GemmaMLP, make_norm, per_layer_inputs
 from . import state_dict as conversion
 from .attention import ForwardState, NeuronGemmaAttention
 from .block_kv import GemmaBlockKVCacheManager
@@ -119,6 +120,26 @@ class SoftcapColumnParallelLinear(ColumnParallelLinear):
         return ops.softcap(logits, self.softcap)
 
 
+class AdapterMLP(GemmaMLP):
+    """GemmaMLP whose linears get the batch's LoRA adapter ids when NxDI's LoRA serving has wrapped them.
+
+    NxDI (`wrap_model_with_lora`, modules/lora_serving, 0.8 and 0.9) replaces every linear named in the LoRA
+    target_modules by a MultiLoraModule whose forward is `(x, adapter_ids)`; NxDI hands adapter_ids to each decoder
+    layer, which keeps them in `state.adapter_ids` for this module (the attention passes its own to the q/k/v/o
+    projections). Unwrapped linears are called as before."""
+
+    def __init__(self, hidden: int, intermediate: int, linear, state: ForwardState):
+        super().__init__(hidden, intermediate, linear)
+        self.state = state
+
+    def _linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return module(x, adapter_ids=self.state.adapter_ids) if is_lora_module(module) else module(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = ops.gelu_tanh(self._linear(self.gate_proj, x)) * self._linear(self.up_proj, x)
+        return self._linear(self.down_proj, hidden)
+
+
 class NeuronGemmaDecoderLayer(GemmaBlock):
     """The shared Gemma block (norms, MLP, residuals) around NxDI attention. Returns cos/sin as None so NxDI's
     layer loop cannot hand one layer type's RoPE table to the next layer."""
@@ -126,13 +147,16 @@ class NeuronGemmaDecoderLayer(GemmaBlock):
     def __init__(self, config: GemmaInferenceConfig, plan: GemmaPlan, layer: LayerPlan, state: ForwardState):
         dtype = config.neuron_config.torch_dtype
         experts = ParallelMoeExperts(plan.hidden_size, layer.moe, dtype) if layer.moe else None
-        super().__init__(plan, layer, NeuronGemmaAttention(config, plan, layer, state),
-                         parallel_linear_factory(dtype), folded_norms=config.fold_norm_offset, experts=experts)
+        linear = parallel_linear_factory(dtype)
+        super().__init__(plan, layer, NeuronGemmaAttention(config, plan, layer, state), linear,
+                         folded_norms=config.fold_norm_offset, experts=experts,
+                         mlp=AdapterMLP(plan.hidden_size, layer.intermediate_size, linear, state))
         self.state, self.index = state, layer.index
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_value=None, **kwargs):
         for handed_over in ("cos_cache", "sin_cache", "residual", "local_mask"):
             kwargs.pop(handed_over, None)
+        self.state.adapter_ids = kwargs.get("adapter_ids")  # for AdapterMLP (attention takes it from kwargs)
         out = self.self_attn(
             hidden_states=self.attention_input(hidden_states), attention_mask=attention_mask,
             position_ids=position_ids, past_key_value=past_key_value, cos_cache=None, sin_cache=None, **kwargs,
@@ -174,6 +198,36 @@ class NeuronGemmaModel(NeuronBaseModel):
             self.kv_mgr = GemmaBlockKVCacheManager(config, self.layers, global_rank=self.rank_util)
         else:
             self.kv_mgr = GemmaKVCacheManager(config, self.layers, global_rank=self.rank_util, state=self.state)
+
+    def forward(self, *args, **kwargs):
+        """NxDI's forward. With LoRA serving it also returns the active LoRA weights after the caches (`outputs +=
+        lora_weights`, 0.8 and 0.9), aliased on device to the `weight_active` tensors token generation reads. NxDI's
+        CPU mode (`on_cpu`: eager, nothing aliased) would copy them into the KV cache list with the caches
+        (`_copy_past_key_values`, ModelWrapper.forward) and fail; there they are written to those tensors here, as
+        the device's aliasing does, and left out of the outputs. Traced graphs are unchanged."""
+        outputs = super().forward(*args, **kwargs)
+        if self.neuron_config.lora_config is None or not self.neuron_config.on_cpu:
+            return outputs
+        tensors = self.lora_weight_manager.get_lora_tensors()
+        for tensor, new in zip(tensors, outputs[len(outputs) - len(tensors):], strict=True):
+            tensor.data = new
+        return outputs[: len(outputs) - len(tensors)]
+
+    def update_weights_for_lora(self, model_sd: dict) -> dict:
+        """NxDI's LoRA weight loading (NeuronBaseModel.update_weights_for_lora, 0.8 and 0.9: each LoRA slot filled
+        from the adapter weights of the same layer and projection), then K=V layers (Gemma 4): V is the K projection
+        there (the V projection holds K's weights, `state_dict.py`), so it gets K's adapter too, as HF, which has no
+        V projection in those layers and applies the k_proj adapter to the K it also uses as V."""
+        model_sd = super().update_weights_for_lora(model_sd)
+        for layer in self.config.gemma_plan.layers:
+            if not layer.k_eq_v or layer.shares_kv:
+                continue
+            prefix = f"layers.{layer.index}.self_attn.qkv_proj."
+            for part in ("lora_A", "lora_B"):
+                k_name, v_name = f"{prefix}k_proj.{part}.weight", f"{prefix}v_proj.{part}.weight"
+                if k_name in model_sd and v_name in model_sd:
+                    model_sd[v_name] = model_sd[k_name].clone()
+        return model_sd
 
     def create_attn_mask(self, attention_mask, is_for_context_encoding, is_for_speculation, position_ids=None,
                          **kwargs):

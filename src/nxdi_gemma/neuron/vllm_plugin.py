@@ -37,15 +37,34 @@ numbers are 0.4.1's (0.5.0's differ by a few lines). What `register()` does:
    builds its own model class. On the Neuron platform only, `register_architectures` maps every Gemma architecture
    vLLM lacks to a text-only stand-in (`VLLM_STAND_IN`, used for inspection only: vllm-neuron builds the NxDI model).
 
-Multimodal Gemma checkpoints ("...ForConditionalGeneration") under transformers 4.57: transformers' Gemma3Config has
-no top-level num_key_value_heads / head_dim, so `_get_model_configs` raises "Missing required fields". vllm-neuron
+5. Serving defaults checked before anything is compiled (`register_serving_check`). vLLM calls
+   `MODELS_CONFIG_MAP[architecture].verify_and_update_config(vllm_config)` (vllm/model_executor/models/config.py, the
+   registry vLLM keeps for per-architecture config fixes; vLLM 0.13.0 and 0.16.0) at the start of
+   `VllmConfig.__post_init__`, in the process that parses the command line, before vllm-neuron's
+   `check_and_update_config` and long before an engine process builds the NxDI model. `serving_check` (registered
+   there for every Gemma architecture, on the Neuron platform only) then:
+   - supplies the multimodal checkpoints' top-level text fields (below), so `--hf-overrides` is not needed;
+   - refuses, as one `error:` line naming the flag to pass (`ServeConfigError`: a SystemExit, so `vllm serve` prints
+     that line and exits 1 without a traceback; `LLM()` callers can catch it as a ConfigError): prefix caching while
+     our neuron config still refuses it (`--no-enable-prefix-caching`), prefix caching without `--block-size`,
+     `--max-model-len` above the checkpoint's max_position_embeddings, a TP that does not split the heads, and a
+     batch x length whose planner figures (`planning.memory_plan`, per NeuronCore) exceed the instance's HBM (it
+     names the largest `--max-num-seqs` that fits). The instance comes from `planning.current_instance`:
+     NXDI_GEMMA_INSTANCE, else EC2's DMI product name; neither known is refused too ('none' skips the HBM check).
+   - with --enable-lora, checks every adapter of vllm-neuron's `lora_ckpt_json` as NxDI will load it
+     (`check_lora_adapters`: path, rank, target modules), since NxDI's own failure would come at model load;
+   - sets the image limit of multimodal checkpoints to 0 (`text_only_inputs`: only the text decoder is served).
+   The max model length cannot be defaulted here: vllm-neuron replaces vLLM's `get_and_verify_max_len` with one that
+   returns the `--max-model-len` given (None without it), and vLLM's ModelConfig rejects None before any VllmConfig
+   (and so this hook) exists. `--max-model-len` is the one flag a plain `vllm serve DIR` needs.
+
+Multimodal Gemma checkpoints ("...ForConditionalGeneration"): transformers' Gemma3Config has no top-level
+num_key_value_heads / head_dim, so vllm-neuron's `_get_model_configs` would raise "Missing required fields". It
 reads `text_config` instead only for architectures in NEURON_MULTI_MODAL_MODELS (loader.py:902), but membership in
 that list also routes every step to `model.execute_model(...)` (neuronx_distributed_model_runner.py:749), which only
-vllm-neuron's own multimodal wrappers have (a Gemma model is a NeuronCausalLM). Adding Gemma to the list would fail
-at the first step, so this plugin does not touch it. Instead pass the text decoder's fields as top-level overrides:
-`vllm serve ... --hf-overrides "$(python -m nxdi_gemma.neuron.vllm_plugin MODEL_DIR)"` (or
-`LLM(hf_overrides=checkpoint_hf_overrides(MODEL_DIR))`); scripts/serve_vllm.sh and scripts/offline_inference.py
-pass them.
+vllm-neuron's own multimodal wrappers have (a Gemma model is a NeuronCausalLM). So `serving_check` sets the two
+fields on the hf_config, as `--hf-overrides "$(python -m nxdi_gemma.neuron.vllm_plugin MODEL_DIR)"` did (still
+accepted; `checkpoint_hf_overrides` returns them); the vllm_config reaches vllm-neuron's workers with them set.
 
 VLLM_PLUGINS: when set, vLLM loads only the plugins it lists (comma-separated), for general AND platform plugins
 alike (vllm/plugins/__init__.py `load_plugins_by_group`). It must then list both `neuron` (vllm-neuron's platform
@@ -58,10 +77,15 @@ import functools
 import inspect
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
+
+from ..config import plan_from_config, read_config_json
+from ..errors import ConfigError
+from ..planning import GIB, INSTANCES
 
 logger = logging.getLogger(__name__)
 
@@ -337,6 +361,191 @@ def register_architectures(register: Callable[[str, str], None], supported: Iter
     return missing
 
 
+class ServeConfigError(SystemExit, ConfigError):
+    """A serving configuration refused before compiling. A SystemExit whose code is the one `error:` line, so the
+    `vllm serve` command prints it and exits 1 without a traceback; also a ConfigError for `LLM()` callers."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"error: {message}")
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / GIB:.1f} GiB"
+
+
+def check_serving_settings(config: dict[str, Any], source: str, *, tp: int, batch: int, max_model_len: int,
+                           dtype: str, prefix_caching: bool, block_size: int | None, instance: str | None,
+                           prefix_caching_supported: bool) -> dict[str, Any]:
+    """What `serving_check` decides, from plain values: the top-level hf_config fields to set (`hf_overrides_for`),
+    or ServeConfigError naming the flag to pass. `batch`, `tp`, `max_model_len`: what vllm-neuron will give NxDI
+    (batch_size, tp_degree, seq_len); `instance`: a planning.INSTANCES name, None to skip the HBM check."""
+    from ..errors import GemmaError
+    from ..planning import DTYPE_BYTES, check_tp, largest_fit, memory_plan
+
+    try:
+        plan = plan_from_config(config, source=source)
+        check_tp(plan, tp, option="--tensor-parallel-size")
+    except GemmaError as error:
+        raise ServeConfigError(str(error)) from None
+    if prefix_caching and not prefix_caching_supported:
+        raise ServeConfigError("prefix caching (vLLM's default) is not supported by nxdi-gemma yet: pass "
+                               "--no-enable-prefix-caching (LLM(enable_prefix_caching=False))")
+    if prefix_caching and block_size is None:
+        raise ServeConfigError("prefix caching on Neuron needs a KV block size: pass --block-size (e.g. 32), or "
+                               "--no-enable-prefix-caching")
+    if max_model_len > plan.max_position_embeddings:
+        raise ServeConfigError(f"--max-model-len {max_model_len} exceeds {source}'s max_position_embeddings "
+                               f"({plan.max_position_embeddings}); pass --max-model-len {plan.max_position_embeddings}"
+                               " or less")
+    if dtype not in DTYPE_BYTES:
+        raise ServeConfigError(f"--dtype {dtype} is not served by nxdi-gemma; pass one of {', '.join(DTYPE_BYTES)}")
+    if instance is not None:
+        if tp > INSTANCES[instance].cores:
+            raise ServeConfigError(f"--tensor-parallel-size {tp} exceeds the {INSTANCES[instance].cores} "
+                                   f"NeuronCores of {instance}")
+        need = memory_plan(plan, instance, tp, batch, max_model_len, dtype)
+        if not need.fits:
+            figures = (f"{_gib(need.total_per_core)} per NeuronCore (weights {_gib(need.weights_per_core)}, KV cache "
+                       f"{_gib(need.kv_cache_per_core)}, activations {_gib(need.activations_per_core)}, reserve "
+                       f"{_gib(need.reserve_per_core)}) of {instance}'s {_gib(need.hbm_per_core)}")
+            _, fitting = largest_fit(plan, instance, tp, dtype, seq_len=max_model_len)
+            what = f"batch {batch} (--max-num-seqs) x --max-model-len {max_model_len} at TP {tp} needs {figures}"
+            if fitting:
+                raise ServeConfigError(f"{what}: pass --max-num-seqs {fitting} or less (or a smaller --max-model-len"
+                                       " or a larger --tensor-parallel-size)")
+            raise ServeConfigError(f"{what}, and batch 1 does not fit either: pass a larger --tensor-parallel-size "
+                                   "or a smaller --max-model-len")
+    return hf_overrides_for(config, source)
+
+
+def text_only_inputs(multimodal_config: Any) -> None:
+    """nxdi-gemma serves the text decoder of multimodal checkpoints: vLLM's image limit (MultiModalConfig,
+    vLLM 0.13.0 / 0.16.0), 999 when not given, becomes 0, so vLLM neither loads the checkpoint's image processor nor
+    profiles images, and refuses image inputs itself. An image limit above 0 given by the user is refused."""
+    if multimodal_config is None:
+        return
+    limits = multimodal_config.limit_per_prompt
+    given = limits.get("image")
+    if given is not None and given.count > 0:
+        raise ServeConfigError(f"--limit-mm-per-prompt allows {given.count} image(s), but nxdi-gemma serves the text "
+                               "decoder only: pass --limit-mm-per-prompt '{\"image\": 0}' or leave it out")
+    if given is None:
+        from vllm.config.multimodal import ImageDummyOptions
+
+        limits["image"] = ImageDummyOptions(count=0)
+
+
+# Linears of our layers that NxDI's LoRA serving can wrap (attention through NxDI's projections, MLP: AdapterMLP).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def check_lora_adapters(ckpt_json: str | None, max_lora_rank: int, plan_has_moe: bool) -> list[str]:
+    """The adapters vllm-neuron's `lora_ckpt_json` (override_neuron_config) names, checked the way NxDI will load
+    them (LoraServingConfig / LoraCheckpoint, 0.8 and 0.9: "lora-ckpt-dir" joined with each path of
+    "lora-ckpt-paths" and "lora-ckpt-paths-cpu"; a PEFT folder with adapter_config.json and safetensors): every
+    path exists, its rank is at most --max-lora-rank, its target modules are linears our layers have. Returns the
+    adapter names; ServeConfigError names the adapter and what to fix. NxDI itself would fail at model load."""
+    if ckpt_json is None:
+        raise ServeConfigError("--enable-lora on Neuron needs the adapters listed in a JSON file: pass --additional-"
+                               "config '{\"override_neuron_config\": {\"lora_ckpt_json\": \"lora.json\"}}' (see README)")
+    path = Path(ckpt_json).expanduser()
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ServeConfigError(f"lora_ckpt_json {path}: cannot read it as JSON ({error})") from None
+    base = Path(content.get("lora-ckpt-dir", ".")).expanduser()
+    adapters: dict[str, Path] = {}
+    for key in ("lora-ckpt-paths", "lora-ckpt-paths-cpu"):
+        for name, relative in (content.get(key) or {}).items():
+            adapters[name] = base / relative
+    if not adapters:
+        raise ServeConfigError(f"lora_ckpt_json {path} lists no adapters under lora-ckpt-paths")
+    for name, folder in adapters.items():
+        config_file = folder / "adapter_config.json"
+        if not config_file.is_file() or not any(folder.glob("*.safetensors")):
+            raise ServeConfigError(f"LoRA adapter {name!r} ({folder}): no adapter_config.json and *.safetensors "
+                                   f"there; fix its path in {path}")
+        adapter = json.loads(config_file.read_text())
+        rank = adapter.get("r")
+        if not isinstance(rank, int) or rank > max_lora_rank:
+            raise ServeConfigError(f"LoRA adapter {name!r} has rank {rank}, above --max-lora-rank {max_lora_rank}; "
+                                   "pass a larger --max-lora-rank")
+        targets = adapter.get("target_modules") or []
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        unknown = sorted(set(targets) - set(LORA_TARGETS))
+        if unknown:
+            raise ServeConfigError(f"LoRA adapter {name!r} targets {unknown}, which nxdi-gemma's layers do not have "
+                                   f"as LoRA-capable linears ({', '.join(LORA_TARGETS)})")
+        if plan_has_moe and {"gate_proj", "up_proj"} & set(targets):
+            raise ServeConfigError(f"LoRA adapter {name!r} targets gate_proj/up_proj, which on a Gemma 4 MoE model "
+                                   "would also wrap the stacked expert linears: not supported yet")
+    return sorted(adapters)
+
+
+def serving_check(vllm_config: Any) -> None:
+    """The MODELS_CONFIG_MAP hook (see the module docstring, 5): reads the settings vllm-neuron will pass to NxDI
+    (its `_get_default_neuron_config`, then `override_neuron_config`'s batch_size / tp_degree / seq_len / torch_dtype)
+    and applies `check_serving_settings`. Checked against vLLM 0.13.0 / 0.16.0 and vllm-neuron 0.4.1 / 0.5.0."""
+    from ..errors import GemmaError
+    from ..planning import current_instance, read_dmi_product_name
+    from .config import UNSUPPORTED_FLAGS
+
+    model_config = vllm_config.model_config
+    source = str(Path(model_config.model) / "config.json")
+    try:
+        config = read_config_json(model_config.model)
+        instance = current_instance(dict(os.environ), read_dmi_product_name())
+    except GemmaError as error:
+        raise ServeConfigError(str(error)) from None
+    override = (vllm_config.additional_config or {}).get("override_neuron_config") or {}
+    dtype = override.get("torch_dtype", model_config.dtype)
+    cache = vllm_config.cache_config
+    fields = check_serving_settings(
+        config, source, tp=int(override.get("tp_degree", vllm_config.parallel_config.tensor_parallel_size)),
+        batch=int(override.get("batch_size", vllm_config.scheduler_config.max_num_seqs)),
+        max_model_len=int(override.get("seq_len", model_config.max_model_len)),
+        dtype=str(dtype).removeprefix("torch."), prefix_caching=bool(cache.enable_prefix_caching),
+        block_size=cache.block_size, instance=instance,
+        prefix_caching_supported="is_prefix_caching" not in UNSUPPORTED_FLAGS)
+    lora = getattr(vllm_config, "lora_config", None)
+    if lora is not None:
+        has_moe = any(layer.moe for layer in plan_from_config(config, source=source).layers)
+        check_lora_adapters(override.get("lora_ckpt_json"), lora.max_lora_rank, has_moe)
+    text_only_inputs(model_config.multimodal_config)
+    hf_config = model_config.hf_config
+    missing = {key: value for key, value in fields.items() if getattr(hf_config, key, None) is None}
+    if missing:
+        hf_config.update(missing)  # what vLLM does with --hf-overrides
+        logger.info("nxdi_gemma: set %s on the hf_config of %s (no --hf-overrides needed)", missing,
+                    model_config.model)
+
+
+class GemmaServingConfig:
+    """vLLM MODELS_CONFIG_MAP entry for the Gemma architectures on Neuron: `serving_check`, after the entry vLLM
+    itself had for the architecture (none in vLLM 0.13.0 / 0.16.0), if any."""
+
+    previous: dict[str, Any] = {}
+
+    @staticmethod
+    def verify_and_update_config(vllm_config: Any) -> None:
+        previous = GemmaServingConfig.previous.get(vllm_config.model_config.architecture)
+        if previous is not None:
+            previous.verify_and_update_config(vllm_config)
+        serving_check(vllm_config)
+
+
+def register_serving_check(config_map: MutableMapping[str, Any]) -> list[str]:
+    """Register GemmaServingConfig in vLLM's MODELS_CONFIG_MAP for every GEMMA_ARCHITECTURES entry, keeping any
+    entry vLLM had (called first). Idempotent. Returns the architectures registered."""
+    for arch in GEMMA_ARCHITECTURES:
+        current = config_map.get(arch)
+        if current is not GemmaServingConfig:
+            if current is not None:
+                GemmaServingConfig.previous[arch] = current
+            config_map[arch] = GemmaServingConfig
+    return list(GEMMA_ARCHITECTURES)
+
+
 def _on_neuron_platform() -> bool:
     """True when vLLM's current platform is Neuron (vllm-neuron's OOT platform, or a fork's built-in one)."""
     try:
@@ -379,6 +588,9 @@ def register() -> None:
         from vllm import ModelRegistry
 
         architectures = register_architectures(ModelRegistry.register_model, ModelRegistry.get_supported_archs())
+        from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+        register_serving_check(MODELS_CONFIG_MAP)
     logger.info("nxdi_gemma vLLM plugin: NxDI MODEL_TYPES %s -> %s; transformers config classes (with the Gemma "
                 "tokenizer) registered: %s; vLLM architectures added: %s", list(GEMMA_MODEL_KEYS + VLLM_NEURON_KEYS),
                 NeuronGemmaForCausalLM.__name__, [cls.__name__ for cls in configs] or "none",

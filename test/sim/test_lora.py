@@ -1,0 +1,47 @@
+"""Multi-LoRA on NxDI's LoRA serving (modules/lora_serving) in NxDI's CPU mode: two random PEFT adapters (ranks 4
+and 8, on q/k/v/o and gate/up/down) and the base model in one batch; each row's greedy tokens equal HF with that
+adapter merged by PEFT (the base row: plain HF), logits within the golden's float32 bound. lora_driver.py runs it;
+make_goldens.py makes the adapters and the PEFT goldens in the main environment (peft, the `test` extra)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from conftest import SIM
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTERS = {"a4": {"rank": 4, "seed": 11, "targets": TARGETS}, "a8": {"rank": 8, "seed": 12, "targets": TARGETS}}
+
+
+def _config(kind: str) -> dict:
+    from nxdi_gemma.tiny import TINY_CONFIGS
+
+    if kind == "gemma4_dense":  # PLE, KV sharing, K=V, no MoE (see the module docstring)
+        return {**TINY_CONFIGS["gemma4"], "enable_moe_block": False, "num_experts": None, "top_k_experts": None,
+                "moe_intermediate_size": None}
+    return TINY_CONFIGS[kind]
+
+
+def _spec(kind: str) -> dict:
+    return {f"lora_{kind}": {"config": _config(kind), "seed": 0, "prompt_lengths": [5, 19], "prompt_seed": 31,
+                             "new_tokens": 8, "adapters": ADAPTERS}}
+
+
+@pytest.mark.parametrize("release", ["sdk-2.28"])
+@pytest.mark.parametrize("kind", ["gemma3", pytest.param("gemma4_dense", marks=pytest.mark.slow)])
+def test_lora_adapters_and_base_in_one_batch_match_peft(sim, tmp_path, release, kind):
+    sim.need(release)
+    (case,) = sim.goldens(_spec(kind)).values()
+    out = tmp_path / "records.json"
+    sim.run([sys.executable, str(SIM / "lora_driver.py"), "--out", str(out), str(case)], release)
+    records = json.loads(out.read_text())
+    golden = json.loads((case / "golden.json").read_text())
+    assert {r["adapter"] for r in records} == {None, *ADAPTERS}
+    for name in ADAPTERS:  # each adapter changes HF's tokens: the comparison can tell adapters apart
+        assert golden["adapters"][name]["tokens"] != golden["tokens"]
+    for r in records:
+        assert r["standins_called"] == []
+        assert r["match"] == 1.0, f"prompt {r['prompt']} adapter {r['adapter']}: {r['tokens']} vs {r['golden_tokens']}"
+        assert r["max_abs_logit_diff"] <= golden["bound"], (r["prompt"], r["adapter"], r["max_abs_logit_diff"])
