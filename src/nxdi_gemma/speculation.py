@@ -47,6 +47,7 @@ class SpeculativeGeneration:
     draft_calls: int  # draft forwards after its prefill
     proposed: int  # draft tokens proposed to rows still generating
     accepted: int  # of those, accepted
+    logits: list[torch.Tensor] | None = None  # per row, float32 [tokens, V]: the target logits each token came from
 
     @property
     def acceptance_rate(self) -> float:
@@ -67,6 +68,7 @@ def generate(
     num_speculative_tokens: int,
     stop_on_eos: bool = True,
     max_seq_len: int | None = None,
+    keep_logits: bool = False,
 ) -> SpeculativeGeneration:
     """Greedy speculative decoding of a batch on the CPU runtime (target and draft: `cpu.GemmaForCausalLM`)."""
     from .cpu import RowKVCache, check_prompts, cut_after_eos
@@ -90,9 +92,12 @@ def generate(
     tcache = RowKVCache.allocate(plan, batch, needed, target.dtype, ring_extra=k)
     dcache = RowKVCache.allocate(draft.plan, batch, needed, draft.dtype, ring_extra=k)
     seqs = [list(p) for p in prompts]
+    kept: list[list[torch.Tensor]] = [[] for _ in prompts]
     for r, p in enumerate(prompts):  # prefills, one row at a time (no padding in a RowKVCache)
         ids = torch.tensor([p])
-        seqs[r].append(int(target.forward_rows(ids, tcache.rows(slice(r, r + 1)), last_only=True)[0, -1].argmax()))
+        first = target.forward_rows(ids, tcache.rows(slice(r, r + 1)), last_only=True)[0, -1]
+        seqs[r].append(int(first.argmax()))
+        kept[r].append(first[None].float())
         draft.forward_rows(ids, dcache.rows(slice(r, r + 1)), last_only=True)
     produced = torch.ones(batch, dtype=torch.long)
     eos = set(plan.eos_token_ids or ())
@@ -108,7 +113,8 @@ def generate(
         result.draft_calls += k
         proposals = torch.stack(proposals, dim=1)
         verify = torch.cat([torch.tensor([[s[-1]] for s in seqs]), proposals], dim=1)
-        target_tokens = target.forward_rows(verify, tcache).argmax(-1)
+        target_logits = target.forward_rows(verify, tcache)
+        target_tokens = target_logits.argmax(-1)
         result.target_calls += 1
         accepted = greedy_accept(proposals, target_tokens)
         for r in range(batch):
@@ -117,8 +123,10 @@ def generate(
             a = int(accepted[r])
             result.proposed += k
             result.accepted += a
-            for t in proposals[r, :a].tolist() + [int(target_tokens[r, a])]:
+            for i, t in enumerate(proposals[r, :a].tolist() + [int(target_tokens[r, a])]):
                 seqs[r].append(t)
+                if keep_logits:
+                    kept[r].append(target_logits[r, i : i + 1].float())
                 produced[r] += 1
                 if produced[r] >= max_new_tokens or (stop_on_eos and t in eos):
                     done[r] = True
@@ -127,4 +135,6 @@ def generate(
     result.tokens = [s[len(p):] for s, p in zip(seqs, prompts, strict=True)]
     if stop_on_eos:
         result.tokens = [cut_after_eos(row, plan.eos_token_ids) for row in result.tokens]
+    if keep_logits:
+        result.logits = [torch.cat(rows)[: len(t)] for rows, t in zip(kept, result.tokens, strict=True)]
     return result
