@@ -290,6 +290,11 @@ class GemmaForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward_rows(self, ids: torch.Tensor, cache: RowKVCache, last_only: bool = False) -> torch.Tensor:
         """Run new tokens ids [B, S] at each row's next positions of a RowKVCache; logits [B, S or 1, V]."""
+        return self.logits(self.hidden_rows(ids, cache, last_only))
+
+    @torch.inference_mode()
+    def hidden_rows(self, ids: torch.Tensor, cache: RowKVCache, last_only: bool = False) -> torch.Tensor:
+        """`forward_rows` up to the final norm: hidden states [B, S or 1, H]."""
         positions = cache.lengths[:, None] + torch.arange(ids.shape[1])
         if int(positions.max()) >= cache.max_len:
             raise InputError(
@@ -298,9 +303,7 @@ class GemmaForCausalLM(nn.Module):
             )
         h = self.model(ids, _Step(cache, positions, positions, 0), last_only)
         cache.lengths += ids.shape[1]  # in place: a row view's lengths are its parent's
-        if last_only:
-            h = h[:, -1:]
-        return self.logits(h)
+        return h[:, -1:] if last_only else h
 
 
 @dataclass

@@ -48,6 +48,7 @@ class SpeculativeGeneration:
     proposed: int  # draft tokens proposed to rows still generating
     accepted: int  # of those, accepted
     logits: list[torch.Tensor] | None = None  # per row, float32 [tokens, V]: the target logits each token came from
+    rounds: list[list[list[int]]] | None = None  # per row, the proposals of each step it took part in
 
     @property
     def acceptance_rate(self) -> float:
@@ -57,6 +58,41 @@ class SpeculativeGeneration:
         """Verification calls per token of the longest row (batched rows share each call); the prefill, which every
         decoding needs once, is not counted."""
         return self.target_calls / max(1, max(len(t) for t in self.tokens))
+
+
+class ModelDraft:
+    """A separate draft model (any Gemma of the same vocabulary) with its own RowKVCache."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def ring_extra(self, k: int) -> int:
+        return k
+
+    def start(self, batch: int, needed: int, k: int, target_cache) -> None:
+        from .cpu import RowKVCache
+
+        # Per step the draft writes K + 1 positions from n - 2 and is rolled back to no less than n - 1.
+        self.cache = RowKVCache.allocate(self.model.plan, batch, needed, self.model.dtype, ring_extra=k)
+
+    def prefill(self, row: int, prompt: list[int], hidden: torch.Tensor) -> None:
+        self.model.forward_rows(torch.tensor([prompt]), self.cache.rows(slice(row, row + 1)), last_only=True)
+
+    def verified(self, forward_start: torch.Tensor, written: torch.Tensor, hidden: torch.Tensor) -> None:
+        pass
+
+    def propose(self, seqs: list[list[int]], k: int) -> torch.Tensor:
+        self.cache.rollback(torch.tensor([len(s) for s in seqs]) - 2)
+        token = self.model.forward_rows(torch.tensor([s[-2:] for s in seqs]), self.cache, last_only=True)[:, -1]
+        out = [token.argmax(-1)]
+        for _ in range(k - 1):
+            out.append(self.model.forward_rows(out[-1][:, None], self.cache, last_only=True)[:, -1].argmax(-1))
+        return torch.stack(out, dim=1)
+
+
+def as_proposer(draft):
+    """A cpu.GemmaForCausalLM draft, or an assistant.AssistantDraft as it is."""
+    return draft if hasattr(draft, "propose") else ModelDraft(draft)
 
 
 @torch.inference_mode()
@@ -70,15 +106,25 @@ def generate(
     max_seq_len: int | None = None,
     keep_logits: bool = False,
 ) -> SpeculativeGeneration:
-    """Greedy speculative decoding of a batch on the CPU runtime (target and draft: `cpu.GemmaForCausalLM`)."""
+    """Greedy speculative decoding of a batch on the CPU runtime. target: `cpu.GemmaForCausalLM`; draft: another
+    `cpu.GemmaForCausalLM` of the same vocabulary, or an `assistant.AssistantDraft` built on this target.
+
+    A step proposes min(K, tokens still wanted - 1) tokens (the verification adds one more itself), as HF's
+    assisted generation does."""
     from .cpu import RowKVCache, check_prompts, cut_after_eos
 
     plan, k = target.plan, num_speculative_tokens
-    check_draft(plan, draft.plan, k)
+    proposer = as_proposer(draft)
+    draft_plan = proposer.model.plan if isinstance(proposer, ModelDraft) else None
+    if draft_plan is not None:
+        check_draft(plan, draft_plan, k)
+    elif k < 1:
+        raise InputError(f"--num-speculative-tokens {k} must be at least 1")
     check_prompts(prompts, plan.vocab_size)
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens={max_new_tokens} must be at least 1")
-    limit = max_seq_len or min(plan.max_position_embeddings, draft.plan.max_position_embeddings)
+    limit = max_seq_len or min(plan.max_position_embeddings,
+                               draft_plan.max_position_embeddings if draft_plan else plan.max_position_embeddings)
     longest = max(len(p) for p in prompts)
     # A verification may run past the last token kept: the caches need K + 1 positions beyond the output.
     needed = longest + max_new_tokens + k + 1
@@ -88,32 +134,31 @@ def generate(
             f"the maximum sequence length {limit}; lower --num-speculative-tokens or --max-new-tokens"
         )
     batch = len(prompts)
-    # Each forward writes at most K + 1 tokens (verification) and at most K of them are rolled back.
-    tcache = RowKVCache.allocate(plan, batch, needed, target.dtype, ring_extra=k)
-    dcache = RowKVCache.allocate(draft.plan, batch, needed, draft.dtype, ring_extra=k)
+    # Each verification writes K + 1 tokens and at most K of them are rolled back (see cpu.RowLayerCache).
+    tcache = RowKVCache.allocate(plan, batch, needed, target.dtype, ring_extra=proposer.ring_extra(k))
+    proposer.start(batch, needed, k, tcache)
     seqs = [list(p) for p in prompts]
     kept: list[list[torch.Tensor]] = [[] for _ in prompts]
     for r, p in enumerate(prompts):  # prefills, one row at a time (no padding in a RowKVCache)
-        ids = torch.tensor([p])
-        first = target.forward_rows(ids, tcache.rows(slice(r, r + 1)), last_only=True)[0, -1]
+        hidden = target.hidden_rows(torch.tensor([p]), tcache.rows(slice(r, r + 1)), last_only=True)
+        first = target.logits(hidden)[0, -1]
         seqs[r].append(int(first.argmax()))
         kept[r].append(first[None].float())
-        draft.forward_rows(ids, dcache.rows(slice(r, r + 1)), last_only=True)
+        proposer.prefill(r, p, hidden)
     produced = torch.ones(batch, dtype=torch.long)
     eos = set(plan.eos_token_ids or ())
     done = [bool(stop_on_eos and seqs[r][-1] in eos) or max_new_tokens == 1 for r in range(batch)]
     result = SpeculativeGeneration([], 0, 0, 0, 0)
+    result.rounds = [[] for _ in prompts]
     while not all(done):
-        lengths = torch.tensor([len(s) for s in seqs])
-        dcache.rollback(lengths - 2)
-        logits = draft.forward_rows(torch.tensor([s[-2:] for s in seqs]), dcache, last_only=True)[:, -1]
-        proposals = [logits.argmax(-1)]
-        for _ in range(k - 1):
-            proposals.append(draft.forward_rows(proposals[-1][:, None], dcache, last_only=True)[:, -1].argmax(-1))
-        result.draft_calls += k
-        proposals = torch.stack(proposals, dim=1)
+        wanted = max(max_new_tokens - int(produced[r]) for r in range(batch) if not done[r])
+        k_round = min(k, wanted - 1)
+        proposals = proposer.propose(seqs, k_round) if k_round else torch.zeros(batch, 0, dtype=torch.long)
+        result.draft_calls += k_round
+        start = tcache.lengths.clone()
         verify = torch.cat([torch.tensor([[s[-1]] for s in seqs]), proposals], dim=1)
-        target_logits = target.forward_rows(verify, tcache)
+        hidden = target.hidden_rows(verify, tcache)
+        target_logits = target.logits(hidden)
         target_tokens = target_logits.argmax(-1)
         result.target_calls += 1
         accepted = greedy_accept(proposals, target_tokens)
@@ -121,8 +166,9 @@ def generate(
             if done[r]:
                 continue
             a = int(accepted[r])
-            result.proposed += k
+            result.proposed += k_round
             result.accepted += a
+            result.rounds[r].append(proposals[r].tolist())
             for i, t in enumerate(proposals[r, :a].tolist() + [int(target_tokens[r, a])]):
                 seqs[r].append(t)
                 if keep_logits:
@@ -131,6 +177,7 @@ def generate(
                 if produced[r] >= max_new_tokens or (stop_on_eos and t in eos):
                     done[r] = True
                     break
+        proposer.verified(start, start + k_round, hidden[torch.arange(batch), accepted][:, None])
         tcache.rollback(torch.tensor([len(s) - 1 for s in seqs]))
     result.tokens = [s[len(p):] for s, p in zip(seqs, prompts, strict=True)]
     if stop_on_eos:
