@@ -168,7 +168,8 @@ def generate(
             a = int(accepted[r])
             result.proposed += k_round
             result.accepted += a
-            result.rounds[r].append(proposals[r].tolist())
+            if k_round:
+                result.rounds[r].append(proposals[r].tolist())
             for i, t in enumerate(proposals[r, :a].tolist() + [int(target_tokens[r, a])]):
                 seqs[r].append(t)
                 if keep_logits:
