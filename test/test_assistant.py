@@ -126,3 +126,22 @@ def test_assistant_that_does_not_fit_is_refused(pairs):
     check_assistant_fits(load_model(target_path, progress=False).plan, plan)
     with pytest.raises(ConfigError, match="backbone_hidden_size=48 but the target's hidden_size is 64"):
         check_assistant_fits(load_model(pairs["gemma4_all"][2], progress=False).plan, plan)
+
+
+def test_cli_with_assistant_draft(pairs, tmp_path, capsys):
+    import json
+
+    from nxdi_gemma.cli import main
+
+    _, _, target_path, assistant_path = pairs["gemma4_e"]
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([make_prompt(17, 128, seed=300)]))
+    argv = ["token-match", "--model", str(target_path), "--prompts", str(prompts), "--max-new-tokens", "8",
+            "--num-speculative-tokens", "3", "--min-match", "1.0", "--draft"]
+    assert main(argv + [str(assistant_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "mean match rate: 100.0%" in out and "speculation: K=3" in err
+    argv[2] = str(pairs["gemma4_all"][2])  # an assistant trained for another target
+    assert main(argv + [str(assistant_path)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "backbone_hidden_size=48" in lines[0]

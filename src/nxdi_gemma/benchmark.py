@@ -145,10 +145,10 @@ def cpu_speculative(model_dir: str, draft_dir: str, batch: int, prompt_len: int,
     from . import speculation
     from .cpu import generate, load_model
 
-    target, draft = load_model(model_dir, dtype, progress=False), load_model(draft_dir, dtype, progress=False)
+    target = load_model(model_dir, dtype, progress=False)
+    draft = speculation.load_draft(draft_dir, target, dtype)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, target.plan.vocab_size, (batch, prompt_len), generator=gen).tolist()
-    speculation.check_draft(target.plan, draft.plan, k)
     timings, spec = {}, None
     for name in ("plain", "speculative"):
         for run in range(runs + 1):

@@ -58,7 +58,8 @@ def cpu_speculative_greedy(model_path: str, draft_path: str, k: int, dtype: torc
     from .cpu import load_model
     from .reference import Continuation
 
-    target, draft = load_model(model_path, dtype), load_model(draft_path, dtype)
+    target = load_model(model_path, dtype)
+    draft = speculation.load_draft(draft_path, target, dtype)
 
     def greedy(prompt_ids: list[list[int]], max_new_tokens: int) -> list[Continuation]:
         g = speculation.generate(target, draft, prompt_ids, max_new_tokens, k, stop_on_eos=False, keep_logits=True)
@@ -71,8 +72,7 @@ def cpu_speculative_greedy(model_path: str, draft_path: str, k: int, dtype: torc
 
 def check_draft_args(args: argparse.Namespace, plan: GemmaPlan) -> None:
     """--draft / --num-speculative-tokens: refuse what cannot run, before any model is loaded."""
-    from .checkpoint import check_checkpoint
-    from .speculation import check_draft
+    from .speculation import check_draft_dir
 
     if args.draft is None:
         if args.num_speculative_tokens is not None:
@@ -82,7 +82,7 @@ def check_draft_args(args: argparse.Namespace, plan: GemmaPlan) -> None:
         raise InputError("--draft runs on --backend cpu only (NxDI fused speculation is not wired up yet)")
     if getattr(args, "temperature", 0.0):
         raise InputError("--draft decodes greedily; drop --temperature")
-    check_draft(plan, check_checkpoint(args.draft), speculative_tokens(args))
+    check_draft_dir(plan, args.draft, speculative_tokens(args))
 
 
 def speculative_tokens(args: argparse.Namespace) -> int:
@@ -172,8 +172,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         elif args.draft:
             from . import speculation
 
-            g = speculation.generate(load_model(path, DTYPES[args.dtype]), load_model(args.draft, DTYPES[args.dtype]),
-                                     ids, args.max_new_tokens, speculative_tokens(args), max_seq_len=args.max_seq_len)
+            target = load_model(path, DTYPES[args.dtype])
+            g = speculation.generate(target, speculation.load_draft(args.draft, target, DTYPES[args.dtype]), ids,
+                                     args.max_new_tokens, speculative_tokens(args), max_seq_len=args.max_seq_len)
             tokens_per_prompt = g.tokens
             print(f"speculation: K={speculative_tokens(args)}, acceptance {g.acceptance_rate:.1%}, "
                   f"{g.target_calls_per_token():.3f} target calls per token", file=sys.stderr)
@@ -283,7 +284,8 @@ def _check_lengths(prompt_ids: list[list[int]], max_new_tokens: int, limit: int)
 
 
 def _add_draft_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--draft", help="draft model checkpoint (same vocabulary): greedy speculative decoding, cpu backend")
+    p.add_argument("--draft", help="draft checkpoint (a Gemma of the same vocabulary, or a Gemma 4 assistant for this target): "
+                        "greedy speculative decoding, cpu backend")
     p.add_argument("--num-speculative-tokens", type=int,
                    help="draft tokens proposed per step, K (default 4; needs --draft)")
 

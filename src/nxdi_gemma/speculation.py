@@ -32,6 +32,32 @@ def check_draft(target: GemmaPlan, draft: GemmaPlan, num_speculative_tokens: int
         raise InputError(f"--num-speculative-tokens {num_speculative_tokens} must be at least 1")
 
 
+def check_draft_dir(target: GemmaPlan, draft_dir: str, num_speculative_tokens: int) -> None:
+    """A --draft directory: a Gemma checkpoint of the same vocabulary, or a Gemma 4 assistant for this target;
+    checked from config.json and the safetensors headers (no weights read)."""
+    from . import assistant
+    from .checkpoint import check_checkpoint
+    from .config import check_assistant_fits, is_assistant_config, read_config_json
+
+    if is_assistant_config(read_config_json(draft_dir)):
+        check_assistant_fits(target, assistant.check_checkpoint(draft_dir), f"--draft {draft_dir}")
+        if num_speculative_tokens < 1:
+            raise InputError(f"--num-speculative-tokens {num_speculative_tokens} must be at least 1")
+        return
+    check_draft(target, check_checkpoint(draft_dir), num_speculative_tokens)
+
+
+def load_draft(draft_dir: str, target, dtype: torch.dtype):
+    """The proposer for `generate`: a CPU model of the draft checkpoint, or an AssistantDraft on `target`."""
+    from . import assistant
+    from .config import is_assistant_config, read_config_json
+    from .cpu import load_model
+
+    if is_assistant_config(read_config_json(draft_dir)):
+        return assistant.AssistantDraft(assistant.load_assistant(draft_dir, dtype), target)
+    return load_model(draft_dir, dtype)
+
+
 def greedy_accept(proposals: torch.Tensor, target_tokens: torch.Tensor) -> torch.Tensor:
     """Accepted proposals per row [B]: proposals [B, K] (the draft's), target_tokens [B, K + 1] (the target's argmax
     after the last known token and after each proposal). Row r then emits proposals[r, :a] and target_tokens[r, a].
