@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import tempfile
@@ -264,6 +265,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if not args.model or not args.instance:
         raise InputError("plan needs --model DIR|NAME and --instance NAME (or --table)")
     plan = resolve_plan(args.model)
+    if args.draft:
+        from .speculation import check_draft
+
+        draft = resolve_plan(args.draft)
+        if args.acceptance is None:
+            raise InputError("plan --draft needs --acceptance ALPHA (the draft's per-token acceptance rate, 0..1)")
+        check_draft(plan, draft, args.num_speculative_tokens or 1)
+        spec = planning.speculation_plan(plan, draft, args.instance, args.acceptance, args.num_speculative_tokens,
+                                         args.tp, args.seq_len, args.dtype)
+        print(json.dumps(dataclasses.asdict(spec) | {"speedup": spec.speedup}, indent=2) if args.json else
+              f"{args.model} with draft {args.draft} on {args.instance}: K={spec.num_speculative_tokens}, "
+              f"{spec.tokens_per_step:.2f} tokens per step at acceptance {spec.acceptance}, "
+              f"{spec.speculative_tokens_per_s:.1f} tokens/s vs {spec.target_tokens_per_s:.1f} without "
+              f"({spec.speedup:.2f}x, batch-1 roofline){'' if spec.fits else '; target + draft do NOT fit'}")
+        return 0
     result = planning.memory_plan(plan, args.instance, args.tp, args.batch, args.seq_len, args.dtype)
     context, batch = planning.largest_fit(plan, args.instance, result.tp, args.dtype, result.seq_len)
     if args.json:
@@ -363,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     pl.add_argument("--json", action="store_true")
     pl.add_argument("--table", action="store_true", help="print the README's instance table for all public models")
+    pl.add_argument("--draft", help="draft checkpoint or public name: expected tokens/s with speculation")
+    pl.add_argument("--acceptance", type=float, help="per-token acceptance rate of the draft, 0..1 (with --draft)")
+    pl.add_argument("--num-speculative-tokens", type=int, help="K (default: the best K in 1..8)")
     pl.set_defaults(run=cmd_plan)
 
     tiny = sub.add_parser("make-tiny", help="write a small random-weight Gemma checkpoint")

@@ -23,7 +23,10 @@ from .errors import InputError
 
 def check_draft(target: GemmaPlan, draft: GemmaPlan, num_speculative_tokens: int) -> None:
     """Refuse a draft/target pair or K that cannot give the target's greedy output, before any work."""
-    if target.vocab_size != draft.vocab_size:
+    # Same family: one tokenizer, and the multimodal checkpoints only append tokens (Gemma 3 4B+: 262208 = Gemma 3
+    # 1B's 262144 + 64 image tokens), so a draft may have fewer. Across families the sizes must be equal.
+    same_family = draft.generation == target.generation and draft.vocab_size <= target.vocab_size
+    if target.vocab_size != draft.vocab_size and not same_family:
         raise InputError(
             f"the draft's vocabulary ({draft.vocab_size} tokens) differs from the target's ({target.vocab_size}); "
             "speculation needs a draft with the same vocabulary (e.g. a smaller model of the same family)"
