@@ -43,3 +43,15 @@ def test_refusals(capsys):
     assert main(["plan", "--model", "gemma-3-27b", "--instance", "trn2.3xlarge", "--draft", "gemma-3-1b",
                  "--acceptance", "0.7", "--seq-len", "4096"]) == 0
     assert "tokens/s vs" in capsys.readouterr().out
+
+
+def test_readme_draft_table_is_generated(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("speculation_table", root / "scripts" / "speculation_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main()
+    assert capsys.readouterr().out.strip() in (root / "README.md").read_text()
