@@ -138,6 +138,38 @@ def cpu_latency(model_dir: str, batch: int, prompt_len: int, new_tokens: int, ru
 
 
 @torch.inference_mode()
+def cpu_speculative(model_dir: str, draft_dir: str, batch: int, prompt_len: int, new_tokens: int, runs: int, k: int,
+                    dtype: torch.dtype) -> dict:
+    """Greedy decoding of the same random prompts without and with the draft (after one untimed warm-up each):
+    wall-clock tokens/s including prefill, the draft's acceptance rate and target calls per generated token."""
+    from . import speculation
+    from .cpu import generate, load_model
+
+    target = load_model(model_dir, dtype, progress=False)
+    draft = speculation.load_draft(draft_dir, target, dtype)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, target.plan.vocab_size, (batch, prompt_len), generator=gen).tolist()
+    timings, spec = {}, None
+    for name in ("plain", "speculative"):
+        for run in range(runs + 1):
+            start = time.perf_counter()
+            if name == "plain":
+                generate(target, prompts, new_tokens, stop_on_eos=False)
+            else:
+                spec = speculation.generate(target, draft, prompts, new_tokens, k, stop_on_eos=False)
+            if run:  # run 0 is the warm-up
+                timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+    generated = batch * new_tokens * runs
+    return {
+        "backend": "cpu", "model": model_dir, "draft": draft_dir, "batch_size": batch, "prompt_len": prompt_len,
+        "new_tokens": new_tokens, "runs": runs, "num_speculative_tokens": k,
+        "acceptance_rate": spec.acceptance_rate, "target_calls_per_token": spec.target_calls_per_token(),
+        "plain_tokens_per_s": generated / timings["plain"],
+        "speculative_tokens_per_s": generated / timings["speculative"],
+    }
+
+
+@torch.inference_mode()
 def neuron_latency(model_dir: str, compiled_dir: str, prompt_len: int, new_tokens: int, runs: int) -> LatencyReport:
     from .neuron.runtime import load_compiled
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import tempfile
@@ -52,6 +53,43 @@ def cpu_greedy(model_path: str, dtype: torch.dtype):
     return greedy
 
 
+def cpu_speculative_greedy(model_path: str, draft_path: str, k: int, dtype: torch.dtype):
+    """Greedy continuations of the target at model_path, decoded speculatively with the draft."""
+    from . import speculation
+    from .cpu import load_model
+    from .reference import Continuation
+
+    target = load_model(model_path, dtype)
+    draft = speculation.load_draft(draft_path, target, dtype)
+
+    def greedy(prompt_ids: list[list[int]], max_new_tokens: int) -> list[Continuation]:
+        g = speculation.generate(target, draft, prompt_ids, max_new_tokens, k, stop_on_eos=False, keep_logits=True)
+        print(f"speculation: K={k}, acceptance {g.acceptance_rate:.1%}, "
+              f"{g.target_calls_per_token():.3f} target calls per token", file=sys.stderr)
+        return [Continuation(t, lg) for t, lg in zip(g.tokens, g.logits, strict=True)]
+
+    return greedy
+
+
+def check_draft_args(args: argparse.Namespace, plan: GemmaPlan) -> None:
+    """--draft / --num-speculative-tokens: refuse what cannot run, before any model is loaded."""
+    from .speculation import check_draft_dir
+
+    if args.draft is None:
+        if args.num_speculative_tokens is not None:
+            raise InputError("--num-speculative-tokens needs --draft DIR (the draft model's checkpoint)")
+        return
+    if args.backend != "cpu":
+        raise InputError("--draft runs on --backend cpu only (NxDI fused speculation is not wired up yet)")
+    if getattr(args, "temperature", 0.0):
+        raise InputError("--draft decodes greedily; drop --temperature")
+    check_draft_dir(plan, args.draft, speculative_tokens(args))
+
+
+def speculative_tokens(args: argparse.Namespace) -> int:
+    return 4 if args.num_speculative_tokens is None else args.num_speculative_tokens
+
+
 def neuron_greedy(model_path: str, compiled: str | None, dtype: torch.dtype):
     if not compiled:
         raise InputError("--backend neuron needs --compiled DIR (the output of `nxdi-gemma compile`)")
@@ -74,6 +112,7 @@ def cmd_token_match(args: argparse.Namespace) -> int:
 
     dtype = DTYPES[args.dtype]
     with model_dir(args) as (path, plan):
+        check_draft_args(args, plan)
         if args.reference:
             golden, prompt_ids, refs = reference.read_golden(args.reference)
             prompts = [item["prompt"] for item in golden["prompts"]]
@@ -83,7 +122,9 @@ def cmd_token_match(args: argparse.Namespace) -> int:
             _check_lengths(prompt_ids, args.max_new_tokens, plan.max_position_embeddings)
             refs = reference.hf_greedy(path, prompt_ids, args.max_new_tokens, dtype)
             ref_name = f"transformers {reference.import_transformers().__version__} (eager, {args.dtype})"
-        if args.backend == "cpu":
+        if args.draft:
+            ours = cpu_speculative_greedy(path, args.draft, speculative_tokens(args), dtype)
+        elif args.backend == "cpu":
             ours = cpu_greedy(path, dtype)
         else:
             ours = neuron_greedy(path, args.compiled, dtype)
@@ -121,6 +162,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.backend == "neuron" and sampling.temperature:
         raise InputError("generate --backend neuron decodes greedily; drop --temperature (sample with vLLM instead)")
     with model_dir(args) as (path, plan):
+        check_draft_args(args, plan)
         tokenizer = load_tokenizer(path)
         prompts = [json.loads(p) if args.token_ids else p for p in args.prompt]
         ids = prompts_to_ids(prompts, tokenizer, "--prompt")
@@ -128,6 +170,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.backend == "neuron":
             continuations = neuron_greedy(path, args.compiled, DTYPES[args.dtype])(ids, args.max_new_tokens)
             tokens_per_prompt = [cut_after_eos(c.tokens, plan.eos_token_ids) for c in continuations]
+        elif args.draft:
+            from . import speculation
+
+            target = load_model(path, DTYPES[args.dtype])
+            g = speculation.generate(target, speculation.load_draft(args.draft, target, DTYPES[args.dtype]), ids,
+                                     args.max_new_tokens, speculative_tokens(args), max_seq_len=args.max_seq_len)
+            tokens_per_prompt = g.tokens
+            print(f"speculation: K={speculative_tokens(args)}, acceptance {g.acceptance_rate:.1%}, "
+                  f"{g.target_calls_per_token():.3f} target calls per token", file=sys.stderr)
         else:
             model = load_model(path, DTYPES[args.dtype])
             tokens_per_prompt = generate(model, ids, args.max_new_tokens, sampling, max_seq_len=args.max_seq_len).tokens
@@ -142,7 +193,15 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 2 or args.prompt_len < 1 or args.runs < 1:
         raise InputError("benchmark needs --max-new-tokens >= 2, --prompt-len >= 1 and --runs >= 1")
-    with model_dir(args) as (path, _):
+    with model_dir(args) as (path, plan):
+        check_draft_args(args, plan)
+        if args.draft:
+            summary = benchmark.cpu_speculative(path, args.draft, args.batch, args.prompt_len, args.max_new_tokens,
+                                                args.runs, speculative_tokens(args), DTYPES[args.dtype])
+            print(json.dumps(summary, indent=2))
+            if args.json:
+                Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+            return 0
         if args.backend == "neuron":
             if not args.compiled:
                 raise InputError("benchmark --backend neuron needs --compiled DIR (the output of `nxdi-gemma compile`)")
@@ -206,6 +265,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if not args.model or not args.instance:
         raise InputError("plan needs --model DIR|NAME and --instance NAME (or --table)")
     plan = resolve_plan(args.model)
+    if args.draft:
+        from .speculation import check_draft
+
+        draft = resolve_plan(args.draft)
+        if args.acceptance is None:
+            raise InputError("plan --draft needs --acceptance ALPHA (the draft's per-token acceptance rate, 0..1)")
+        check_draft(plan, draft, args.num_speculative_tokens or 1)
+        spec = planning.speculation_plan(plan, draft, args.instance, args.acceptance, args.num_speculative_tokens,
+                                         args.tp, args.seq_len, args.dtype)
+        print(json.dumps(dataclasses.asdict(spec) | {"speedup": spec.speedup}, indent=2) if args.json else
+              f"{args.model} with draft {args.draft} on {args.instance}: K={spec.num_speculative_tokens}, "
+              f"{spec.tokens_per_step:.2f} tokens per step at acceptance {spec.acceptance}, "
+              f"{spec.speculative_tokens_per_s:.1f} tokens/s vs {spec.target_tokens_per_s:.1f} without "
+              f"({spec.speedup:.2f}x, batch-1 roofline){'' if spec.fits else '; target + draft do NOT fit'}")
+        return 0
     result = planning.memory_plan(plan, args.instance, args.tp, args.batch, args.seq_len, args.dtype)
     context, batch = planning.largest_fit(plan, args.instance, result.tp, args.dtype, result.seq_len)
     if args.json:
@@ -223,6 +297,13 @@ def _check_lengths(prompt_ids: list[list[int]], max_new_tokens: int, limit: int)
                 f"prompt {i} has {len(ids)} tokens; with {max_new_tokens} new tokens that exceeds the maximum "
                 f"sequence length {limit}; shorten it or lower --max-new-tokens"
             )
+
+
+def _add_draft_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft", help="draft checkpoint (a Gemma of the same vocabulary, or a Gemma 4 assistant for this target): "
+                        "greedy speculative decoding, cpu backend")
+    p.add_argument("--num-speculative-tokens", type=int,
+                   help="draft tokens proposed per step, K (default 4; needs --draft)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -245,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     tm.add_argument("--reference", help="golden file from `nxdi-gemma reference` instead of running HF here")
     tm.add_argument("--json", help="write the report as JSON to this file")
     tm.add_argument("--min-match", type=float, help="exit 1 when any prompt's match rate is below this")
+    _add_draft_args(tm)
     tm.set_defaults(run=cmd_token_match)
 
     ref = sub.add_parser("reference", help="record HF greedy tokens and top logits to a golden JSON file")
@@ -266,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int)
+    _add_draft_args(gen)
     gen.set_defaults(run=cmd_generate)
 
     bench = sub.add_parser("benchmark", help="TTFT, per-token latency percentiles and throughput")
@@ -278,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=3)
     bench.add_argument("--json", help="write the measurements as JSON")
     bench.add_argument("--png", help="write a latency chart (needs matplotlib)")
+    _add_draft_args(bench)
     bench.set_defaults(run=cmd_benchmark)
 
     comp = sub.add_parser("compile", help="trace and compile a checkpoint for Neuron (needs the Neuron SDK)")
@@ -295,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     pl.add_argument("--json", action="store_true")
     pl.add_argument("--table", action="store_true", help="print the README's instance table for all public models")
+    pl.add_argument("--draft", help="draft checkpoint or public name: expected tokens/s with speculation")
+    pl.add_argument("--acceptance", type=float, help="per-token acceptance rate of the draft, 0..1 (with --draft)")
+    pl.add_argument("--num-speculative-tokens", type=int, help="K (default: the best K in 1..8)")
     pl.set_defaults(run=cmd_plan)
 
     tiny = sub.add_parser("make-tiny", help="write a small random-weight Gemma checkpoint")

@@ -9,6 +9,7 @@ exactly is a ConfigError naming the field and value.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -623,3 +624,99 @@ def _kv_sources(cfg: _Fields, layer_types: list[str], where: str) -> list[int]:
             )
         sources[i] = producer[layer_types[i]]
     return sources
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Gemma 4 assistant drafters (transformers `gemma4_assistant`, checkpoints google/gemma-4-*-it-assistant).
+
+ASSISTANT_MODEL_TYPE = "gemma4_assistant"
+TARGET_KV = -1  # LayerPlan.kv_source of an assistant layer: it attends to the target model's K/V
+
+
+@dataclass(frozen=True)
+class AssistantPlan:
+    """A Gemma 4 assistant: a small Gemma 4 decoder whose every layer reads the target's K/V (the last unshared
+    target layer of the same type), fed cat(target embedding of the last token, target hidden state) through
+    `pre_projection`, returning `post_projection(hidden)` as the next hidden state; logits from the tied LM head,
+    or, with `ordered_embeddings`, only over the tokens of the `centroid_top_k` best of `num_centroids` clusters."""
+
+    text: GemmaPlan  # every layer has kv_source == TARGET_KV
+    backbone_hidden_size: int  # the target's hidden size
+    ordered_embeddings: bool
+    num_centroids: int
+    centroid_top_k: int
+
+
+def is_assistant_config(config: dict[str, Any]) -> bool:
+    return isinstance(config, dict) and config.get("model_type") == ASSISTANT_MODEL_TYPE
+
+
+def assistant_plan_from_config(config: dict[str, Any], source: str = "config.json") -> AssistantPlan:
+    """The plan of a `gemma4_assistant` config dict (transformers 5 Gemma4AssistantConfig and its class defaults)."""
+    text = config.get("text_config")
+    if not isinstance(text, dict):
+        raise ConfigError(f"{source}: model_type {ASSISTANT_MODEL_TYPE!r} needs a 'text_config' object")
+    where = f"{source} text_config"
+    num_layers = text.get("num_hidden_layers")
+    shared = text.get("num_kv_shared_layers")
+    if shared not in (None, 0, num_layers):
+        raise ConfigError(f"{where}: num_kv_shared_layers={shared!r}; an assistant shares every layer's K/V "
+                          f"(num_hidden_layers={num_layers})")
+    for key, allowed in (("hidden_size_per_layer_input", 0), ("vocab_size_per_layer_input", 0),
+                         ("enable_moe_block", False), ("use_double_wide_mlp", False)):
+        if text.get(key, allowed) != allowed:
+            raise ConfigError(f"{where}: {key}={text[key]!r}; a Gemma 4 assistant needs {allowed!r}")
+    # Parsed as a plain decoder (no sharing), then every layer pointed at the target's K/V.
+    base = plan_from_config({**text, "model_type": "gemma4_text", "num_kv_shared_layers": 0,
+                             "hidden_size_per_layer_input": 0}, source)
+    layers = tuple(dataclasses.replace(layer, kv_source=TARGET_KV) for layer in base.layers)
+    fields = _Fields(config, {"backbone_hidden_size": 1536, "use_ordered_embeddings": False, "num_centroids": 2048,
+                              "centroid_intermediate_top_k": 32}, source)
+    plan = AssistantPlan(
+        text=dataclasses.replace(base, model_type=ASSISTANT_MODEL_TYPE, layers=layers,
+                                 tie_word_embeddings=bool(config.get("tie_word_embeddings", True))),
+        backbone_hidden_size=fields.positive_int("backbone_hidden_size"),
+        ordered_embeddings=bool(fields.get("use_ordered_embeddings")),
+        num_centroids=fields.positive_int("num_centroids"),
+        centroid_top_k=fields.positive_int("centroid_intermediate_top_k"),
+    )
+    if plan.ordered_embeddings:
+        if base.vocab_size % plan.num_centroids:
+            raise ConfigError(f"{source}: vocab_size={base.vocab_size} is not a multiple of "
+                              f"num_centroids={plan.num_centroids}")
+        if plan.centroid_top_k > plan.num_centroids:
+            raise ConfigError(f"{source}: centroid_intermediate_top_k={plan.centroid_top_k} exceeds "
+                              f"num_centroids={plan.num_centroids}")
+    return plan
+
+
+def target_kv_layers(target: GemmaPlan) -> dict[str, LayerPlan]:
+    """layer type -> the target layer whose K/V an assistant reads: the last layer of that type that owns a cache
+    before the first KV-shared one (HF's kv_sharing_modes "store" layers)."""
+    first_shared = next((layer.index for layer in target.layers if layer.shares_kv), target.num_layers)
+    return {layer.attention_type: layer for layer in target.layers[:first_shared]}
+
+
+def check_assistant_fits(target: GemmaPlan, assistant: AssistantPlan, source: str = "draft") -> None:
+    """Refuse an assistant that cannot read this target's K/V, before any weights are loaded."""
+    if target.generation != 4:
+        raise ConfigError(f"{source}: a Gemma 4 assistant drafts for Gemma 4 targets only (target is Gemma "
+                          f"{target.generation})")
+    if assistant.backbone_hidden_size != target.hidden_size:
+        raise ConfigError(f"{source}: backbone_hidden_size={assistant.backbone_hidden_size} but the target's "
+                          f"hidden_size is {target.hidden_size}; use the assistant trained for this target")
+    if assistant.text.vocab_size != target.vocab_size:
+        raise ConfigError(f"{source}: vocabulary of {assistant.text.vocab_size} tokens, the target has "
+                          f"{target.vocab_size}; use the assistant trained for this target")
+    producers = target_kv_layers(target)
+    for layer in assistant.text.layers:
+        source_layer = producers.get(layer.attention_type)
+        if source_layer is None:
+            raise ConfigError(f"{source}: assistant layer {layer.index} is {layer.attention_type} but the target "
+                              "has no unshared layer of that type")
+        if (layer.num_kv_heads, layer.head_dim) != (source_layer.num_kv_heads, source_layer.head_dim):
+            raise ConfigError(
+                f"{source}: assistant layer {layer.index} expects {layer.num_kv_heads} KV heads of dim "
+                f"{layer.head_dim}, the target's {layer.attention_type} K/V (layer {source_layer.index}) has "
+                f"{source_layer.num_kv_heads} of dim {source_layer.head_dim}"
+            )

@@ -82,6 +82,9 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(c.k.nbytes + c.v.nbytes for c in self.layers.values())
 
+    def visible(self, query_slots: torch.Tensor, key_slots: torch.Tensor, window: int | None) -> torch.Tensor:
+        return ops.visibility(query_slots, key_slots, self.key_valid[:, key_slots.clamp(min=0)], window)
+
 
 class CpuAttention(AttentionWeights):
     """Gemma attention with the HF parameter names (q_proj, k_proj, v_proj, o_proj, q_norm, k_norm)."""
@@ -112,15 +115,106 @@ class CpuAttention(AttentionWeights):
             k = ops.apply_rope(k.transpose(1, 2), cos, sin)
             keys, values, slots = step.cache.layers[layer.index].attend_keys(k, v.transpose(1, 2), step.slots, step.past)
             step.shared[layer.index] = (keys, values, slots)
-        visible = ops.visibility(step.slots, slots, step.cache.key_valid[:, slots.clamp(min=0)], layer.window)
+        visible = step.cache.visible(step.slots, slots, layer.window)
         out = ops.attention(q, keys, values, visible, self.scale, self.softcap)
         return self.o_proj(out)
 
 
+class RowLayerCache:
+    """K/V of one producer layer where every row has its own length (speculative decoding: rows accept different
+    numbers of draft tokens): [B, KV, C, D] plus the position held by each entry of each row, [B, C] (-1 = empty).
+
+    Sliding layers keep a ring of C = W + extra entries at `position % C`. A forward of S new tokens evicts the
+    entries S positions older than C; with extra >= S - 1 those are all older than the window of the first new query,
+    so rejecting some of the new tokens afterwards (`rollback`) never needs an evicted entry back: a rejected token's
+    ring entry only ever replaced a key already outside every later window. Full layers keep every position.
+    """
+
+    def __init__(self, batch: int, layer: LayerPlan, capacity: int, dtype: torch.dtype):
+        shape = (batch, layer.num_kv_heads, capacity, layer.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.pos = torch.full((batch, capacity), -1, dtype=torch.long)
+        self.ring = layer.window is not None
+        self.capacity = capacity
+
+    def rows(self, rows: slice) -> RowLayerCache:
+        """A view of some rows (writes go to this cache)."""
+        view = object.__new__(RowLayerCache)
+        view.k, view.v, view.pos = self.k[rows], self.v[rows], self.pos[rows]
+        view.ring, view.capacity = self.ring, self.capacity
+        return view
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        keep = slice(max(0, k.shape[2] - self.capacity), None)  # a ring only needs its last C entries
+        k, v, pos = k[:, :, keep], v[:, :, keep], pos[:, keep]
+        index = pos % self.capacity if self.ring else pos
+        row = torch.arange(pos.shape[0])[:, None].expand_as(index)
+        self.k[row, :, index] = k.transpose(1, 2)
+        self.v[row, :, index] = v.transpose(1, 2)
+        self.pos[row, index] = pos
+
+    def attend_keys(
+        self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, past: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store the new K/V (pos [B, S]) and return the keys the new queries may need with their positions
+        [B, T]; invisible ones are masked by `RowKVCache.visible`."""
+        if not self.ring:
+            self.write(k, v, pos)
+            return self.k, self.v, self.pos
+        # Early queries may need ring entries this write overwrites: attend over the old ring and the new keys.
+        keys = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2), torch.cat([self.pos, pos], dim=1)
+        self.write(k, v, pos)
+        return keys
+
+    def rollback(self, lengths: torch.Tensor) -> None:
+        """Forget every entry at a position >= its row's length (rejected draft tokens)."""
+        self.pos.masked_fill_(self.pos >= lengths[:, None], -1)
+
+
+@dataclass
+class RowKVCache:
+    """Per-row-length cache of every producer layer; lengths [B] = tokens held per row (no padding: a row's
+    positions are 0 .. length-1). Used by speculative decoding (`speculation.generate`)."""
+
+    layers: dict[int, RowLayerCache]
+    lengths: torch.Tensor
+    max_len: int
+
+    @classmethod
+    def allocate(cls, plan: GemmaPlan, batch: int, max_len: int, dtype: torch.dtype, ring_extra: int) -> RowKVCache:
+        """ring_extra: how many entries sliding rings keep beyond the window; at least (new tokens per forward - 1)
+        when tokens may be rolled back (see RowLayerCache)."""
+        layers = {
+            layer.index: RowLayerCache(batch, layer, min(layer.window + ring_extra if layer.window else max_len,
+                                                         max_len), dtype)
+            for layer in plan.layers
+            if not layer.shares_kv
+        }
+        return cls(layers, torch.zeros(batch, dtype=torch.long), max_len)
+
+    def rows(self, rows: slice) -> RowKVCache:
+        return RowKVCache({i: c.rows(rows) for i, c in self.layers.items()}, self.lengths[rows], self.max_len)
+
+    def visible(self, query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+        """bool [B, 1, S, T]: query_pos [B, S], key_pos [B, T] (-1 = empty); sliding layers see q - W < k <= q."""
+        q, k = query_pos[:, :, None], key_pos[:, None, :]
+        ok = (k <= q) & (k >= 0)
+        if window is not None:
+            ok = ok & (q - k < window)
+        return ok[:, None]
+
+    def rollback(self, lengths: torch.Tensor) -> None:
+        """Shorten each row to `lengths` (<= its current length), in place."""
+        for cache in self.layers.values():
+            cache.rollback(lengths)
+        self.lengths.copy_(lengths)
+
+
 @dataclass
 class _Step:
-    cache: KVCache
-    slots: torch.Tensor  # [S] absolute slots of the new tokens
+    cache: KVCache | RowKVCache
+    slots: torch.Tensor  # [S] absolute slots of the new tokens ([B, S] positions with a RowKVCache)
     positions: torch.Tensor  # [B, S] RoPE positions
     past: int
     shared: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -151,7 +245,7 @@ class GemmaTextModel(nn.Module):
             )
         for i, block in enumerate(self.layers):
             if last_only and i == self.first_shared and h.shape[1] > 1:
-                h, step.slots, step.positions = h[:, -1:], step.slots[-1:], step.positions[:, -1:]
+                h, step.slots, step.positions = h[:, -1:], step.slots[..., -1:], step.positions[:, -1:]
                 ple = None if ple is None else ple[:, -1:]
             attn = block.self_attn(block.attention_input(h), step)
             h = block.after_attention(h, attn, None if ple is None else ple[:, :, i])
@@ -191,6 +285,25 @@ class GemmaForCausalLM(nn.Module):
         if last_only:
             h = h[:, -1:]
         return self.logits(h)
+
+
+    @torch.inference_mode()
+    def forward_rows(self, ids: torch.Tensor, cache: RowKVCache, last_only: bool = False) -> torch.Tensor:
+        """Run new tokens ids [B, S] at each row's next positions of a RowKVCache; logits [B, S or 1, V]."""
+        return self.logits(self.hidden_rows(ids, cache, last_only))
+
+    @torch.inference_mode()
+    def hidden_rows(self, ids: torch.Tensor, cache: RowKVCache, last_only: bool = False) -> torch.Tensor:
+        """`forward_rows` up to the final norm: hidden states [B, S or 1, H]."""
+        positions = cache.lengths[:, None] + torch.arange(ids.shape[1])
+        if int(positions.max()) >= cache.max_len:
+            raise InputError(
+                f"sequence of {int(positions.max()) + 1} tokens exceeds the configured maximum of {cache.max_len}; "
+                "raise --max-seq-len or shorten the prompt / --max-new-tokens"
+            )
+        h = self.model(ids, _Step(cache, positions, positions, 0), last_only)
+        cache.lengths += ids.shape[1]  # in place: a row view's lengths are its parent's
+        return h[:, -1:] if last_only else h
 
 
 @dataclass

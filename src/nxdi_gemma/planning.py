@@ -338,3 +338,53 @@ def read_dmi_product_name(path: str = DMI_PRODUCT_NAME) -> str | None:
             return handle.read()
     except FileNotFoundError:
         return None
+
+
+@dataclass(frozen=True)
+class SpeculationPlan:
+    num_speculative_tokens: int
+    acceptance: float  # per-proposal acceptance probability alpha
+    tokens_per_step: float  # expected tokens per verification: (1 - alpha^(K+1)) / (1 - alpha)
+    target_tokens_per_s: float  # plain decoding, batch 1 roofline
+    speculative_tokens_per_s: float
+    fits: bool  # target and draft (weights, KV cache, the larger activation peak) fit each core's HBM together
+
+    @property
+    def speedup(self) -> float:
+        return self.speculative_tokens_per_s / self.target_tokens_per_s
+
+
+def expected_tokens_per_step(acceptance: float, k: int) -> float:
+    """Tokens a greedy verification of K proposals yields when each proposal is accepted with probability alpha
+    independently of the others (Leviathan et al. 2023): sum of alpha^i for i = 0..K."""
+    return float(k + 1) if acceptance >= 1 else (1 - acceptance ** (k + 1)) / (1 - acceptance)
+
+
+def speculation_plan(target: GemmaPlan, draft: GemmaPlan, instance: str, acceptance: float, k: int | None = None,
+                     tp: int | None = None, seq_len: int | None = None, dtype: str = "bfloat16") -> SpeculationPlan:
+    """Batch-1 decode roofline with a draft on the same cores (NxDI fused speculation: one graph per step): a step
+    reads the target once for the K + 1 verified tokens and the draft K times (both weights and KV cache in use),
+    and yields `expected_tokens_per_step`. k None: the K in 1..8 with the most tokens/s. acceptance: the
+    per-proposal rate alpha; a measured accepted/proposed rate r over K-token steps is lower than alpha
+    (r = alpha (1 - alpha^K) / ((1 - alpha) K)), so using r here is conservative."""
+    if not 0 <= acceptance <= 1:
+        raise InputError(f"--acceptance {acceptance} must be in [0, 1]")
+    if k is not None and k < 1:
+        raise InputError(f"--num-speculative-tokens {k} must be at least 1")
+    target_plan = memory_plan(target, instance, tp, 1, seq_len, dtype)
+    draft_plan = memory_plan(draft, instance, target_plan.tp, 1, min(target_plan.seq_len,
+                                                                       draft.max_position_embeddings), dtype)
+    t_target, t_draft = 1 / target_plan.decode_tokens_per_s, 1 / draft_plan.decode_tokens_per_s
+
+    both = (target_plan.weights_per_core + target_plan.kv_cache_per_core + draft_plan.weights_per_core
+            + draft_plan.kv_cache_per_core + max(target_plan.activations_per_core, draft_plan.activations_per_core)
+            + RUNTIME_RESERVE)
+    fits = both <= INSTANCES[instance].hbm_per_core
+
+    def plan_for(n: int) -> SpeculationPlan:
+        tokens = expected_tokens_per_step(acceptance, n)
+        return SpeculationPlan(n, acceptance, tokens, target_plan.decode_tokens_per_s,
+                               tokens / (t_target + n * t_draft), fits)
+
+    return plan_for(k) if k is not None else max((plan_for(n) for n in range(1, 9)),
+                                                  key=lambda p: p.speculative_tokens_per_s)
