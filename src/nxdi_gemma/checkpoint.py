@@ -256,7 +256,7 @@ def expected_shapes(plan: GemmaPlan) -> dict[str, torch.Size]:
 
 
 def save_checkpoint(model_dir: str | Path, config: dict, tensors: dict[str, torch.Tensor], extra_files: dict[str, str]
-                    | None = None) -> Path:
+                    | None = None, metadata: dict[str, str] | None = None) -> Path:
     """Write config.json + model.safetensors (+ extra text files) atomically: into a temporary sibling directory
     that is renamed into place only when complete."""
     target = Path(model_dir)
@@ -267,7 +267,7 @@ def save_checkpoint(model_dir: str | Path, config: dict, tensors: dict[str, torc
     try:
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / "model.safetensors"),
-                  metadata={"format": "pt"})
+                  metadata={"format": "pt", **(metadata or {})})
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
         if target.exists():

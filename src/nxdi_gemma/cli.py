@@ -178,6 +178,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .quantize import Scheme, quantize_checkpoint
+
+    scheme = Scheme(args.dtype, args.scheme, tuple(args.modules_to_not_convert or ()))
+    print(quantize_checkpoint(args.model, args.out, scheme))
+    return 0
+
+
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from .tiny import write_tiny_checkpoint
 
@@ -296,6 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true")
     pl.add_argument("--table", action="store_true", help="print the README's instance table for all public models")
     pl.set_defaults(run=cmd_plan)
+
+    qz = sub.add_parser("quantize", help="quantize a checkpoint's weights for NxDI (safetensors -> safetensors)")
+    qz.add_argument("--model", required=True, help="Hugging Face checkpoint directory (safetensors)")
+    qz.add_argument("--out", required=True, help="new directory (the neuron config's quantized_checkpoints_path)")
+    qz.add_argument("--dtype", default="int8", choices=["int8", "fp8"], help="fp8 = e4m3 (Trn2)")
+    qz.add_argument("--scheme", default="per_channel", choices=["per_channel", "per_tensor"])
+    qz.add_argument("--modules-to-not-convert", nargs="*", metavar="PATH",
+                    help="module paths kept in the model dtype (NxD's substring match, e.g. layers.0.mlp)")
+    qz.set_defaults(run=cmd_quantize)
 
     tiny = sub.add_parser("make-tiny", help="write a small random-weight Gemma checkpoint")
     tiny.add_argument("--out", required=True)
