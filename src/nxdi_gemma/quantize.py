@@ -26,7 +26,9 @@ checks it against the neuron config and every tensor's name, dtype and shape aga
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,8 +252,17 @@ def load_quantized(qdir: str | Path, plan: GemmaPlan, scheme: Scheme) -> dict[st
 def ensure_quantized(model_dir: str | Path, qdir: str | Path, scheme: Scheme) -> GemmaPlan:
     """First use: write the quantized checkpoint if it does not exist yet; then check it. Returns the plan."""
     plan = load_plan(model_dir)
-    if not Path(qdir).exists():
-        quantize_checkpoint(model_dir, qdir, scheme)
+    qdir = Path(qdir)
+    qdir.parent.mkdir(parents=True, exist_ok=True)
+    # Every process of one launch (one per TP rank in NxDI's CPU mode) gets here: the first writes, under an
+    # exclusive lock on the parent directory, the others wait and then find it.
+    fd = os.open(qdir.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if not qdir.exists():
+            quantize_checkpoint(model_dir, qdir, scheme)
+    finally:
+        os.close(fd)  # releases the lock
     check_quantized_checkpoint(qdir, model_dir, plan, scheme)
     return plan
 
