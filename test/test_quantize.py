@@ -117,3 +117,23 @@ def test_prequantized_hub_checkpoint_refused_by_format(tiny4, tmp_path, capsys):
     assert main(["quantize", "--model", str(hub), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unexpected tensor" in err or "compressed-tensors" in err
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "gemma4"])
+def test_planner_counts_the_quantized_checkpoint(kind, tmp_path):
+    """The planner's quantized parameters and scales equal what `nxdi-gemma quantize` writes (int8, per channel)."""
+    from nxdi_gemma.planning import parameter_counts
+
+    model = write_tiny_checkpoint(tmp_path / kind, kind)
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(model), "--out", str(out)]) == 0
+    quantized = scales = 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        for name in f.keys():  # noqa: SIM118
+            t = f.get_tensor(name)
+            if t.dtype == torch.int8:
+                quantized += t.numel()
+            elif name.endswith(("scale", "_scale")) and "router" not in name:
+                scales += t.numel()
+    counts = parameter_counts(load_plan(model))
+    assert (counts["quantized"], counts["scales"]) == (quantized, scales)

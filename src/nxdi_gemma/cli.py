@@ -214,8 +214,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if not args.model or not args.instance:
         raise InputError("plan needs --model DIR|NAME and --instance NAME (or --table)")
     plan = resolve_plan(args.model)
-    result = planning.memory_plan(plan, args.instance, args.tp, args.batch, args.seq_len, args.dtype)
-    context, batch = planning.largest_fit(plan, args.instance, result.tp, args.dtype, result.seq_len)
+    schemes = {"weights": args.weights, "kv_cache": args.kv_cache}
+    result = planning.memory_plan(plan, args.instance, args.tp, args.batch, args.seq_len, args.dtype, **schemes)
+    context, batch = planning.largest_fit(plan, args.instance, result.tp, args.dtype, result.seq_len, **schemes)
     if args.json:
         print(json.dumps({**result.to_json(), "max_context_batch1": context, "max_batch": batch}, indent=2))
     else:
@@ -301,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch", type=int, default=1)
     pl.add_argument("--seq-len", type=int, help="context length (default: min(model maximum, 8192))")
     pl.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    pl.add_argument("--weights", default="model", choices=["model", "int8", "fp8"],
+                    help="quantized weights (neuron config quantized=true); default: the model dtype")
+    pl.add_argument("--kv-cache", default="model", choices=["model", "fp8"], help="fp8: kv_cache_quant=true")
     pl.add_argument("--json", action="store_true")
     pl.add_argument("--table", action="store_true", help="print the README's instance table for all public models")
     pl.set_defaults(run=cmd_plan)
