@@ -6,7 +6,7 @@ tensor-parallel linears and embedding, NeuronAttentionBase hooks, per-layer KV c
 
 Every base class and override below was checked against NxDI 0.8 (Neuron SDK 2.28, cd3abf3) and 0.9 (2.29, c63afe0):
 NeuronBaseForCausalLM (forward, _is_prefill, get_state_dict, convert_hf_to_neuron_state_dict,
-update_state_dict_for_tied_weights, load_hf_model, checkpoint_loader_fn), NeuronBaseModel (setup_attr_for_model, init_model,
+update_state_dict_for_tied_weights, load_hf_model, checkpoint_loader_fn, save_quantized_state_dict), NeuronBaseModel (setup_attr_for_model, init_model,
 init_inference_optimization, create_attn_mask), NeuronAttentionBase (forward, prep_qkv_tensors, get_o_proj; see
 attention.py), KVCacheManager (see kv_cache.py), ParallelEmbedding / ColumnParallelLinear / RowParallelLinear,
 create_sampler. `softmax_scale=` (0.9 only) is never passed. Untested on Trainium/Inferentia hardware: verified in
@@ -209,6 +209,13 @@ class NeuronGemmaForCausalLM(NeuronBaseForCausalLM):
         else:
             state = load_state_dict(Path(model_name_or_path), plan, expected_shapes(plan), dtype=None)
         return cls.convert_hf_to_neuron_state_dict(state, config)
+
+    @classmethod
+    def save_quantized_state_dict(cls, model_path: str, config: GemmaInferenceConfig) -> None:
+        """What vllm-neuron calls before compiling a `quantized` model. NxDI's goes through load_hf_model (disabled:
+        it would unpickle and use transformers 4.57): ours writes the quantized safetensors checkpoint from the
+        model's safetensors if quantized_checkpoints_path does not exist yet, and otherwise checks it."""
+        quantized.ensure_checkpoint(model_path, config.neuron_config)
 
     def checkpoint_loader_fn(self, mmap: bool = False):
         """NxDI's loader; with quantized weights, the quantized checkpoint is first written from the model directory
