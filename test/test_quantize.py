@@ -137,3 +137,33 @@ def test_planner_counts_the_quantized_checkpoint(kind, tmp_path):
                 scales += t.numel()
     counts = parameter_counts(load_plan(model))
     assert (counts["quantized"], counts["scales"]) == (quantized, scales)
+
+
+def test_neuron_config_quantization_switches():
+    """What `quantized` / `kv_cache_quant` neuron configs become, and the one-line refusals (NxDI would assert)."""
+    from nxdi_gemma.quantize import check_neuron_config
+
+    kwargs = {"quantized": True, "quantized_checkpoints_path": "/q"}
+    check_neuron_config(kwargs)
+    assert kwargs["quantization_type"] == "per_channel_symmetric"  # ours by default (NxDI's: per tensor)
+    assert {"embed_tokens", "lm_head", "experts"} <= set(kwargs["modules_to_not_convert"])
+    kv = {"kv_cache_quant": True}
+    check_neuron_config(kv)
+    assert kv["kv_quant_config"] == {"quant_dtype": torch.float8_e4m3fn, "direct_cast": True}
+    bad = [
+        ({"quantized": True}, "needs quantized_checkpoints_path"),
+        ({"quantized": True, "quantized_checkpoints_path": "/q", "quantization_dtype": "int4"}, "int4"),
+        ({"quantized": True, "quantized_checkpoints_path": "/q", "quantization_type": "blockwise_symmetric"},
+         "blockwise"),
+        ({"quantized": True, "quantized_checkpoints_path": "/q", "quantization_type": "per_tensor_symmetric",
+          "fused_qkv": True}, "fused_qkv"),
+        ({"quantized": True, "quantized_checkpoints_path": "/q", "activation_quantization_type": "dynamic"},
+         "activation"),
+        ({"quantized_checkpoints_path": "/q"}, "without quantized"),
+        ({"kv_cache_quant": True, "kv_quant_config": {"quant_dtype": "int8"}}, "int8"),
+        ({"kv_cache_quant": True, "kv_quant_config": {"direct_cast": False}}, "direct-cast"),
+        ({"kv_quant_config": {}}, "without kv_cache_quant"),
+    ]
+    for fields, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            check_neuron_config(dict(fields))

@@ -96,6 +96,63 @@ class Scheme:
 ALWAYS_NOT_CONVERTED = ("embed_tokens", "lm_head", "experts")
 
 
+def check_neuron_config(kwargs: dict) -> None:
+    """Refuse, before NxDI's asserts, quantization settings our classes cannot run; extend modules_to_not_convert
+    with what always stays in the model dtype; turn `kv_cache_quant` into NxDI's kv_quant_config. Runs on the raw
+    NeuronConfig kwargs."""
+    check_kv_cache_quant(kwargs)
+    if not kwargs.get("quantized", False):
+        if kwargs.get("quantized_checkpoints_path"):
+            raise ConfigError("neuron config sets quantized_checkpoints_path without quantized=true; set both")
+        return
+    if not kwargs.get("quantized_checkpoints_path"):
+        raise ConfigError("neuron config quantized=true needs quantized_checkpoints_path (a directory; written from "
+                          "the model on first use if it does not exist)")
+    if kwargs.get("activation_quantization_type"):
+        raise ConfigError(f"neuron config activation_quantization_type={kwargs['activation_quantization_type']!r} "
+                          "is not supported; nxdi-gemma quantizes weights only")
+    if kwargs.get("quantized_mlp_kernel_enabled"):
+        raise ConfigError("neuron config quantized_mlp_kernel_enabled is not supported (every NKI kernel is off)")
+    kwargs.setdefault("quantization_type", "per_channel_symmetric")  # ours: per channel by default (NxDI: tensor)
+    scheme = Scheme.from_neuron_config(_Fields(kwargs))
+    if scheme.scheme == "per_tensor" and kwargs.get("fused_qkv"):
+        raise ConfigError("neuron config fused_qkv with quantization_type=per_tensor_symmetric: q, k and v have "
+                          "one scale each, the fused projection one; use per_channel_symmetric or fused_qkv=false")
+    skip = list(kwargs.get("modules_to_not_convert") or [])
+    kwargs["modules_to_not_convert"] = skip + [m for m in ALWAYS_NOT_CONVERTED if m not in skip]
+
+
+KV_CACHE_DTYPES = {"f8e4m3": torch.float8_e4m3fn}
+
+
+def check_kv_cache_quant(kwargs: dict) -> None:
+    """`kv_cache_quant: true` (NxDI's switch; NxDI's KVCacheManager acts on `kv_quant_config`, which NxDI's own
+    demo builds from it): K/V stored as fp8 e4m3 by a plain cast (NxDI's direct-cast KVQuantizationConfig, its
+    default) and cast back where read. int8 and scaled (non-direct-cast) caches are refused: NxDI's scaled path
+    keeps static scales of 1 that nothing calibrates, and an int8 cast without scales rounds K/V to integers."""
+    config = kwargs.get("kv_quant_config")
+    if not kwargs.get("kv_cache_quant", False):
+        if config is not None:
+            raise ConfigError("neuron config sets kv_quant_config without kv_cache_quant=true; set both")
+        return
+    config = dict(config or {})
+    if not isinstance(kwargs.get("kv_quant_config") or {}, dict):
+        raise ConfigError("neuron config kv_quant_config must be an object, e.g. {\"quant_dtype\": \"f8e4m3\"}")
+    dtype = config.pop("quant_dtype", "f8e4m3")
+    if dtype not in KV_CACHE_DTYPES and dtype not in KV_CACHE_DTYPES.values():
+        raise ConfigError(f"neuron config kv_quant_config quant_dtype={dtype!r} is not supported: only f8e4m3 (a "
+                          "direct cast; an int8 cache would need calibrated scales nothing provides)")
+    if not config.pop("direct_cast", True) or config:
+        raise ConfigError(f"neuron config kv_quant_config {kwargs['kv_quant_config']!r}: only the direct-cast "
+                          "f8e4m3 cache is supported (no scales, no per-key/channel methods)")
+    kwargs["kv_quant_config"] = {"quant_dtype": KV_CACHE_DTYPES.get(dtype, dtype), "direct_cast": True}
+
+
+class _Fields:
+    def __init__(self, kwargs: dict):
+        self.__dict__.update(kwargs)
+
+
 def user_modules_to_not_convert(names: list[str]) -> list[str]:
     return [n for n in names if n not in ALWAYS_NOT_CONVERTED]
 

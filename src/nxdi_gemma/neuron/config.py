@@ -17,7 +17,7 @@ from neuronx_distributed_inference.models.config import InferenceConfig, NeuronC
 from ..config import FULL, GemmaPlan, plan_from_config, read_config_json, text_config_of
 from ..errors import ConfigError
 from ..planning import check_tp, prefill_chunk
-from .quantized import check_neuron_config as check_quantization
+from ..quantize import check_neuron_config as check_quantization
 
 # NeuronConfig features our classes do not implement: refused instead of silently producing wrong outputs.
 UNSUPPORTED_FLAGS = (
@@ -61,7 +61,7 @@ class GemmaNeuronConfig(NeuronConfig):
         chunk = kwargs.pop("prefill_chunk_size", None)
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 2):
             raise ConfigError(f"neuron config prefill_chunk_size={chunk!r} must be an integer >= 2 (or omitted)")
-        check_quantization(kwargs)  # weights quantized on NxD's layers: neuron/quantized.py
+        check_quantization(kwargs)  # quantized weights / KV cache: quantize.py, neuron/quantized.py
         super().__init__(**kwargs)
         self.fold_norm_offset = fold
         self.attention_fp32_accumulation = fp32_accumulation
