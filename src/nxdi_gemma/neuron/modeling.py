@@ -6,8 +6,8 @@ tensor-parallel linears and embedding, NeuronAttentionBase hooks, per-layer KV c
 
 Every base class and override below was checked against NxDI 0.8 (Neuron SDK 2.28, cd3abf3) and 0.9 (2.29, c63afe0):
 NeuronBaseForCausalLM (forward, _is_prefill, get_state_dict, convert_hf_to_neuron_state_dict,
-update_state_dict_for_tied_weights, load_hf_model, checkpoint_loader_fn, save_quantized_state_dict), NeuronBaseModel (setup_attr_for_model, init_model,
-init_inference_optimization, create_attn_mask), NeuronAttentionBase (forward, prep_qkv_tensors, get_o_proj; see
+update_state_dict_for_tied_weights, load_hf_model, checkpoint_loader_fn, save_quantized_state_dict),
+NeuronBaseModel (setup_attr_for_model, init_model, init_inference_optimization, create_attn_mask), NeuronAttentionBase (forward, prep_qkv_tensors, get_o_proj; see
 attention.py), KVCacheManager (see kv_cache.py), ParallelEmbedding / ColumnParallelLinear / RowParallelLinear,
 create_sampler. `softmax_scale=` (0.9 only) is never passed. Untested on Trainium/Inferentia hardware: verified in
 NxDI's CPU mode and as XLA graphs (test/sim) only.
@@ -126,8 +126,8 @@ class NeuronGemmaDecoderLayer(GemmaBlock):
 
     def __init__(self, config: GemmaInferenceConfig, plan: GemmaPlan, layer: LayerPlan, state: ForwardState):
         dtype = config.neuron_config.torch_dtype
-        quantized = quantized_dtype(config.neuron_config)
-        experts = ParallelMoeExperts(plan.hidden_size, layer.moe, dtype, quantized) if layer.moe else None
+        weights_dtype = quantized_dtype(config.neuron_config)  # None unless `quantized`
+        experts = ParallelMoeExperts(plan.hidden_size, layer.moe, dtype, weights_dtype) if layer.moe else None
         super().__init__(plan, layer, NeuronGemmaAttention(config, plan, layer, state),
                          parallel_linear_factory(dtype), folded_norms=config.fold_norm_offset, experts=experts)
         self.state, self.index = state, layer.index
