@@ -6,6 +6,7 @@ checkpoint is written by the model itself on first use (quantized_checkpoints_pa
 case and shared by the TP runs; the test also checks that the reference differs from the unquantized model by far
 more than the bound (the check can fail). KV cache (`kv_cache_quant: true`, fp8 e4m3): against HF whose cache rounds
 what it stores to fp8 (quantize on write, dequantize on read; make_goldens.round_on_write_cache).
+CI runs NxDI 0.8 (int8 at TP 1 and 2, the KV cache at TP 1); the other combinations are marked slow (`-m slow`).
 """
 
 from __future__ import annotations
@@ -69,9 +70,14 @@ def reference_effect(sim_golden_dir, plain_golden_dir) -> float:
     return max((a - b).abs().max().item() for a, b in zip(reference.logits, unquantized.logits, strict=True))
 
 
+def runs(in_ci: set[tuple[str, int]]) -> list:
+    """(release, tp) parameters; those not in `in_ci` are marked slow (CI time: each is one driver process)."""
+    return [pytest.param(release, tp, id=f"{release}-tp{tp}", marks=() if (release, tp) in in_ci else pytest.mark.slow)
+            for release in RELEASES for tp in TP_DEGREES]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("tp", TP_DEGREES, ids=lambda tp: f"tp{tp}")
-@pytest.mark.parametrize("release", RELEASES)
+@pytest.mark.parametrize(("release", "tp"), runs({("sdk-2.28", 1), ("sdk-2.28", 2)}))
 def test_int8_weights_match_int8_rounded_hf(sim, goldens, int8_goldens, sim_report, tmp_path_factory, release, tp,
                                             family):
     records = [r for r in driver_records(sim, int8_goldens, "int8", release, tp, tmp_path_factory)
@@ -88,16 +94,23 @@ def test_int8_weights_match_int8_rounded_hf(sim, goldens, int8_goldens, sim_repo
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("tp", TP_DEGREES, ids=lambda tp: f"tp{tp}")
-@pytest.mark.parametrize("release", RELEASES)
+@pytest.mark.parametrize(("release", "tp"), runs({("sdk-2.28", 1)}))
 def test_fp8_kv_cache_matches_round_on_write_hf(sim, goldens, kv_goldens, sim_report, tmp_path_factory, release, tp,
                                                 family):
     """kv_cache_quant: K/V stored as fp8 e4m3 and cast back where read, against HF whose cache rounds what it
-    stores to fp8 (a step's own K/V used as computed, earlier tokens' read back rounded)."""
+    stores to fp8 (a step's own K/V used as computed, earlier tokens' read back rounded).
+
+    At TP 1 our K/V are HF's to float32 rounding and the bound is the family's. At TP 2 the row-parallel
+    all-reduces sum in another order, K/V move by float32 ulps, and where such a value sits at an fp8 rounding
+    midpoint the cache holds the neighbouring fp8 value (one step of a 3-bit mantissa): measured once in the four
+    families (Gemma 4 PLE, 8.9e-3). There the test asks for every greedy token and a logit gap under 1% of what fp8
+    rounding moves HF's logits by: far closer to the fp8 reference than to the unquantized model."""
     records = [r for r in driver_records(sim, kv_goldens, "kvfp8", release, tp, tmp_path_factory)
                if r["case"] == f"{family}_kvfp8"]
-    check_records(records, family, release, tp)
     effect = reference_effect(kv_goldens[f"{family}_kvfp8"], goldens[family])
+    if tp > 1:
+        records = [dict(r, bound=max(r["bound"], 0.01 * effect)) for r in records]
+    check_records(records, family, release, tp)
     sim_report(f"fp8 KV {release} tp{tp} {family}",
                f"match {min(r['match'] for r in records):.3f}  max|dlogit| "
                f"{max(r['max_abs_logit_diff'] for r in records):.1e} vs round-on-write HF (bound "
