@@ -42,8 +42,12 @@ def checkpoint(root: Path, name: str, layers: int, overrides: dict) -> Path:
     from nxdi_gemma.tiny import random_weights
 
     config = shrunk_config(public_config(name), layers, VOCAB)
-    text = config.get("text_config", config)
-    text.update(overrides)
+    if "text_config" in config:  # the text decoder alone, as a *ForCausalLM checkpoint (one naming for all sides)
+        text = dict(config["text_config"])
+        generation = text["model_type"].removesuffix("_text")
+        config = dict(text, model_type=f"{generation}_text", architectures=[f"{generation.capitalize()}ForCausalLM"],
+                      tie_word_embeddings=config.get("tie_word_embeddings", True))
+    config.update(overrides)
     return save_checkpoint(root / name, config, random_weights(config, SEED))
 
 

@@ -150,6 +150,13 @@ def test_neuron_config_quantization_switches():
     kv = {"kv_cache_quant": True}
     check_neuron_config(kv)
     assert kv["kv_quant_config"] == {"quant_dtype": torch.float8_e4m3fn, "direct_cast": True}
+    # as neuron_config.json stores it (NxDI's to_dict of KVQuantizationConfig) when a compiled model reloads
+    saved = {"kv_cache_quant": True, "kv_quant_config": {
+        "direct_cast": True, "quant_dtype": "float8_e4m3fn",
+        "k_quant_method": {"_value_": "per_tensor_symmetric", "_name_": "PER_TENSOR_SYMMETRIC"},
+        "v_quant_method": {"_value_": "per_tensor_symmetric", "_name_": "PER_TENSOR_SYMMETRIC"}}}
+    check_neuron_config(saved)
+    assert saved["kv_quant_config"] == kv["kv_quant_config"]
     bad = [
         ({"quantized": True}, "needs quantized_checkpoints_path"),
         ({"quantized": True, "quantized_checkpoints_path": "/q", "quantization_dtype": "int4"}, "int4"),

@@ -138,7 +138,11 @@ def check_kv_cache_quant(kwargs: dict) -> None:
     config = dict(config or {})
     if not isinstance(kwargs.get("kv_quant_config") or {}, dict):
         raise ConfigError("neuron config kv_quant_config must be an object, e.g. {\"quant_dtype\": \"f8e4m3\"}")
+    for method in ("k_quant_method", "v_quant_method"):  # as neuron_config.json stores NxDI's default enum
+        if "per_tensor" not in str(config.pop(method, "per_tensor")):
+            raise ConfigError(f"neuron config kv_quant_config {method}: only per-tensor direct cast is supported")
     dtype = config.pop("quant_dtype", "f8e4m3")
+    dtype = {"float8_e4m3fn": "f8e4m3"}.get(dtype, dtype)  # neuron_config.json's spelling of the torch dtype
     if dtype not in KV_CACHE_DTYPES and dtype not in KV_CACHE_DTYPES.values():
         raise ConfigError(f"neuron config kv_quant_config quant_dtype={dtype!r} is not supported: only f8e4m3 (a "
                           "direct cast; an int8 cache would need calibrated scales nothing provides)")
