@@ -114,9 +114,20 @@ def test_prequantized_hub_checkpoint_refused_by_format(tiny4, tmp_path, capsys):
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     tensors["model.layers.0.self_attn.q_proj.weight_scale"] = torch.ones(64, 1)
     save_file(tensors, str(hub / "model.safetensors"))
+    for argv in (["quantize", "--model", str(hub), "--out", str(tmp_path / "o")],
+                 ["token-match", "--model", str(hub), "--max-new-tokens", "2"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "compressed-tensors / ModelOpt" in err, err
+    assert not (tmp_path / "o").exists()
+    # a config.json quantization_config (e.g. FP8 compressed-tensors) is refused by name too
+    config["quantization_config"] = {"quant_method": "compressed-tensors"}
+    (hub / "config.json").write_text(json.dumps(config))
+    del tensors["model.layers.0.self_attn.q_proj.weight_scale"]
+    save_file(tensors, str(hub / "model.safetensors"))
+    assert main(["plan", "--model", str(hub), "--instance", "inf2.xlarge"]) == 0  # planning reads config only
     assert main(["quantize", "--model", str(hub), "--out", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "unexpected tensor" in err or "compressed-tensors" in err
+    assert "quantization_config (compressed-tensors)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["gemma3", "gemma4"])

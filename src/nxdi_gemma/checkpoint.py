@@ -201,6 +201,9 @@ def check_checkpoint(model_dir: str | Path) -> GemmaPlan:
     if not root.is_dir():
         raise CheckpointError(f"{root}: no such directory; point --model at a local checkpoint directory")
     plan = load_plan(root)
+    from .quantize import check_not_foreign  # here, not at the top: quantize imports this module
+
+    check_not_foreign(root)  # a pre-quantized Hub checkpoint: refused naming its format
     match_tensors(root, plan, expected_shapes(plan))
     return plan
 

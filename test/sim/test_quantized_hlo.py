@@ -34,7 +34,7 @@ def decode_graphs(sim, tmp_path_factory) -> dict[str, dict]:
     jobs = []
     for name, fields in SCHEMES.items():
         config = {"quantized": True, "quantized_checkpoints_path": str(tmp / f"q_{name}"), **fields} if fields else {}
-        jobs.append([*G3, "--neuron-config", json.dumps(config), "--xla-dump", str(tmp / f"dump_{name}")])
+        jobs.append([*G3, "--neuron-config", json.dumps(config), "--xla-dump", str(tmp / "xla_dump")])
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     sim.run([sys.executable, "-m", "xla", "--jobs", str(tmp / "jobs.json"), "--json", str(tmp / "out.json")],
             RELEASE, mode="xla", timeout=1500, cwd=SIM)
