@@ -4,9 +4,10 @@ decode graph only, unquantized vs `quantized: true` with int8 and with fp8 (f8e4
 
 - Bytes per decode step that weights and KV cache put on HBM: the graph's weight parameters (the embedding table
   excluded: a step gathers one row of it) plus its KV-cache state. int8 and fp8 <= 0.6x the unquantized graph's
-  (0.55x is out of reach while the LM head stays bf16: at this geometry it alone is 9 of the 62 MiB left).
-- No dequantized copy of a weight: no >= 1 MiB multiply in the traced HLO (the scales multiply the matmul outputs),
-  no float64, and the graph's shapes are static (one traced graph per bucket).
+  (measured 0.559x: 0.55x is out of reach while the LM head stays bf16, 9 of the 64.8 MiB left at this geometry).
+- No dequantized (scaled) copy of a weight: no >= 1 MiB multiply in the traced HLO (the scales multiply the matmul
+  outputs), no float64, and the graph's shapes are static (one traced graph per bucket). Each quantized weight is
+  cast to bf16 right before its dot (NxD's layers do), which the device compiler is expected to fuse.
 - XLA:CPU's own bytes-accessed figure is reported, not bounded: XLA:CPU converts every bf16 weight to a float32
   transposed copy for its dot kernels, unquantized or not, which neuronx-cc does not do.
 """
