@@ -103,13 +103,23 @@ def run_case(golden, tp: int, extra: dict, rank: int) -> list[dict]:
     # NxD's quantized layers in the model actually run (and what dtype their weights hold)
     quantized = sorted({f"{type(m).__name__}:{str(m.weight.dtype).removeprefix('torch.')}"
                         for m in model.models[0].model.modules() if type(m).__name__.startswith("Quantized")})
+    # What NxDI's own swap on device (DecoderModelInstance.load_module -> NxD's convert, same selection rule: an
+    # exact type of its mapping, path not containing a modules_to_not_convert entry) would still convert: nothing.
+    left_for_nxdi = []
+    if model.neuron_config.quantized:
+        from neuronx_distributed.quantization.quantization_mappings import get_default_quant_module_mappings
+
+        skip = model.neuron_config.modules_to_not_convert or []
+        left_for_nxdi = [name for name, m in model.models[0].model.named_modules()
+                         if type(m) in get_default_quant_module_mappings() and not any(k in name for k in skip)]
     for i, prompt in enumerate(golden.prompts):
         mark = standins.mark()
         t0 = time.perf_counter()
         tokens, logits = generate(model, prompt, golden.new_tokens)
         record = compare(golden, i, tokens, logits)
         record.update(case=golden.name, prompt=i, prompt_len=len(prompt), tp=tp, bound=golden.bound, tokens=tokens,
-                      golden_tokens=golden.tokens[i], quantized_layers=quantized, standins_called=standins.calls(since=mark),
+                      golden_tokens=golden.tokens[i], quantized_layers=quantized, left_for_nxdi_convert=left_for_nxdi,
+                      standins_called=standins.calls(since=mark),
                       build_s=built - start, generate_s=time.perf_counter() - t0)
         records.append(record)
         if rank == 0:  # progress, for the test's failure output

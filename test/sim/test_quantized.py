@@ -91,6 +91,7 @@ def test_int8_weights_match_int8_rounded_hf(sim, goldens, int8_goldens, sim_repo
     assert effect > 10 * records[0]["bound"], f"{family}: int8 rounding barely moves HF's logits; proves little"
     for r in records:
         assert {"QuantizedColumnParallel:int8", "QuantizedRowParallel:int8"} <= set(r["quantized_layers"])
+        assert r["left_for_nxdi_convert"] == [], "NxDI's swap on device would convert these too"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
