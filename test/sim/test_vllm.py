@@ -486,6 +486,7 @@ def test_lora_adapters_and_base_in_one_batch(sim, tmp_path, kind):
     assert any("dynamic multi-LoRA" in event for event in report["events"])
 
 
+@pytest.mark.slow  # CI time: LoRA through LLM() runs in CI; this adds a second vLLM start
 def test_lora_over_http(sim, tmp_path):
     """`vllm serve DIR --max-model-len N --enable-lora --max-loras 3 --max-lora-rank 8 --lora-modules a4=.. a8=..
     base=..` (+ the simulation's settings, lora_ckpt_json): the six requests of the LoRA case sent at once to
