@@ -77,6 +77,8 @@ def _checkpoints() -> dict[str, dict]:
         "gemma3hub": hub,
         # `nxdi-gemma make-tiny --kind gemma4`: text-only Gemma4ForCausalLM with MoE, PLE, KV sharing, K=V
         "gemma4moe": TINY_CONFIGS["gemma4"],
+        # `make-tiny --kind gemma4_unified`: Gemma 4 12B-like text-only save (Gemma4UnifiedForCausalLM, model.*)
+        "gemma4unified": TINY_CONFIGS["gemma4_unified"],
         # dense Gemma 4 in the multimodal layout of the Hub's Gemma 4 checkpoints (weights under model.language_model.)
         "gemma4mm": {
             "model_type": "gemma4", "architectures": ["Gemma4ForConditionalGeneration"], "initializer_range": 0.2,
@@ -212,24 +214,23 @@ def test_gemma4_moe_with_tokenizer_then_restart_from_artifacts(sim, tmp_path, ca
     assert any(".load(" in event for event in second["events"])
 
 
-@pytest.mark.parametrize("name", ["gemma4mm", "gemma3mm"])
+@pytest.mark.parametrize("name", ["gemma4mm", "gemma3mm", "gemma4unifiedmm"])
 def test_multimodal_checkpoints_without_hf_overrides(sim, tmp_path, cases, name):
-    """Gemma4ForConditionalGeneration (dense) and Gemma3ForConditionalGeneration (transformers-5 RoPE in
-    text_config), served text-only by `LLM(model=DIR, ...)` with neither hf_overrides nor limit_mm_per_prompt: the
-    plugin's serving check supplies both (the tiny checkpoints have no image processor, which vLLM would load for
-    image inputs)."""
-    report = _drive(sim, tmp_path, cases[name], name)
-    assert report["hf_config_class"] == {"gemma4mm": "Gemma4CompatConfig", "gemma3mm": "Gemma3RopeCompatConfig"}[name]
-
-
-@pytest.mark.parametrize("name", ["gemma4unifiedmm"])
-def test_multimodal_unified_with_hf_overrides(sim, tmp_path, cases, name):
     """Gemma4ForConditionalGeneration (dense), Gemma3ForConditionalGeneration (transformers-5 RoPE in text_config)
-    and Gemma4UnifiedForConditionalGeneration (Gemma 4 12B-like), served text-only with the plugin's hf_overrides,
-    as scripts/serve_vllm.sh passes them."""
-    report = _drive(sim, tmp_path, cases[name], name, hf_overrides=True, limit_images=True)
+    and Gemma4UnifiedForConditionalGeneration (Gemma 4 12B-like, with vision and audio embedders; vllm-neuron's
+    MODEL_TYPES key "gemma4unified"), served text-only by `LLM(model=DIR, ...)` with neither hf_overrides nor
+    limit_mm_per_prompt: the plugin's serving check supplies both (the tiny checkpoints have no image processor,
+    which vLLM would load for image inputs)."""
+    report = _drive(sim, tmp_path, cases[name], name)
     assert report["hf_config_class"] == {"gemma4mm": "Gemma4CompatConfig", "gemma3mm": "Gemma3RopeCompatConfig",
                                          "gemma4unifiedmm": "Gemma4UnifiedCompatConfig"}[name]
+
+
+def test_gemma4_unified_text_only(sim, tmp_path, cases):
+    """Gemma 4 12B-like in its text-only save (`gemma4_unified_text`, Gemma4UnifiedForCausalLM, weights under
+    `model.`): global layers with one KV head of twice the head dim and K=V, sliding layers GQA, final softcap."""
+    report = _drive(sim, tmp_path, cases["gemma4unified"], "gemma4unified")
+    assert report["hf_config_class"] == "Gemma4UnifiedTextCompatConfig"
 
 
 def _free_port() -> int:
