@@ -310,3 +310,39 @@ def test_unreadable_tokenizer_files_are_one_line(name, text, tiny4, tmp_path, ca
     code, out, err = run(["token-match", "--model", str(bad), "--max-new-tokens", "2"], capsys)
     assert code == 2 and out == "" and len(err.splitlines()) == 1, err
     assert err.startswith("error: ") and str(bad / name) in err and "re-download" in err
+
+
+def _unified_bad(tmp_path, form: str):
+    """A multimodal `gemma4_unified` checkpoint (the tiny 12B-like weights under model.language_model.) whose config's
+    text part is `form`: missing, incomplete, of another family, or inconsistent with the 12B block."""
+    from nxdi_gemma.tiny import TINY_CONFIGS
+
+    text = {k: v for k, v in TINY_CONFIGS["gemma4_unified"].items() if k != "architectures"}
+    bad = tmp_path / form.replace(" ", "_")
+    write_tiny_checkpoint(bad, "gemma4_unified")
+    config = {"model_type": "gemma4_unified", "architectures": ["Gemma4UnifiedForConditionalGeneration"],
+              "tie_word_embeddings": True, "text_config": text}
+    if form == "no text_config":
+        del config["text_config"]
+    elif form == "no hidden_size":
+        del text["hidden_size"]
+    elif form == "gemma4_text decoder":
+        text["model_type"] = "gemma4_text"
+    elif form == "with MoE":
+        text["enable_moe_block"] = True
+    (bad / "config.json").write_text(json.dumps(config))
+    return bad
+
+
+@pytest.mark.parametrize("form, needle", [("no text_config", "text_config"), ("no hidden_size", "hidden_size"),
+                                          ("gemma4_text decoder", "gemma4_text"), ("with MoE", "enable_moe_block")])
+@pytest.mark.parametrize("command", ["plan", "token-match"])
+def test_bad_gemma4_unified_config_is_one_line(form, needle, command, tmp_path, capsys, no_unpickling):
+    bad = _unified_bad(tmp_path, form)
+    argv = {"plan": ["plan", "--model", str(bad), "--instance", "trn1.2xlarge"],
+            "token-match": ["token-match", "--model", str(bad), "--max-new-tokens", "2"]}[command]
+    code, out, err = run(argv, capsys)
+    assert code == 2 and out == "", (out, err)
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert needle in err and str(bad / "config.json") in err, err
+    assert "Traceback" not in err and not no_unpickling
