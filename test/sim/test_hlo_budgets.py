@@ -8,10 +8,14 @@ config.json is written (tracing and compiling need no weights):
 - Gemma 3 1B attention geometry, layers sliding + full (4 q heads, 1 KV head, head_dim 256, window 512), at
   max_context_length = seq_len = 4096, 16384 and 131072, with the model's default prefill chunking.
 - Gemma 4 26B-A4B geometry, top-k 4, with 32 and with 4 experts: decode graph only.
+- Gemma 4 12B geometry (`gemma4_unified`), layers sliding + full (16 q heads; sliding: 8 KV heads x 256, window 1024;
+  full: 1 KV head x 512, K=V), every graph at 4096 and 16384 (one process, about 2 min).
 Budgets: context-encoding temp arena grows with exponent <= 1.15 from 4096 to 16384 and its HLO instruction count by
 <= 1.3x; decode bytes per step grow by <= 1.5x the added KV cache bytes; every context-encoding graph a 131072-token
 prompt needs has a temp arena <= 2 GiB; MoE decode with 32 experts reads <= 1.25x the bytes with 4; no float64 and no
-int64 value with two sequence-length dimensions in any of these graphs.
+int64 value with two sequence-length dimensions in any of these graphs. 12B geometry: the KV cache as built (state
+shapes and bytes: the planner's count plus the full layer's chunk of spare slots), decode bytes per step grow by
+<= 1.5x the added KV, graph sizes fixed, no host syncs, the planner's prefill estimate within 25% of XLA's arena.
 Each geometry compiles in its own process, one at a time (the 16384 graphs are planned at several GiB).
 """
 
@@ -31,6 +35,10 @@ G3 = ["--geometry", "gemma-3-1b", "--layers", "2", "--set",
       "--mode", "compile"]
 MOE = ["--geometry", "gemma-4-26b-a4b", "--layers", "2", "--seq-len", "256", "--mode", "compile", "--graphs", "token"]
 MOE_JOBS = [[*MOE, "--set", json.dumps({"num_experts": n, "top_k_experts": 4})] for n in (4, 32)]
+# Gemma 4 12B: the 5:1 pattern's two kinds of layer, one each.
+G12 = ["--geometry", "gemma-4-12b", "--layers", "2", "--set",
+       json.dumps({"layer_types": ["sliding_attention", "full_attention"]}), "--mode", "compile"]
+G12_SEQS = (4096, 16384)
 MiB, GiB = 2**20, 2**30
 
 
@@ -150,3 +158,82 @@ def test_no_f64_no_int64_seq_by_seq(compiles, run):
         for name, graph in report["graphs"].items():
             assert not graph["f64"], f"{run} {name}: float64 in the HLO: {graph['f64'][:3]}"
             assert not graph["s64_seq_by_seq"], f"{run} {name}: int64 S x S values: {graph['s64_seq_by_seq'][:3]}"
+
+
+def g12(compiles: Compiles, seq: int) -> dict:
+    return compiles("g12", [[*G12, "--seq-len", str(n)] for n in G12_SEQS])[G12_SEQS.index(seq)]
+
+
+def g12_plan():
+    from nxdi_gemma.benchmark import shrunk_config
+    from nxdi_gemma.config import plan_from_config
+    from nxdi_gemma.public_models import public_config
+
+    config = shrunk_config(public_config("gemma-4-12b"), 2, 4096)
+    config.get("text_config", config).update(json.loads(G12[G12.index("--set") + 1]))  # as geometry_checkpoint
+    return plan_from_config(config)
+
+
+@pytest.mark.parametrize("seq", G12_SEQS)
+def test_gemma4_12b_kv_cache_as_built(compiles, seq, sim_report):
+    """Every graph carries the sliding layer's K and V as a window-sized ring of 8 heads x 256 and the full layer's as
+    1 head x 512 (K=V shares the projection, not the cache) over the context plus one prefill chunk of spare slots
+    (kv_cache.py); in bytes, `kv_cache_bytes` of the planner plus those spare slots."""
+    from nxdi_gemma.planning import kv_cache_bytes, prefill_chunk
+
+    plan = g12_plan()
+    chunk = prefill_chunk(plan, 1, 1, seq, seq)
+    sliding, full = [1, 8, 1024, 256], [1, 1, seq + chunk, 512]
+    want = {f"kv_mgr.past_key_values.{i}": shape for i, shape in enumerate([sliding, sliding, full, full])}
+    spare = 2 * chunk * 512 * 4
+    for name, graph in g12(compiles, seq)["graphs"].items():
+        assert graph["state_shapes"] == want, f"{name}: {graph['state_shapes']}"
+        assert graph["param_bytes"]["state"] == kv_cache_bytes(plan, 1, 1, seq, 4) + spare, name
+        if name.startswith("context_encoding"):
+            assert graph["example_shapes"][0] == [1, chunk]  # prompts run in chunks of this many tokens
+    sim_report(f"budget 12B KV as built {seq}", f"{graph['param_bytes']['state'] / MiB:.1f} MiB (sliding "
+               f"{sliding}, full {full}; planner {kv_cache_bytes(plan, 1, 1, seq, 4) / MiB:.1f} MiB + spare chunk)")
+
+
+def test_gemma4_12b_decode_bytes_track_kv(compiles, sim_report):
+    """Only the full layer's cache grows with the context; a decode step reads about that much more."""
+    small, large = (pick(g12(compiles, n)["graphs"], "token_generation") for n in G12_SEQS)
+    g4k, g16k = (max(gs.values(), key=lambda g: g["param_bytes"].get("state", 0)) for gs in (small, large))
+    added_kv = g16k["param_bytes"]["state"] - g4k["param_bytes"]["state"]
+    added = g16k["xla"]["bytes_accessed"] - g4k["xla"]["bytes_accessed"]
+    sim_report("budget 12B decode bytes/step 4096 -> 16384",
+               f"{g4k['xla']['bytes_accessed'] / MiB:.1f} -> {g16k['xla']['bytes_accessed'] / MiB:.1f} MiB: "
+               f"+{added / MiB:.1f} MiB for +{added_kv / MiB:.1f} MiB of KV ({added / added_kv:.2f}x, <= 1.5x)")
+    assert added_kv == 2 * (16384 + 256 - 4096 - 1024) * 512 * 4  # the full layer's K and V, nothing else
+    assert added <= 1.5 * added_kv, f"decode reads +{added / MiB:.0f} MiB per step for +{added_kv / MiB:.0f} MiB of KV"
+
+
+def test_gemma4_12b_graphs_static_no_syncs_no_f64(compiles, sim_report):
+    """Same graphs at 4x the context (HLO instructions <= 1.3x), no host sync or CPU fallback while tracing, no float64
+    (traced or optimized) and no int64 S x S value."""
+    reports = [g12(compiles, n) for n in G12_SEQS]
+    for report in reports:
+        for name, graph in report["graphs"].items():
+            assert not graph["trace_host_syncs"], f"{name}: host syncs / CPU fallbacks while tracing"
+            assert not graph["alias_problems"], f"{name}: {graph['alias_problems']}"
+            assert not graph["f64"] and not graph["xla"]["optimized_f64"], f"{name}: float64 {graph['f64'][:3]}"
+            assert not graph["s64_seq_by_seq"], f"{name}: int64 S x S values: {graph['s64_seq_by_seq'][:3]}"
+    small, large = (report["graphs"] for report in reports)
+    assert set(small) == set(large)
+    for name in small:
+        n4, n16 = small[name]["instructions"], large[name]["instructions"]
+        sim_report(f"budget 12B {name} HLO instructions", f"{n4} -> {n16} ({n16 / n4:.2f}x, <= 1.3x)")
+        assert n16 <= 1.3 * n4, f"{name} grows with the context: {n4} -> {n16} HLO instructions"
+
+
+def test_gemma4_12b_planner_models_the_prefill_graph(compiles, sim_report):
+    """`nxdi-gemma plan`'s activation estimate within 25% of XLA's context-encoding temp arena (K=V full layer of
+    1 KV head x 512, 16 query heads)."""
+    from nxdi_gemma.planning import prefill_activation_bytes
+
+    plan = g12_plan()
+    for seq in G12_SEQS:
+        arena = max(g["xla"]["temp_arena_bytes"] for g in pick(g12(compiles, seq)["graphs"], "context_encoding").values())
+        estimate = prefill_activation_bytes(plan, 1, 1, seq, seq, 4)
+        sim_report(f"planner vs XLA 12B prefill arena {seq}", f"{estimate / MiB:.1f} vs {arena / MiB:.1f} MiB")
+        assert abs(estimate - arena) <= 0.25 * arena, f"{seq}: planner {estimate / MiB:.0f} MiB vs XLA {arena / MiB:.0f}"

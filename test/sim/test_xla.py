@@ -27,8 +27,8 @@ import pytest
 FAMILIES = ("gemma2", "gemma3", "gemma4_ple", "gemma4_moe", "gemma4_12b")
 # NxDI 0.8 (SDK 2.28) by default; NXDI_GEMMA_SIM_XLA_RELEASES=sdk-2.28,sdk-2.29 adds NxDI 0.9 (a few more minutes).
 RELEASES = tuple(os.environ.get("NXDI_GEMMA_SIM_XLA_RELEASES", "sdk-2.28").split(","))
-# gemma4_12b's geometry (a 1-KV-head global layer replicated at TP 2, K=V) is traced at TP 2 by gemma4_moe already.
-TP2_FAMILIES = ("gemma2", "gemma3", "gemma4_ple", "gemma4_moe")
+# gemma4_12b: its 1-KV-head global layers (K=V, twice the head dim) replicated at TP 2, its GQA sliding layers split.
+TP2_FAMILIES = ("gemma2", "gemma3", "gemma4_ple", "gemma4_moe", "gemma4_12b")
 CHUNK = 8  # prefill chunk: the 30-token prompt runs as 4 chunks through one graph
 REPLAY = ["--seq-len", "64", "--ctx-len", "32", "--neuron-config", json.dumps({"prefill_chunk_size": CHUNK})]
 

@@ -107,6 +107,9 @@ def hlo_stats(graph: HloGraph, seq_lens: set[int]) -> dict:
         "trace_host_syncs": graph.trace_host_syncs,
         "alias_problems": graph.alias_problems,
         "states": {str(out): [pid, name] for out, (pid, name) in sorted(graph.states.items())},
+        # the KV cache as built: state-dict name -> shape of each aliased state parameter
+        "state_shapes": {name: list(graph.params[pid][0]) for _, (pid, name) in sorted(graph.states.items())
+                         if pid >= 0},
     }
 
 
