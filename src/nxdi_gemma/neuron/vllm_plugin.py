@@ -533,6 +533,16 @@ class GemmaServingConfig:
             previous.verify_and_update_config(vllm_config)
         serving_check(vllm_config)
 
+    @staticmethod
+    def verify_and_update_model_config(model_config: Any) -> None:
+        """vLLM 0.16's per-ModelConfig hook (`ModelConfig._try_verify_and_update_model_config`, called on every
+        MODELS_CONFIG_MAP entry; vLLM 0.13 has none): the previous entry's, if it has one. Our check needs the whole
+        VllmConfig, so it runs in `verify_and_update_config` only."""
+        previous = GemmaServingConfig.previous.get(model_config.architecture)
+        hook = getattr(previous, "verify_and_update_model_config", None)
+        if hook is not None:
+            hook(model_config)
+
 
 def register_serving_check(config_map: MutableMapping[str, Any]) -> list[str]:
     """Register GemmaServingConfig in vLLM's MODELS_CONFIG_MAP for every GEMMA_ARCHITECTURES entry, keeping any
