@@ -23,7 +23,8 @@ Helpers for the tier's tests (constants import as `from conftest import FAMILIES
 - FAMILIES / family_specs(): Gemma 2, Gemma 3, Gemma 4 with PLE + KV sharing (dense), Gemma 4 with K=V + MoE; sliding
   window 8, prompts of 30 (> 3x the window) and 5 tokens, 24 new tokens (decode past the window), float32.
   ALL_FAMILIES adds Gemma 4 12B-like (`gemma4_unified_text`: K=V global layers with one KV head of twice the head
-  dim, no PLE / MoE / sharing); to keep the tier's time, only test_nxdi_cpu, test_xla (TP 1) and one vLLM case run it.
+  dim, no PLE / MoE / sharing); to keep the tier's time, only test_nxdi_cpu (also its multimodal layout,
+  `multimodal_specs`), test_xla, test_hlo_budgets (its real geometry) and test_vllm run it.
 - `sim_report` (fixture) -> report(key, text): a line in the "simulation tier measurements" summary at the end.
 """
 
@@ -66,6 +67,30 @@ def family_specs() -> dict[str, dict]:
     }
     return {name: {"config": config, "seed": 0, "prompt_lengths": PROMPT_LENGTHS, "prompt_seed": 7,
                    "new_tokens": NEW_TOKENS} for name, config in configs.items()}
+
+
+def gemma4_unified_multimodal(text: dict) -> dict:
+    """A Gemma 4 12B-like checkpoint in its any-to-any layout (Gemma4UnifiedForConditionalGeneration: text weights
+    under model.language_model., tiny vision/audio embedders HF initializes and the text decoder ignores) around the
+    text config `text`."""
+    return {
+        "model_type": "gemma4_unified", "architectures": ["Gemma4UnifiedForConditionalGeneration"],
+        "initializer_range": 0.2, "tie_word_embeddings": True,
+        "text_config": {k: v for k, v in text.items() if k != "architectures"},
+        "vision_config": {"model_type": "gemma4_unified_vision", "patch_size": 2, "pooling_kernel_size": 2,
+                          "mm_posemb_size": 16, "mm_embed_dim": 64, "output_proj_dims": 64},
+        "audio_config": {"model_type": "gemma4_unified_audio", "audio_embed_dim": 16},
+    }  # fmt: skip
+
+
+def multimodal_specs() -> dict[str, dict]:
+    """Golden spec of the 12B-like family in its multimodal layout (`gemma4_12b_mm`, test_nxdi_cpu only), saved by
+    HF's Gemma4UnifiedForConditionalGeneration: its vision and audio embedder tensors are in the checkpoint too."""
+    from nxdi_gemma.tiny import TINY_CONFIGS
+
+    return {"gemma4_12b_mm": {"config": gemma4_unified_multimodal(TINY_CONFIGS["gemma4_unified"]), "seed": 0,
+                              "prompt_lengths": PROMPT_LENGTHS, "prompt_seed": 7, "new_tokens": NEW_TOKENS,
+                              "hf_saved": True}}
 
 
 class Sim:

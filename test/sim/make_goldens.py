@@ -5,6 +5,8 @@
 
 SPEC.json maps a case name to {"config": config.json dict, "seed": int, "prompt_lengths": [int], "prompt_seed": int,
 (optional "shared_prefix": int, the first tokens every prompt takes from prompt 0),
+optional "hf_saved": true (the checkpoint re-saved by HF's own class `architectures[0]`, so a multimodal one also holds
+the vision / audio tensors HF initializes, under the names HF saves them),
 "new_tokens": int, optionally "dtype": "bfloat16" and "adapters": {name: {"rank": int, "seed": int, "targets": [module
 names]}}}. For each case, OUT_DIR/<name>/ckpt is a checkpoint (our writer,
 `nxdi_gemma.tiny.random_weights`) and OUT_DIR/<name>/golden.json holds, per prompt, HF's greedy tokens and logits at
@@ -93,6 +95,20 @@ def lora_golden(ckpt: Path, folder: Path, prompts: list[list[int]], new_tokens: 
             "peft": peft.__version__}
 
 
+def hf_resave(ckpt: Path, architecture: str) -> None:
+    """Replace the checkpoint in `ckpt` by HF's own save of it (its class loads our text weights and initializes the
+    rest; written beside, then moved over, as the loaded tensors may map the old file)."""
+    model = getattr(transformers, architecture).from_pretrained(ckpt, dtype=torch.float32)
+    fresh = ckpt.with_name("ckpt.hf")
+    model.save_pretrained(fresh)
+    del model
+    for f in sorted(ckpt.iterdir()):
+        f.unlink()
+    for f in sorted(fresh.iterdir()):
+        f.replace(ckpt / f.name)
+    fresh.rmdir()
+
+
 def make_case(name: str, spec: dict, out: Path) -> None:
     case = out / name
     golden = case / "golden.json"
@@ -107,6 +123,8 @@ def make_case(name: str, spec: dict, out: Path) -> None:
             f.unlink()
         ckpt.rmdir()
     save_checkpoint(ckpt, config, random_weights(config, spec["seed"]))
+    if spec.get("hf_saved"):
+        hf_resave(ckpt, config["architectures"][0])
     prompts = prompts_of(spec, text["vocab_size"])
     dtype = spec.get("dtype", "float32")
     if dtype not in ("float32", "bfloat16"):

@@ -12,9 +12,11 @@ import json
 import sys
 
 import pytest
-from conftest import ALL_FAMILIES, RELEASES, SIM
+from conftest import ALL_FAMILIES, RELEASES, SIM, multimodal_specs
 
 TP_DEGREES = (1, 2)
+# + the 12B-like family in its multimodal layout (weights under model.language_model., vision/audio embedders skipped)
+CASES = (*ALL_FAMILIES, *multimodal_specs())
 _RUNS: dict[tuple[str, int], list[dict] | str] = {}  # records, or the failure of the driver process
 
 
@@ -25,7 +27,7 @@ def driver_records(sim, goldens, release: str, tp: int, tmp_path_factory) -> lis
         sim.need(release)
         out = tmp_path_factory.mktemp(f"nxdi_cpu_{release}_tp{tp}") / "records.json"
         launcher = sim.torchrun(tp) if tp > 1 else [sys.executable]
-        cases = [str(goldens[f]) for f in ALL_FAMILIES]
+        cases = [str(goldens[f]) for f in CASES]
         proc = sim.run([*launcher, str(SIM / "nxdi_cpu_driver.py"), "--tp", str(tp), "--out", str(out), *cases],
                        release, check=False)
         _RUNS[(release, tp)] = json.loads(out.read_text()) if proc.returncode == 0 else sim.failure(proc)
@@ -35,11 +37,16 @@ def driver_records(sim, goldens, release: str, tp: int, tmp_path_factory) -> lis
     return result
 
 
-@pytest.mark.parametrize("family", ALL_FAMILIES)
+@pytest.fixture(scope="module")
+def cases(sim, goldens) -> dict:
+    return {**goldens, **sim.goldens(multimodal_specs())}
+
+
+@pytest.mark.parametrize("family", CASES)
 @pytest.mark.parametrize("tp", TP_DEGREES, ids=lambda tp: f"tp{tp}")
 @pytest.mark.parametrize("release", RELEASES)
-def test_nxdi_cpu_mode_matches_hf(sim, goldens, sim_report, tmp_path_factory, release, tp, family):
-    records = [r for r in driver_records(sim, goldens, release, tp, tmp_path_factory) if r["case"] == family]
+def test_nxdi_cpu_mode_matches_hf(sim, cases, sim_report, tmp_path_factory, release, tp, family):
+    records = [r for r in driver_records(sim, cases, release, tp, tmp_path_factory) if r["case"] == family]
     assert records, f"the driver produced no record for {family}"
     errors = [r["error"] for r in records if "error" in r]
     assert not errors, f"{family} raised in NxDI CPU mode ({release}, TP {tp}):\n{errors[0]}"

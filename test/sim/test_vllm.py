@@ -30,6 +30,7 @@ from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
 
 import pytest
+from conftest import gemma4_unified_multimodal
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -89,13 +90,7 @@ def _checkpoints() -> dict[str, dict]:
         # Gemma 4 12B-like in its any-to-any layout (Gemma4UnifiedForConditionalGeneration: text weights under
         # model.language_model., tiny vision/audio embedders HF initializes; vllm-neuron's MODEL_TYPES key
         # "gemma4unified")
-        "gemma4unifiedmm": {
-            "model_type": "gemma4_unified", "architectures": ["Gemma4UnifiedForConditionalGeneration"],
-            "initializer_range": 0.2, "tie_word_embeddings": True, "text_config": text("gemma4_unified"),
-            "vision_config": {"model_type": "gemma4_unified_vision", "patch_size": 2, "pooling_kernel_size": 2,
-                              "mm_posemb_size": 16, "mm_embed_dim": 64, "output_proj_dims": 64},
-            "audio_config": {"model_type": "gemma4_unified_audio", "audio_embed_dim": 16},
-        },
+        "gemma4unifiedmm": gemma4_unified_multimodal(TINY_CONFIGS["gemma4_unified"]),
         # multimodal Gemma 3 (text served; weights under language_model.model.), transformers-5 RoPE in text_config
         "gemma3mm": {
             "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"], "initializer_range": 0.2,
