@@ -88,8 +88,8 @@ def _checkpoints() -> dict[str, dict]:
                                 top_k_experts=None, moe_intermediate_size=None),
         },
         # Gemma 4 12B-like in its any-to-any layout (Gemma4UnifiedForConditionalGeneration: text weights under
-        # model.language_model., tiny vision/audio embedders HF initializes; vllm-neuron's MODEL_TYPES key
-        # "gemma4unified")
+        # model.language_model., tiny vision/audio embedders HF initializes and saves (HF_SAVED); vllm-neuron's
+        # MODEL_TYPES key "gemma4unified")
         "gemma4unifiedmm": gemma4_unified_multimodal(TINY_CONFIGS["gemma4_unified"]),
         # multimodal Gemma 3 (text served; weights under language_model.model.), transformers-5 RoPE in text_config
         "gemma3mm": {
@@ -102,6 +102,11 @@ def _checkpoints() -> dict[str, dict]:
     }  # fmt: skip
 
 
+# Checkpoints re-saved by HF's own class: the 12B-like any-to-any one then holds its vision and audio embedder tensors
+# (and HF's full config.json), as a Hub checkpoint does.
+HF_SAVED = {"gemma4unifiedmm"}
+
+
 @pytest.fixture(scope="module")
 def cases(sim) -> dict[str, dict]:
     """name -> {"ckpt", "prompts", "tokens" (HF's), "max_tokens" (per prompt), "transformers"}. Every checkpoint gets
@@ -111,7 +116,8 @@ def cases(sim) -> dict[str, dict]:
 
     sim.need(RELEASE)
     specs = {f"vllm_{name}": {"config": config, "seed": 0, "prompt_lengths": PROMPT_LENGTHS, "prompt_seed": 2026,
-                              "new_tokens": NEW_TOKENS} for name, config in _checkpoints().items()}
+                              "new_tokens": NEW_TOKENS, **({"hf_saved": True} if name in HF_SAVED else {})}
+             for name, config in _checkpoints().items()}
     out = {}
     for name, case_dir in sim.goldens(specs).items():
         golden = json.loads((case_dir / "golden.json").read_text())
