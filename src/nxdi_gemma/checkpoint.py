@@ -203,6 +203,9 @@ def check_checkpoint(model_dir: str | Path) -> GemmaPlan:
     if not root.is_dir():
         raise CheckpointError(f"{root}: no such directory; point --model at a local checkpoint directory")
     plan = load_plan(root)
+    from .quantize import check_not_foreign  # here, not at the top: quantize imports this module
+
+    check_not_foreign(root)  # a pre-quantized Hub checkpoint: refused naming its format
     match_tensors(root, plan, expected_shapes(plan))
     return plan
 
@@ -258,7 +261,7 @@ def expected_shapes(plan: GemmaPlan) -> dict[str, torch.Size]:
 
 
 def save_checkpoint(model_dir: str | Path, config: dict, tensors: dict[str, torch.Tensor], extra_files: dict[str, str]
-                    | None = None) -> Path:
+                    | None = None, metadata: dict[str, str] | None = None) -> Path:
     """Write config.json + model.safetensors (+ extra text files) atomically: into a temporary sibling directory
     that is renamed into place only when complete."""
     target = Path(model_dir)
@@ -269,7 +272,7 @@ def save_checkpoint(model_dir: str | Path, config: dict, tensors: dict[str, torc
     try:
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / "model.safetensors"),
-                  metadata={"format": "pt"})
+                  metadata={"format": "pt", **(metadata or {})})
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
         if target.exists():
