@@ -127,7 +127,7 @@ def test_prequantized_hub_checkpoint_refused_by_format(tiny4, tmp_path, capsys):
     save_file(tensors, str(hub / "model.safetensors"))
     assert main(["plan", "--model", str(hub), "--instance", "inf2.xlarge"]) == 0  # planning reads config only
     assert main(["quantize", "--model", str(hub), "--out", str(tmp_path / "o")]) == 2
-    assert "quantization_config (compressed-tensors)" in capsys.readouterr().err
+    assert "compressed-tensors checkpoint (no weight quantization in config_groups" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["gemma3", "gemma4"])
@@ -185,3 +185,110 @@ def test_neuron_config_quantization_switches():
     for fields, message in bad:
         with pytest.raises(ConfigError, match=message):
             check_neuron_config(dict(fields))
+
+
+def fp8_hub_checkpoint(src, out, fmt: str, per_tensor: bool = False):
+    """A pre-quantized FP8 checkpoint as the Hub's tools write them (llm-compressor's compressed-tensors, NVIDIA
+    ModelOpt): every attention/MLP linear as float8_e4m3fn q = w / s with s = amax / 448 (per output channel, or per
+    tensor) in `*.weight_scale`, plus activation scales (`input_scale`, ModelOpt); everything else as stored."""
+    out.mkdir()
+    config = json.loads((src / "config.json").read_text())
+    if fmt == "compressed-tensors":
+        config["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+            "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": {
+                "num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}, "weights": {
+                "num_bits": 8, "type": "float", "strategy": "tensor" if per_tensor else "channel", "symmetric": True,
+                "dynamic": False}}}}
+    else:
+        config["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "FP8", "kv_cache_quant_algo": None}
+        (out / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "FP8"}}))
+    (out / "config.json").write_text(json.dumps(config))
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    for name in [n for n in tensors if n.endswith(("_proj.weight",)) and ".layers." in n]:
+        w = tensors[name].float()
+        amax = w.abs().amax() if per_tensor else w.abs().amax(dim=1, keepdim=True)
+        scale = amax / 448.0
+        tensors[name] = (w / scale).to(torch.float8_e4m3fn)
+        tensors[name + "_scale"] = scale.reshape(()) if per_tensor else scale
+        if fmt == "modelopt":
+            tensors[name[: -len("weight")] + "input_scale"] = torch.tensor(0.01)
+    save_file(tensors, str(out / "model.safetensors"))
+    return out, tensors
+
+
+@pytest.mark.parametrize(("fmt", "per_tensor"), [("compressed-tensors", False), ("compressed-tensors", True),
+                                                 ("modelopt", True)])
+def test_fp8_hub_checkpoint_converted_to_the_same_values(fmt, per_tensor, tmp_path, capsys):
+    """FP8 compressed-tensors / ModelOpt checkpoints become our fp8 per-channel checkpoint (what NxD's layers load)
+    whose dequantized weights q' * s' equal the source's q * s: exactly wherever q / 2 is a normal e4m3 value
+    (Neuron's e4m3 stops at 240, so channels reaching 448 are halved), within 2^-9 s below that."""
+    src = write_tiny_checkpoint(tmp_path / "g3", "gemma3")
+    hub, source = fp8_hub_checkpoint(src, tmp_path / "hub", fmt, per_tensor)
+    # without quantized weights it cannot run: one line saying how to run it
+    assert main(["token-match", "--model", str(hub), "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pre-quantized FP8" in err and "quantization_dtype=f8e4m3" in err, err
+    # int8 (or per tensor) would round the FP8 weights again: refused
+    assert main(["quantize", "--model", str(hub), "--out", str(tmp_path / "q8")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fp8 per channel only" in err, err
+    assert not (tmp_path / "q8").exists()
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(hub), "--out", str(out), "--dtype", "fp8"]) == 0
+    plan = load_plan(src)
+    scheme = Scheme("fp8", "per_channel")
+    check_quantized_checkpoint(out, hub, plan, scheme)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        converted = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    quantized = [n for n in converted if n.endswith("_proj.weight")]
+    assert len(quantized) == 7 * plan.num_layers
+    halved = 0
+    for name in quantized:
+        q, s = source[name].float(), source[name + "_scale"].float().reshape(-1, 1)
+        q2, s2 = converted[name].float(), converted[name[: -len("weight")] + "scale"]
+        assert converted[name].dtype == torch.float8_e4m3fn and s2.shape == (q.shape[0], 1)
+        assert q2.abs().max() <= 240
+        normal = (q.abs() >= 2**-5) | (s2 == s)
+        assert torch.equal((q2 * s2)[normal], (q * s).expand_as(q)[normal]), name
+        assert ((q2.double() * s2.double() - q.double() * s.double()).abs() <= 2**-9 * s.double()).all(), name
+        halved += int((s2 != s).any())
+    assert halved > 0  # the 448 -> 240 range change was exercised
+    for name, tensor in converted.items():  # the rest is the source's, unchanged
+        if not name.endswith(("_proj.weight", "_proj.scale")):
+            assert torch.equal(tensor, source[name]), name
+
+
+def test_bad_fp8_hub_checkpoints_are_one_line(tmp_path, capsys):
+    src = write_tiny_checkpoint(tmp_path / "g3", "gemma3")
+    hub, tensors = fp8_hub_checkpoint(src, tmp_path / "hub", "compressed-tensors")
+    name = "model.layers.0.self_attn.q_proj.weight_scale"
+    cases = {
+        "wrong scale shape": ({name: torch.ones(3, 1)}, "expected a float scale per output channel"),
+        "missing scale": ({name: None}, "has no weight_scale"),
+        "foreign tensor": ({"model.layers.0.self_attn.q_proj.weight_packed": torch.ones(2)}, "unexpected tensor"),
+    }
+    for what, (change, message) in cases.items():
+        bad = tmp_path / what.replace(" ", "_")
+        bad.mkdir()
+        (bad / "config.json").write_text((hub / "config.json").read_text())
+        edited = {k: v for k, v in {**tensors, **change}.items() if v is not None}
+        save_file(edited, str(bad / "model.safetensors"))
+        assert main(["quantize", "--model", str(bad), "--out", str(tmp_path / "o"), "--dtype", "fp8"]) == 2, what
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (what, err)
+        assert not (tmp_path / "o").exists()
+    # formats that are not converted, named
+    config = json.loads((hub / "config.json").read_text())
+    for quant, message in [
+        ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {"weights": {
+            "num_bits": 4, "type": "int", "strategy": "group"}}}}, "4-bit int weights, strategy group"),
+        ({"quant_method": "modelopt", "quant_algo": "NVFP4"}, "ModelOpt NVFP4"),
+        ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "quantization_config (fp8)"),
+        ({"quant_method": "gptq", "bits": 4}, "quantization_config (gptq)"),
+    ]:
+        (hub / "config.json").write_text(json.dumps(dict(config, quantization_config=quant)))
+        assert main(["quantize", "--model", str(hub), "--out", str(tmp_path / "o"), "--dtype", "fp8"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err

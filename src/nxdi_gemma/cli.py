@@ -231,8 +231,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     # The user's inputs (checkpoint, then compile config) are checked before NxDI is imported, so a bad checkpoint
     # is reported as such even on a machine without the Neuron SDK, and NxDI never opens a directory we refuse.
-    check_checkpoint(args.model)
-    read_compile_config(args.config)
+    check_checkpoint(args.model, prequantized=True)
+    spec = read_compile_config(args.config)
+    if not spec["neuron_config"].get("quantized"):
+        check_checkpoint(args.model)  # a pre-quantized FP8 checkpoint runs only with quantized weights: one line
     print(compile_model(args.model, args.config, args.out))
     return 0
 

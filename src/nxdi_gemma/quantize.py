@@ -135,8 +135,12 @@ KV_CACHE_DTYPES = {"f8e4m3": torch.float8_e4m3fn}
 def check_kv_cache_quant(kwargs: dict) -> None:
     """`kv_cache_quant: true` (NxDI's switch; NxDI's KVCacheManager acts on `kv_quant_config`, which NxDI's own
     demo builds from it): K/V stored as fp8 e4m3 by a plain cast (NxDI's direct-cast KVQuantizationConfig, its
-    default) and cast back where read. int8 and scaled (non-direct-cast) caches are refused: NxDI's scaled path
-    keeps static scales of 1 that nothing calibrates, and an int8 cast without scales rounds K/V to integers."""
+    default) and cast back where read. int8 and scaled (non-direct-cast) caches are refused. In NxDI 0.8 and 0.9
+    (KVCacheManager._quantize_cache/_dequantize_cache, KVQuantizationConfig) an int8 cache can only be the scaled
+    path: `direct_cast` casts K/V straight to int8 (rounds them to integers), and with direct_cast=false K/V are
+    divided by static per-layer `k_scales`/`v_scales` parameters that `_init_scale_buffers` creates as ones and
+    that no code in NxDI, NxD or vllm-neuron calibrates, computes or loads (no checkpoint key, no calibration step):
+    an int8 cache there is `round(K)` clamped to [-128, 127]."""
     config = kwargs.get("kv_quant_config")
     if not kwargs.get("kv_cache_quant", False):
         if config is not None:
@@ -152,7 +156,8 @@ def check_kv_cache_quant(kwargs: dict) -> None:
     dtype = {"float8_e4m3fn": "f8e4m3"}.get(dtype, dtype)  # neuron_config.json's spelling of the torch dtype
     if dtype not in KV_CACHE_DTYPES and dtype not in KV_CACHE_DTYPES.values():
         raise ConfigError(f"neuron config kv_quant_config quant_dtype={dtype!r} is not supported: only f8e4m3 (a "
-                          "direct cast; an int8 cache would need calibrated scales nothing provides)")
+                          "direct cast); NxDI's int8 KV cache divides K/V by per-layer scales that are fixed at 1 "
+                          "and that nothing calibrates or loads, i.e. it rounds K/V to integers")
     if not config.pop("direct_cast", True) or config:
         raise ConfigError(f"neuron config kv_quant_config {kwargs['kv_quant_config']!r}: only the direct-cast "
                           "f8e4m3 cache is supported (no scales, no per-key/channel methods)")
@@ -230,30 +235,166 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, scheme: Sche
     """Quantize a checkpoint directory into a new directory (atomic: a temporary sibling renamed when complete)."""
     from .checkpoint import save_checkpoint
 
-    plan = check_checkpoint(model_dir)
-    check_not_foreign(model_dir)
-    state = load_state_dict(model_dir, plan, expected_shapes(plan), dtype=None)
-    tensors = quantize_state_dict(state, plan, scheme)
+    plan = check_checkpoint(model_dir, prequantized=True)
+    fmt = check_not_foreign(model_dir)
+    if fmt is not None:  # pre-quantized FP8: converted, not quantized again
+        tensors = convert_prequantized(model_dir, plan, scheme, fmt)
+    else:
+        tensors = quantize_state_dict(load_state_dict(model_dir, plan, expected_shapes(plan), dtype=None), plan,
+                                      scheme)
     return save_checkpoint(out_dir, read_config_json(model_dir), tensors,
                            metadata={METADATA_KEY: json.dumps(scheme.to_json(), sort_keys=True)})
 
 
-def check_not_foreign(model_dir: str | Path) -> None:
-    """Refuse pre-quantized Hub checkpoints (FP8 compressed-tensors, ModelOpt, GPTQ/AWQ) in one line, naming the
-    format: their scales follow other conventions (e.g. 448-based e4m3fn, activation scales) than NxD's layers."""
+# Pre-quantized FP8 checkpoints converted at load (`convert_prequantized`), by config.json's quant_method.
+FP8_COMPRESSED_TENSORS = "FP8 compressed-tensors"
+FP8_MODELOPT = "FP8 ModelOpt"
+# Tensors of those formats that describe activations or the KV cache, which NxDI's weight-only scheme leaves in the
+# model dtype: read past, not converted.
+_IGNORED_SCALES = ("input_scale", "k_scale", "v_scale")
+F8E4M3_NEURON_MAX = 240.0  # Neuron's e4m3 (NxD's DtypeBound.F8E4M3_MAX); torch's float8_e4m3fn reaches 448
+
+
+def _quantization_config(model_dir: str | Path) -> dict | None:
     config = read_config_json(model_dir)
     quant = config.get("quantization_config") or text_config_of(config)[1].get("quantization_config")
-    names = [n for path in safetensors_files(model_dir) for n in read_header(path)]
-    for suffix, what in _FOREIGN_SUFFIXES.items():
-        hit = next((n for n in names if n.endswith("." + suffix)), None)
-        if hit:
-            raise CheckpointError(f"{model_dir}: a pre-quantized {what} checkpoint (tensor {hit}), which is not "
-                                  "converted; give the unquantized checkpoint and set quantized=true (or run "
-                                  "`nxdi-gemma quantize`)")
-    if isinstance(quant, dict):
-        method = quant.get("quant_method") or quant.get("quant_algo") or "unknown"
-        raise CheckpointError(f"{model_dir}: config.json has a quantization_config ({method}), a pre-quantized "
-                              "checkpoint that is not converted; give the unquantized checkpoint and set quantized=true")
+    modelopt = Path(model_dir) / "hf_quant_config.json"
+    if quant is None and modelopt.is_file():  # ModelOpt's own export (older ones carry no quantization_config)
+        try:
+            doc = json.loads(modelopt.read_text())
+        except json.JSONDecodeError:
+            raise CheckpointError(f"{modelopt}: not JSON; re-download it") from None
+        quant = {"quant_method": "modelopt", **(doc.get("quantization") or {})} if isinstance(doc, dict) else {}
+    return quant if isinstance(quant, dict) or quant is None else {"quant_method": repr(quant)}
+
+
+def check_not_foreign(model_dir: str | Path) -> str | None:
+    """None for an unquantized checkpoint; FP8_COMPRESSED_TENSORS or FP8_MODELOPT for a pre-quantized FP8 checkpoint
+    with per-channel or per-tensor weight scales (converted by `convert_prequantized`); any other pre-quantized
+    format (block FP8, int4, GPTQ/AWQ, NVFP4, ...) is refused in one line naming it."""
+    quant = _quantization_config(model_dir)
+    refuse = ("that is not converted; give the unquantized checkpoint and set quantized=true (or run `nxdi-gemma "
+              "quantize`)")
+    if quant is None:
+        names = [n for path in safetensors_files(model_dir) for n in read_header(path)]
+        for suffix, what in _FOREIGN_SUFFIXES.items():
+            hit = next((n for n in names if n.endswith("." + suffix)), None)
+            if hit:
+                raise CheckpointError(f"{model_dir}: a pre-quantized {what} checkpoint (tensor {hit}) without a "
+                                      f"config.json quantization_config, a format {refuse}")
+        return None
+    method = str(quant.get("quant_method") or quant.get("quant_algo") or "unknown")
+    if method == "compressed-tensors":
+        groups = quant.get("config_groups") or {}
+        weights = [g.get("weights") or {} for g in groups.values() if isinstance(g, dict)]
+        bad = [w for w in weights if not (w.get("num_bits") == 8 and w.get("type") == "float"
+                                          and w.get("strategy", "tensor") in ("channel", "tensor")
+                                          and w.get("symmetric", True))]
+        if not weights or bad:
+            w = bad[0] if bad else {}
+            what = (f"{w.get('num_bits')}-bit {w.get('type')} weights, strategy {w.get('strategy')}" if bad else
+                    "no weight quantization in config_groups")
+            raise CheckpointError(f"{model_dir}: a pre-quantized compressed-tensors checkpoint ({what}; format "
+                                  f"{quant.get('format')}) {refuse}; only FP8 per-channel or per-tensor weights are "
+                                  "converted")
+        return FP8_COMPRESSED_TENSORS
+    if method == "modelopt":
+        algo = quant.get("quant_algo")
+        if algo != "FP8":
+            raise CheckpointError(f"{model_dir}: a pre-quantized ModelOpt {algo} checkpoint {refuse}; only ModelOpt "
+                                  "FP8 is converted")
+        return FP8_MODELOPT
+    raise CheckpointError(f"{model_dir}: config.json has a quantization_config ({method}), a pre-quantized "
+                          f"checkpoint {refuse}")
+
+
+def match_prequantized(model_dir: str | Path, plan: GemmaPlan, fmt: str) -> dict[str, dict[str, tuple[Path, str]]]:
+    """our name -> {"weight": (file, disk name)[, "scale": (file, disk name)]} of a pre-quantized FP8 checkpoint,
+    from the headers: every tensor of the plan with its shape, float8_e4m3fn weights each with a per-channel
+    ([out, 1] or [out]) or per-tensor ([] or [1]) float scale, nothing else but activation / KV-cache scales."""
+    from .checkpoint import MISMATCH, iter_tensors, text_name
+
+    expected = expected_shapes(plan)
+    found: dict[str, dict[str, tuple[Path, str]]] = {}
+    headers = {}
+    for disk_name, path, _shape in iter_tensors(model_dir):
+        headers[disk_name] = read_header(path)[disk_name]
+        base, _, suffix = disk_name.rpartition(".")
+        if suffix in _IGNORED_SCALES:
+            continue
+        kind = "scale" if suffix == "weight_scale" else "weight"
+        name = text_name(base + ".weight" if kind == "scale" else disk_name, plan)
+        if name is None:
+            continue
+        if name not in expected:
+            raise CheckpointError(f"{model_dir}: unexpected tensor {disk_name} in a {fmt} checkpoint; {MISMATCH}")
+        found.setdefault(name, {})[kind] = (path, disk_name)
+    for name, shape in expected.items():
+        entry = found.get(name, {})
+        if "weight" not in entry:
+            raise CheckpointError(f"{model_dir}: missing tensor {name} (expected shape {list(shape)}); {MISMATCH}")
+        path, disk_name = entry["weight"]
+        dtype, got = headers[disk_name]
+        if got != tuple(shape):
+            raise CheckpointError(f"{path}: tensor {disk_name} has shape {list(got)}, expected {list(shape)} from "
+                                  f"config.json; {MISMATCH}")
+        if dtype.startswith("F8") != ("scale" in entry) or dtype not in ("F8_E4M3", "BF16", "F16", "F32"):
+            what = "has no weight_scale" if dtype.startswith("F8") else f"is {dtype} with a weight_scale"
+            raise CheckpointError(f"{path}: tensor {disk_name} {what}; a {fmt} checkpoint stores float8_e4m3fn "
+                                  "weights each with its weight_scale (re-download it)")
+        if "scale" in entry:
+            if len(shape) != 2:
+                raise CheckpointError(f"{path}: {disk_name} is an FP8 {len(shape)}-D tensor (routed experts?); "
+                                      f"{fmt} experts are not converted: give the unquantized checkpoint")
+            spath, sname = entry["scale"]
+            sdtype, sshape = headers[sname]
+            if sshape not in ((), (1,), (shape[0],), (shape[0], 1)) or sdtype not in ("F32", "BF16", "F16"):
+                raise CheckpointError(f"{spath}: {sname} is {sdtype} {list(sshape)}; expected a float scale per "
+                                      f"output channel [{shape[0]}, 1] or per tensor [] for weight {list(shape)}")
+    return found
+
+
+def convert_prequantized(model_dir: str | Path, plan: GemmaPlan, scheme: Scheme, fmt: str) -> dict[str, torch.Tensor]:
+    """A pre-quantized FP8 checkpoint (`check_not_foreign`) as our fp8 per-channel scheme, dequantizing to the same
+    values: each FP8 weight q with scale s (per channel, or per tensor spread over the channels). Neuron's e4m3
+    stops at 240 where float8_e4m3fn reaches 448 (NxDI reads e4m3fn bits as e4m3), so a channel whose |q| exceeds
+    240 is stored as q / 2 with scale 2 s: exact wherever q / 2 is a normal e4m3 value; only codes |q| < 2^-5 (below
+    1e-4 of the channel's range) with an odd last bit round, by at most 2^-9 s. Weights the scheme quantizes but the source stored
+    unquantized are quantized here (`quantize_tensor`); FP8 weights the scheme keeps in the model dtype
+    (modules_to_not_convert, the LM head) are dequantized to the checkpoint's dtype. Activation and KV-cache scales
+    (input_scale, k_scale, v_scale) are read past: NxDI's scheme quantizes weights only."""
+    from safetensors import safe_open
+
+    if scheme.dtype != "fp8" or scheme.scheme != "per_channel":
+        raise ConfigError(f"{model_dir} is a pre-quantized {fmt} checkpoint: it is converted to fp8 per channel "
+                          f"only (asked for {scheme.dtype} {scheme.scheme}, which would round its weights a second "
+                          "time); use --dtype fp8 --scheme per_channel (neuron config quantization_dtype=f8e4m3, "
+                          "quantization_type=per_channel_symmetric)")
+    found = match_prequantized(model_dir, plan, fmt)
+    config = read_config_json(model_dir)
+    text = text_config_of(config)[1]
+    model_dtype = getattr(torch, str(text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype")
+                                     or config.get("dtype") or "bfloat16"))
+    out: dict[str, torch.Tensor] = {}
+    for name, entry in found.items():
+        with safe_open(str(entry["weight"][0]), framework="pt") as f:
+            tensor = f.get_tensor(entry["weight"][1])
+        quantized = is_quantized_name(name, plan, scheme.modules_to_not_convert)
+        if "scale" not in entry:
+            if quantized:
+                out[name], out[scale_name(name)] = quantize_tensor(tensor, scheme)
+            else:
+                out[name] = tensor
+            continue
+        with safe_open(str(entry["scale"][0]), framework="pt") as f:
+            scale = f.get_tensor(entry["scale"][1]).float().reshape(-1, 1).expand(tensor.shape[0], 1)
+        if not quantized:
+            out[name] = (tensor.float() * scale).to(model_dtype)
+            continue
+        halve = tensor.float().abs().amax(dim=1, keepdim=True) > F8E4M3_NEURON_MAX
+        out[name] = torch.where(halve, tensor.float() / 2, tensor.float()).to(torch.float8_e4m3fn)
+        out[scale_name(name)] = torch.where(halve, 2 * scale, scale).contiguous()
+    return out
 
 
 def read_scheme(qdir: str | Path) -> Scheme:
