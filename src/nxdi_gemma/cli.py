@@ -270,7 +270,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from . import planning
 
     if args.table:
-        print(planning.instance_table())
+        print(planning.instance_table(weights=args.weights, kv_cache=args.kv_cache))
         return 0
     if not args.model or not args.instance:
         raise InputError("plan needs --model DIR|NAME and --instance NAME (or --table)")

@@ -313,24 +313,50 @@ def format_plan(p: MemoryPlan) -> str:
     ])
 
 
-def instance_table(dtype: str = "bfloat16") -> str:
+def instance_table(dtype: str = "bfloat16", weights: str = "model", kv_cache: str = "model") -> str:
     """Markdown matrix, public checkpoints x instances: for each pair that fits at 4096 tokens, the TP degree
     (the largest valid one the instance allows), the largest context that fits at batch 1, and the batch-1 decode
-    roofline at 4096 tokens; "-" where the weights do not fit."""
+    roofline at 4096 tokens; "-" where the weights do not fit. `weights` / `kv_cache`: the quantization schemes
+    (see memory_plan)."""
     from .public_models import PUBLIC_CONFIGS, public_plan
+
+    schemes = {"weights": weights, "kv_cache": kv_cache}
 
     rows = ["| model | " + " | ".join(INSTANCES) + " |", "|---|" + "---|" * len(INSTANCES)]
     for name in PUBLIC_CONFIGS:
         plan = public_plan(name)
         cells = []
         for instance in INSTANCES:
-            result = memory_plan(plan, instance, None, 1, 4096, dtype)
+            result = memory_plan(plan, instance, None, 1, 4096, dtype, **schemes)
             if not result.fits:
                 cells.append("-")
                 continue
-            context, _ = largest_fit(plan, instance, result.tp, dtype)
+            context, _ = largest_fit(plan, instance, result.tp, dtype, **schemes)
             cells.append(f"TP{result.tp}, {context // 1024}K, {result.decode_tokens_per_s:.0f} tok/s")
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def scheme_table() -> str:
+    """Markdown table, public checkpoints: parameters as NxDI stores them (the LM head's own copy of a tied
+    embedding counted), weight bytes with bf16 and with int8/fp8 weights (`weight_bytes`), the average bytes per
+    parameter of the int8/fp8 checkpoint, and the bytes a batch-1 decode step reads at 4096 tokens
+    (active weights + bf16 KV cache, TP 1)."""
+    from .public_models import PUBLIC_CONFIGS, public_plan
+
+    rows = ["| model | parameters stored | bf16 weights | int8 / fp8 weights | bytes per parameter (int8 / fp8) | decode read "
+            "per token at 4K, bf16 -> int8 |", "|---|---|---|---|---|---|"]
+    for name in PUBLIC_CONFIGS:
+        plan = public_plan(name)
+        counts = parameter_counts(plan)
+        total = counts["sharded"] + counts["tables"] + counts["replicated"]
+        plain, plain_read = weight_bytes(counts, 2, "model")
+        quant, quant_read = weight_bytes(counts, 2, "int8")
+        extra = 2 * counts["replicated"]
+        kv = kv_cache_bytes(plan, 1, 1, min(4096, plan.max_position_embeddings), 2)
+        rows.append(f"| {name} | {total / 1e9:.2f} B | {(plain + extra) / GIB:.1f} GiB | {(quant + extra) / GIB:.1f} "
+                    f"GiB | {(quant + extra) / total:.2f} | {(plain_read + kv) / GIB:.2f} -> "
+                    f"{(quant_read + kv) / GIB:.2f} GiB ({(quant_read + kv) / (plain_read + kv):.2f}x) |")
     return "\n".join(rows)
 
 
