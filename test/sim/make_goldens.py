@@ -7,6 +7,7 @@ SPEC.json maps a case name to {"config": config.json dict, "seed": int, "prompt_
 (optional "shared_prefix": int, the first tokens every prompt takes from prompt 0),
 "new_tokens": int, optionally "dtype": "bfloat16", "adapters": {name: {"rank": int, "seed": int, "targets": [module
 names]}}, "weights": "int8_rounded" (HF runs an int8-rounded copy of the checkpoint: the reference of quantized
+weights; or "fp8_compressed_tensors": the checkpoint is an FP8 compressed-tensors one and HF runs its dequantized
 weights) and "kv_cache": "f8e4m3" (HF's cache rounds what it stores to fp8: the reference of a quantized KV
 cache)}. For each case, OUT_DIR/<name>/ckpt is a checkpoint (our writer,
 `nxdi_gemma.tiny.random_weights`) and OUT_DIR/<name>/golden.json holds, per prompt, HF's greedy tokens and logits at
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -64,6 +66,28 @@ def round_on_write_cache(storage: torch.dtype):
                     torch.cat([values[..., :-n, :], value_states], dim=-2))
 
     return RoundOnWriteCache
+
+
+_LINEAR = re.compile(r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$")
+
+
+def fp8_compressed_tensors(config: dict, weights: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
+    """(config, tensors) of an FP8 compressed-tensors checkpoint as llm-compressor's FP8 scheme writes it (every
+    attention / MLP Linear as float8_e4m3fn w / s, s = max|w| / 448 per output channel, in `weight_scale`; the
+    rest as stored), and the float32 weights it dequantizes to (q * s): HF's reference."""
+    hub, dequantized = {}, {}
+    for name, w in weights.items():
+        if not _LINEAR.search(name):
+            hub[name] = dequantized[name] = w
+            continue
+        scale = w.float().abs().amax(dim=1, keepdim=True) / 448.0
+        q = (w.float() / scale).to(torch.float8_e4m3fn)
+        hub[name], hub[name + "_scale"] = q, scale
+        dequantized[name] = q.float() * scale
+    quant = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+             "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                 "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False}}}}
+    return dict(config, quantization_config=quant), hub, dequantized
 
 
 @torch.no_grad()
@@ -129,8 +153,20 @@ def make_case(name: str, spec: dict, out: Path) -> None:
             f.unlink()
         ckpt.rmdir()
     weights = random_weights(config, spec["seed"])
-    save_checkpoint(ckpt, config, weights)
     reference = ckpt
+    if spec.get("weights") == "fp8_compressed_tensors":
+        # The case's checkpoint is an FP8 compressed-tensors one (as llm-compressor writes it); HF runs its
+        # dequantized weights (q * weight_scale, float32) from a plain checkpoint beside it.
+        reference = case / "fp8_reference"
+        if reference.exists():
+            for f in sorted(reference.iterdir()):
+                f.unlink()
+            reference.rmdir()
+        hub_config, hub, dequantized = fp8_compressed_tensors(config, weights)
+        save_checkpoint(ckpt, hub_config, hub)
+        save_checkpoint(reference, config, dequantized)
+    else:
+        save_checkpoint(ckpt, config, weights)
     if spec.get("weights") == "int8_rounded":
         # HF runs an int8-rounded copy (per output channel, per expert; nxdi_gemma.quantize.int8_rounded_reference,
         # torch's own quantizer) as float32; the case's checkpoint stays the original, which NxDI quantizes itself.
@@ -142,8 +178,9 @@ def make_case(name: str, spec: dict, out: Path) -> None:
         plan = load_plan(ckpt)
         state = load_state_dict(ckpt, plan, expected_shapes(plan), dtype=None, progress=False)
         save_checkpoint(reference, config, int8_rounded_reference(state, plan))
-    elif "weights" in spec:
-        raise SystemExit(f"make_goldens.py: case {name}: weights {spec['weights']!r}; only 'int8_rounded'")
+    elif spec.get("weights") not in (None, "fp8_compressed_tensors"):
+        raise SystemExit(f"make_goldens.py: case {name}: weights {spec['weights']!r}; only 'int8_rounded' or "
+                         "'fp8_compressed_tensors'")
     prompts = prompts_of(spec, text["vocab_size"])
     dtype = spec.get("dtype", "float32")
     if dtype not in ("float32", "bfloat16"):

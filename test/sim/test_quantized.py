@@ -21,6 +21,11 @@ from sim_golden import load_golden
 TP_DEGREES = (1, 2)
 NEURON_CONFIG = {"quantized": True, "quantization_dtype": "int8", "quantization_type": "per_channel_symmetric"}
 KV_NEURON_CONFIG = {"kv_cache_quant": True}  # f8e4m3, direct cast (NxDI's KVQuantizationConfig default)
+FP8_NEURON_CONFIG = {"quantized": True, "quantization_dtype": "f8e4m3", "quantization_type": "per_channel_symmetric"}
+# FP8 Hub checkpoints: dense families (compressed-tensors quantizes Linear modules; our routed experts are 3-D
+# parameters, which such checkpoints keep unquantized and our converter would quantize, away from HF's reference).
+HUB_FAMILIES = [f for f in FAMILIES if f != "gemma4_moe"]
+SCHEME_CONFIGS = {"int8": NEURON_CONFIG, "kvfp8": KV_NEURON_CONFIG, "fp8hub": FP8_NEURON_CONFIG}
 _RUNS: dict[tuple[str, int, str], list[dict] | str] = {}
 
 
@@ -40,12 +45,12 @@ def driver_records(sim, cases: dict, suffix: str, release: str, tp: int, tmp_pat
         sim.need(release)
         out = tmp_path_factory.mktemp(f"{suffix}_{release}_tp{tp}") / "records.json"
         launcher = sim.torchrun(tp) if tp > 1 else [sys.executable]
-        args = ["--neuron-config", json.dumps(KV_NEURON_CONFIG)]
-        if suffix == "int8":  # quantized_checkpoints_path does not exist yet: written on first use
-            args = ["--neuron-config", json.dumps(NEURON_CONFIG), "--quantized-dir",
-                    str(tmp_path_factory.mktemp(f"quantized_ckpts_{release}_tp{tp}"))]
+        args = ["--neuron-config", json.dumps(SCHEME_CONFIGS[suffix])]
+        if SCHEME_CONFIGS[suffix].get("quantized"):  # quantized_checkpoints_path does not exist yet: written on first use
+            args += ["--quantized-dir", str(tmp_path_factory.mktemp(f"quantized_ckpts_{suffix}_{release}_tp{tp}"))]
         proc = sim.run([*launcher, str(SIM / "nxdi_cpu_driver.py"), "--tp", str(tp), "--out", str(out), *args,
-                        *[str(cases[f"{f}_{suffix}"]) for f in FAMILIES]], release, check=False)
+                        *[str(path) for name, path in cases.items() if name.endswith(f"_{suffix}")]], release,
+                       check=False)
         _RUNS[(release, tp, suffix)] = json.loads(out.read_text()) if proc.returncode == 0 else sim.failure(proc)
     result = _RUNS[(release, tp, suffix)]
     if isinstance(result, str):
@@ -117,3 +122,30 @@ def test_fp8_kv_cache_matches_round_on_write_hf(sim, goldens, kv_goldens, sim_re
                f"{max(r['max_abs_logit_diff'] for r in records):.1e} vs round-on-write HF (bound "
                f"{records[0]['bound']:.0e}; vs unquantized-cache HF {effect:.1e})")
     assert effect > 10 * records[0]["bound"], f"{family}: fp8 rounding of the cache barely moves HF; proves little"
+
+
+@pytest.fixture(scope="session")
+def hub_goldens(sim) -> dict[str, object]:
+    return sim.goldens({f"{name}_fp8hub": dict(spec, weights="fp8_compressed_tensors")
+                        for name, spec in family_specs().items() if name in HUB_FAMILIES})
+
+
+@pytest.mark.parametrize("family", HUB_FAMILIES)
+@pytest.mark.parametrize(("release", "tp"), [pytest.param("sdk-2.28", 1, id="sdk-2.28-tp1"),
+                                             pytest.param("sdk-2.29", 2, id="sdk-2.29-tp2", marks=pytest.mark.slow)])
+def test_fp8_hub_checkpoint(sim, goldens, hub_goldens, sim_report, tmp_path_factory, release, tp, family):
+    """An FP8 compressed-tensors checkpoint (float8_e4m3fn weights, per-channel weight_scale, config.json
+    quantization_config) given as the model with quantized fp8 weights: converted to NxD's fp8 scheme on first use
+    (quantize.convert_prequantized), the greedy tokens and float32 logits of HF run on its dequantized weights."""
+    records = [r for r in driver_records(sim, hub_goldens, "fp8hub", release, tp, tmp_path_factory)
+               if r["case"] == f"{family}_fp8hub"]
+    check_records(records, family, release, tp)
+    effect = reference_effect(hub_goldens[f"{family}_fp8hub"], goldens[family])
+    sim_report(f"fp8 hub {release} tp{tp} {family}",
+               f"match {min(r['match'] for r in records):.3f}  max|dlogit| "
+               f"{max(r['max_abs_logit_diff'] for r in records):.1e} vs HF on the dequantized FP8 weights (bound "
+               f"{records[0]['bound']:.0e}; vs the unquantized model {effect:.1e})")
+    assert effect > 10 * records[0]["bound"], f"{family}: FP8 rounding barely moves HF's logits; proves little"
+    for r in records:
+        assert {"QuantizedColumnParallel:float8_e4m3fn", "QuantizedRowParallel:float8_e4m3fn"} <= set(
+            r["quantized_layers"]), r["quantized_layers"]
