@@ -181,6 +181,8 @@ def test_neuron_config_quantization_switches():
         ({"kv_cache_quant": True, "kv_quant_config": {"quant_dtype": "int8"}}, "int8"),
         ({"kv_cache_quant": True, "kv_quant_config": {"direct_cast": False}}, "direct-cast"),
         ({"kv_quant_config": {}}, "without kv_cache_quant"),
+        ({"kv_cache_quant": True, "is_block_kv_layout": True, "is_prefix_caching": True}, "block KV layout"),
+        ({"quantized": True, "quantized_checkpoints_path": "/q", "lora_config": {"max_loras": 1}}, "LoRA"),
     ]
     for fields, message in bad:
         with pytest.raises(ConfigError, match=message):
