@@ -294,3 +294,18 @@ def test_bad_fp8_hub_checkpoints_are_one_line(tmp_path, capsys):
         assert main(["quantize", "--model", str(hub), "--out", str(tmp_path / "o"), "--dtype", "fp8"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+
+
+def test_compile_refuses_fp8_hub_checkpoint_with_another_scheme(tmp_path, capsys):
+    """`nxdi-gemma compile` checks a pre-quantized FP8 checkpoint against the compile config before NxDI is imported:
+    without quantized weights, or with int8, one line."""
+    src = write_tiny_checkpoint(tmp_path / "g3", "gemma3")
+    hub, _ = fp8_hub_checkpoint(src, tmp_path / "hub", "compressed-tensors")
+    for fields, message in [({}, "runs only as fp8 weights"),
+                            ({"quantized": True, "quantization_dtype": "int8"}, "converted to fp8 per channel only")]:
+        config = tmp_path / "c.json"
+        config.write_text(json.dumps({"neuron_config": {"tp_degree": 1, **fields}}))
+        assert main(["compile", "--model", str(hub), "--config", str(config), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+        assert not (tmp_path / "o").exists()

@@ -233,8 +233,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
     # is reported as such even on a machine without the Neuron SDK, and NxDI never opens a directory we refuse.
     check_checkpoint(args.model, prequantized=True)
     spec = read_compile_config(args.config)
-    if not spec["neuron_config"].get("quantized"):
+    nc = spec["neuron_config"]
+    if not nc.get("quantized"):
         check_checkpoint(args.model)  # a pre-quantized FP8 checkpoint runs only with quantized weights: one line
+    else:
+        from .quantize import check_prequantized_scheme
+
+        check_prequantized_scheme(args.model, nc.get("quantization_dtype", "int8"),
+                                  nc.get("quantization_type", "per_channel_symmetric"))
     print(compile_model(args.model, args.config, args.out))
     return 0
 

@@ -354,6 +354,16 @@ def match_prequantized(model_dir: str | Path, plan: GemmaPlan, fmt: str) -> dict
     return found
 
 
+def check_prequantized_scheme(model_dir: str | Path, quantization_dtype: str, quantization_type: str) -> None:
+    """Before compiling: a pre-quantized FP8 checkpoint is converted only to fp8 per channel (see
+    convert_prequantized); any other neuron-config scheme is one line now rather than at load."""
+    fmt = check_not_foreign(model_dir)
+    if fmt is not None and (quantization_dtype, quantization_type) != ("f8e4m3", "per_channel_symmetric"):
+        raise ConfigError(f"{model_dir} is a pre-quantized {fmt} checkpoint: it is converted to fp8 per channel only "
+                          f"(the neuron config asks for {quantization_dtype} {quantization_type}); set "
+                          "quantization_dtype=f8e4m3 and quantization_type=per_channel_symmetric")
+
+
 def convert_prequantized(model_dir: str | Path, plan: GemmaPlan, scheme: Scheme, fmt: str) -> dict[str, torch.Tensor]:
     """A pre-quantized FP8 checkpoint (`check_not_foreign`) as our fp8 per-channel scheme, dequantizing to the same
     values: each FP8 weight q with scale s (per channel, or per tensor spread over the channels). Neuron's e4m3
