@@ -289,7 +289,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise InputError("plan --draft needs --acceptance ALPHA (the draft's per-token acceptance rate, 0..1)")
         check_draft(plan, draft, args.num_speculative_tokens or 1)
         spec = planning.speculation_plan(plan, draft, args.instance, args.acceptance, args.num_speculative_tokens,
-                                         args.tp, args.seq_len, args.dtype)
+                                         args.tp, args.seq_len, args.dtype, weights=args.weights,
+                                         kv_cache=args.kv_cache)
         print(json.dumps(dataclasses.asdict(spec) | {"speedup": spec.speedup}, indent=2) if args.json else
               f"{args.model} with draft {args.draft} on {args.instance}: K={spec.num_speculative_tokens}, "
               f"{spec.tokens_per_step:.2f} tokens per step at acceptance {spec.acceptance}, "

@@ -416,19 +416,21 @@ def expected_tokens_per_step(acceptance: float, k: int) -> float:
 
 
 def speculation_plan(target: GemmaPlan, draft: GemmaPlan, instance: str, acceptance: float, k: int | None = None,
-                     tp: int | None = None, seq_len: int | None = None, dtype: str = "bfloat16") -> SpeculationPlan:
+                     tp: int | None = None, seq_len: int | None = None, dtype: str = "bfloat16",
+                     **schemes: str) -> SpeculationPlan:
     """Batch-1 decode roofline with a draft on the same cores (NxDI fused speculation: one graph per step): a step
     reads the target once for the K + 1 verified tokens and the draft K times (both weights and KV cache in use),
     and yields `expected_tokens_per_step`. k None: the K in 1..8 with the most tokens/s. acceptance: the
     per-proposal rate alpha; a measured accepted/proposed rate r over K-token steps is lower than alpha
-    (r = alpha (1 - alpha^K) / ((1 - alpha) K)), so using r here is conservative."""
+    (r = alpha (1 - alpha^K) / ((1 - alpha) K)), so using r here is conservative. `schemes` (weights=,
+    kv_cache=, see memory_plan) apply to target and draft alike."""
     if not 0 <= acceptance <= 1:
         raise InputError(f"--acceptance {acceptance} must be in [0, 1]")
     if k is not None and k < 1:
         raise InputError(f"--num-speculative-tokens {k} must be at least 1")
-    target_plan = memory_plan(target, instance, tp, 1, seq_len, dtype)
+    target_plan = memory_plan(target, instance, tp, 1, seq_len, dtype, **schemes)
     draft_plan = memory_plan(draft, instance, target_plan.tp, 1, min(target_plan.seq_len,
-                                                                       draft.max_position_embeddings), dtype)
+                                                                       draft.max_position_embeddings), dtype, **schemes)
     t_target, t_draft = 1 / target_plan.decode_tokens_per_s, 1 / draft_plan.decode_tokens_per_s
 
     both = (target_plan.weights_per_core + target_plan.kv_cache_per_core + draft_plan.weights_per_core
