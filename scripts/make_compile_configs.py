@@ -13,6 +13,8 @@ Choice, per (model, instance):
   `prefill_chunk_size` (planning.prefill_chunk: the context-encoding buckets stop there), so the context is bounded
   by the KV cache, not by S x S activations.
 - batch: the largest power of two <= MAX_BATCH that stays within FILL at that seq_len.
+- int8 weights (`<model>__<instance>__int8.json`, neuron config quantized=true, int8 per channel) where they change
+  the fit: the model fits only with them, or with a longer seq_len or a larger batch.
 FILL < 1 leaves headroom for what the estimate does not see (compiler scratch, fragmentation). A combination
 with no such plan gets no file.
 """
@@ -45,7 +47,7 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "gemma-3-27b": GEMMA_2_3_INSTANCES,
     "gemma-4-e2b": ("inf2.xlarge", "trn1.2xlarge"),
     "gemma-4-e4b": ("inf2.xlarge", "trn1.2xlarge"),
-    "gemma-4-31b": ("trn1.32xlarge", "trn2.3xlarge", "inf2.48xlarge"),
+    "gemma-4-31b": ("trn1.32xlarge", "trn2.3xlarge", "inf2.48xlarge", "inf2.24xlarge"),
     "gemma-4-26b-a4b": ("trn1.32xlarge", "trn2.3xlarge"),
     "gemma-4-12b": GEMMA_2_3_INSTANCES,  # issue 16: the Gemma 4 that runs on one accelerator, everywhere it fits
 }
@@ -54,10 +56,12 @@ MAX_BATCH = 4
 FILL = 0.9  # share of the HBM per core a plan may use
 MIN_BUCKET = 512
 DTYPE = "bfloat16"
+# int8 weights, per output channel (issue 18): a second file <model>__<instance>__int8.json where they change the fit.
+QUANTIZED = {"quantized": True, "quantization_dtype": "int8", "quantization_type": "per_channel_symmetric"}
 
 
-def file_name(model: str, instance: str) -> str:
-    return f"{model}__{instance}.json"
+def file_name(model: str, instance: str, weights: str = "model") -> str:
+    return f"{model}__{instance}.json" if weights == "model" else f"{model}__{instance}__{weights}.json"
 
 
 def shardable_widths(plan) -> list[int]:
@@ -95,7 +99,7 @@ def buckets(limit: int) -> list[int]:
     return out + [limit]
 
 
-def choose(plan, instance: str) -> MemoryPlan | None:
+def choose(plan, instance: str, weights: str = "model") -> MemoryPlan | None:
     """The (TP, seq_len, batch) plan for one combination, or None when nothing fits within FILL."""
     tps = valid_tps(plan, instance)
     if not tps:
@@ -107,7 +111,7 @@ def choose(plan, instance: str) -> MemoryPlan | None:
         best = None
         batch = 1
         while batch <= MAX_BATCH:
-            result = memory_plan(plan, instance, tp, batch, seq_len, DTYPE)
+            result = memory_plan(plan, instance, tp, batch, seq_len, DTYPE, weights=weights)
             if not within_fill(result):
                 break
             best = result
@@ -139,9 +143,15 @@ def notes(model: str, plan, chosen: MemoryPlan) -> str:
     return text
 
 
-def compile_config(model: str, instance: str) -> dict | None:
+def better(quantized: MemoryPlan | None, unquantized: MemoryPlan | None) -> bool:
+    """Whether int8 weights change the fit: the model fits only quantized, or with a longer context or batch."""
+    return quantized is not None and (unquantized is None or (quantized.seq_len, quantized.batch) >
+                                      (unquantized.seq_len, unquantized.batch))
+
+
+def compile_config(model: str, instance: str, weights: str = "model") -> dict | None:
     plan = public_plan(model)
-    chosen = choose(plan, instance)
+    chosen = choose(plan, instance, weights)
     if chosen is None:
         return None
     seq_len = chosen.seq_len
@@ -163,7 +173,14 @@ def compile_config(model: str, instance: str) -> dict | None:
     }
     if instance.startswith("trn2"):
         neuron_config["logical_nc_config"] = 2
-    return {"model": model, "instance": instance, "notes": notes(model, plan, chosen), "neuron_config": neuron_config}
+    text = notes(model, plan, chosen)
+    if weights != "model":
+        neuron_config.update(QUANTIZED)
+        text += (" int8 weights (nxdi-gemma quantize's default scheme; the quantized checkpoint is written on first "
+                 "use beside the compile output): this fit needs them, the bf16 weights "
+                 + ("do not fit." if choose(plan, instance) is None else
+                    f"fit only seq_len {choose(plan, instance).seq_len}, batch {choose(plan, instance).batch}."))
+    return {"model": model, "instance": instance, "notes": text, "neuron_config": neuron_config}
 
 
 def generate() -> dict[str, dict]:
@@ -174,6 +191,9 @@ def generate() -> dict[str, dict]:
             config = compile_config(model, instance)
             if config is not None:
                 out[file_name(model, instance)] = config
+            plan = public_plan(model)
+            if better(choose(plan, instance, "int8"), choose(plan, instance)):
+                out[file_name(model, instance, "int8")] = compile_config(model, instance, "int8")
     return out
 
 
@@ -185,10 +205,12 @@ def table(configs: dict[str, dict]) -> str:
     rows = ["| model | instance | TP | seq_len | batch | GiB per core |", "|---|---|---|---|---|---|"]
     for config in configs.values():
         nc = config["neuron_config"]
+        weights = nc.get("quantization_dtype", "model")
         result = memory_plan(public_plan(config["model"]), config["instance"], nc["tp_degree"], nc["batch_size"],
-                             nc["seq_len"], nc["torch_dtype"])
-        rows.append(f"| {config['model']} | {config['instance']} | {nc['tp_degree']} | {nc['seq_len']} | "
-                    f"{nc['batch_size']} | {result.total_per_core / GIB:.2f} of {result.hbm_per_core / GIB:.0f} |")
+                             nc["seq_len"], nc["torch_dtype"], weights=weights)
+        rows.append(f"| {config['model']}{'' if weights == 'model' else ' (' + weights + ')'} | {config['instance']} "
+                    f"| {nc['tp_degree']} | {nc['seq_len']} | {nc['batch_size']} | {result.total_per_core / GIB:.2f} of "
+                    f"{result.hbm_per_core / GIB:.0f} |")
     return "\n".join(rows)
 
 

@@ -9,10 +9,11 @@ import re
 import sys
 from pathlib import Path
 
-from nxdi_gemma.planning import instance_table
+from nxdi_gemma.planning import instance_table, scheme_table
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-SECTIONS = {"instance-table": instance_table}
+SECTIONS = {"instance-table": instance_table, "instance-table-int8": lambda: instance_table(weights="int8"),
+            "scheme-table": scheme_table}
 
 
 def render(text: str) -> str:

@@ -31,8 +31,10 @@ KNOWN_FIELDS = {
     "tp_degree", "batch_size", "seq_len", "max_context_length", "max_length", "n_positions", "torch_dtype",
     "enable_bucketing", "buckets", "context_encoding_buckets", "token_generation_buckets", "fused_qkv",
     "attn_kernel_enabled", "on_device_sampling_config", "logical_nc_config", "padding_side", "output_logits",
-    "attention_dtype", "rpl_reduce_dtype", "cast_type", "vocab_parallel", "prefill_chunk_size",
+    "attention_dtype", "rpl_reduce_dtype", "cast_type", "vocab_parallel", "prefill_chunk_size", "quantized",
+    "quantization_dtype", "quantization_type",
 }
+QUANTIZED = {"quantized": True, "quantization_dtype": "int8", "quantization_type": "per_channel_symmetric"}
 SAMPLING_FIELDS = {"do_sample", "top_k", "top_p", "temperature", "dynamic", "deterministic", "global_topk"}
 SCHEMA_KEYS = [
     "tp_degree", "batch_size", "seq_len", "max_context_length", "prefill_chunk_size", "torch_dtype", "enable_bucketing",
@@ -82,11 +84,14 @@ def test_schema_and_names(entry):
     assert list(config) == ["model", "instance", "notes", "neuron_config"]
     assert config["model"] in PUBLIC_CONFIGS
     assert config["instance"] in INSTANCES
-    assert path.name == f"{config['model']}__{config['instance']}.json"
-    assert isinstance(config["notes"], str) and config["notes"].strip()
     nc = config["neuron_config"]
+    quantized = nc.get("quantized", False)
+    assert path.name == f"{config['model']}__{config['instance']}{'__int8' if quantized else ''}.json"
+    assert isinstance(config["notes"], str) and config["notes"].strip()
     trn2 = config["instance"].startswith("trn2")
-    assert list(nc) == SCHEMA_KEYS + (["logical_nc_config"] if trn2 else [])
+    assert list(nc) == SCHEMA_KEYS + (["logical_nc_config"] if trn2 else []) + (list(QUANTIZED) if quantized else [])
+    if quantized:
+        assert {k: nc[k] for k in QUANTIZED} == QUANTIZED
     if trn2:
         assert nc["logical_nc_config"] == 2
     assert nc["torch_dtype"] == "bfloat16"
@@ -155,7 +160,7 @@ def test_fits_instance_hbm(entry):
     _, config = entry
     nc = config["neuron_config"]
     result = memory_plan(public_plan(config["model"]), config["instance"], nc["tp_degree"], nc["batch_size"],
-                         nc["seq_len"], nc["torch_dtype"])
+                         nc["seq_len"], nc["torch_dtype"], weights=nc.get("quantization_dtype", "model"))
     assert result.fits, (
         f"{config['model']} on {config['instance']}: {result.total_per_core / 2**30:.2f} GiB per core "
         f"> {result.hbm_per_core / 2**30:.0f} GiB"
@@ -197,3 +202,18 @@ def test_fold_norm_offset_belongs_in_neuron_config(tmp_path):
     top.write_text(json.dumps(dict(config, fold_norm_offset=False)))
     with pytest.raises(ConfigError, match='move "fold_norm_offset" into "neuron_config"'):
         read_compile_config(top)
+
+
+def test_int8_configs_only_where_they_change_the_fit():
+    """An int8 file exists only where the bf16 weights do not fit, or fit a shorter context or smaller batch."""
+    quantized = [load(p) for p in FILES if load(p)["neuron_config"].get("quantized")]
+    assert quantized, "no int8 compile config"
+    for config in quantized:
+        plain = CONFIG_DIR / f"{config['model']}__{config['instance']}.json"
+        nc = config["neuron_config"]
+        if plain.exists():
+            base = load(plain)["neuron_config"]
+            assert (nc["seq_len"], nc["batch_size"]) > (base["seq_len"], base["batch_size"]), config["model"]
+        else:  # the same shape with bf16 weights does not fit
+            assert not memory_plan(public_plan(config["model"]), config["instance"], nc["tp_degree"], 1,
+                                   nc["seq_len"], "bfloat16").fits, config["model"]

@@ -133,3 +133,17 @@ def test_block_layout_kv_bytes():
     assert block_kv_cache_bytes(plan, 1, 1, 32768, 2, 32) == 32768 * per_position > ring
     assert window_blocks(1024, 32) == 33 and window_blocks(8, 8) == 2
     assert ring < block_kv_decode_read_bytes(plan, 1, 1, 32768, 2, 32) < 1.01 * ring
+
+
+def test_speculation_plan_with_quantized_weights(capsys):
+    """plan --draft honours --weights: both models' bytes shrink, so the roofline with and without the draft rises."""
+    from nxdi_gemma.cli import main
+
+    args = ["plan", "--model", "gemma-3-27b", "--draft", "gemma-3-1b", "--acceptance", "0.7", "--instance",
+            "inf2.24xlarge", "--json"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*args, "--weights", "int8"]) == 0
+    quant = json.loads(capsys.readouterr().out)
+    assert quant["target_tokens_per_s"] > 1.5 * plain["target_tokens_per_s"]
+    assert quant["speculative_tokens_per_s"] > 1.5 * plain["speculative_tokens_per_s"]

@@ -430,6 +430,26 @@ def test_serving_check_refuses_a_batch_that_does_not_fit_with_the_planner_figure
         _serving("gemma-3-27b", tp=1, instance="inf2.xlarge")
 
 
+def test_serving_check_counts_quantized_weights():
+    """override_neuron_config's quantization switches reach the HBM check (the planner's quantized figures): a
+    serving shape that fits only with int8 weights is refused without them and passes with them."""
+    from nxdi_gemma.planning import memory_plan
+
+    override = {"quantized": True, "quantization_dtype": "int8", "kv_cache_quant": True}
+    schemes = vllm_plugin.quantization_schemes(override)
+    assert schemes == {"weights": "int8", "kv_cache": "fp8"}
+    assert vllm_plugin.quantization_schemes({"quantized": True, "quantization_dtype": "f8e4m3"})["weights"] == "fp8"
+    plan = plan_from_config(public_config("gemma-3-12b"))
+    # Gemma 3 12B on inf2.xlarge (TP 2) at 32768 x batch 4: only with int8 weights
+    assert not memory_plan(plan, "inf2.xlarge", 2, 4, 32768).fits
+    assert memory_plan(plan, "inf2.xlarge", 2, 4, 32768, weights="int8").fits
+    settings = dict(tp=2, batch=4, max_model_len=32768, instance="inf2.xlarge")
+    with pytest.raises(vllm_plugin.ServeConfigError, match="batch 4"):
+        _serving("gemma-3-12b", **settings)
+    assert _serving("gemma-3-12b", **settings, weights="int8") == _serving("gemma-3-12b", **dict(settings,
+                                                                                                 instance=None))
+
+
 @pytest.mark.parametrize(("changes", "flag"), [
     ({"prefix_caching": True}, "--no-enable-prefix-caching"),
     ({"prefix_caching": True, "prefix_caching_supported": True}, "--block-size"),

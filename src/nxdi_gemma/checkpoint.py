@@ -194,16 +194,30 @@ def match_tensors(
     return sources
 
 
-def check_checkpoint(model_dir: str | Path) -> GemmaPlan:
+def check_checkpoint(model_dir: str | Path, prequantized: bool = False) -> GemmaPlan:
     """The plan of a checkpoint directory whose config.json we can run and whose safetensors hold exactly the
     tensors it implies, checked from config.json and the file headers (cheap: no tensor data is read). The commands
     call this before Hugging Face or NxDI open the directory, so a bad checkpoint is one CheckpointError or
-    ConfigError line and pickle files are never reached."""
+    ConfigError line and pickle files are never reached. A pre-quantized FP8 checkpoint (compressed-tensors,
+    ModelOpt) passes only with `prequantized` (a run with quantized weights, which converts it: quantize.py)."""
     root = Path(model_dir)
     if not root.is_dir():
         raise CheckpointError(f"{root}: no such directory; point --model at a local checkpoint directory")
     plan = load_plan(root)
-    match_tensors(root, plan, expected_shapes(plan))
+    from .quantize import check_not_foreign  # here, not at the top: quantize imports this module
+
+    fmt = check_not_foreign(root)  # a pre-quantized Hub checkpoint: refused naming its format unless convertible
+    if fmt is None:
+        match_tensors(root, plan, expected_shapes(plan))
+        return plan
+    if not prequantized:
+        raise CheckpointError(f"{root}: a pre-quantized {fmt} checkpoint, which runs only as fp8 weights on "
+                              "Neuron: compile with neuron config quantized=true, quantization_dtype=f8e4m3, "
+                              "quantized_checkpoints_path=DIR (converted there on first use), or convert it with "
+                              f"`nxdi-gemma quantize --dtype fp8 --model {root} --out DIR`")
+    from .quantize import match_prequantized
+
+    match_prequantized(root, plan, fmt)
     return plan
 
 
@@ -258,7 +272,7 @@ def expected_shapes(plan: GemmaPlan) -> dict[str, torch.Size]:
 
 
 def save_checkpoint(model_dir: str | Path, config: dict, tensors: dict[str, torch.Tensor], extra_files: dict[str, str]
-                    | None = None) -> Path:
+                    | None = None, metadata: dict[str, str] | None = None) -> Path:
     """Write config.json + model.safetensors (+ extra text files) atomically: into a temporary sibling directory
     that is renamed into place only when complete."""
     target = Path(model_dir)
@@ -269,7 +283,7 @@ def save_checkpoint(model_dir: str | Path, config: dict, tensors: dict[str, torc
     try:
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / "model.safetensors"),
-                  metadata={"format": "pt"})
+                  metadata={"format": "pt", **(metadata or {})})
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
         if target.exists():

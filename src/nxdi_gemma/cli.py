@@ -231,9 +231,25 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     # The user's inputs (checkpoint, then compile config) are checked before NxDI is imported, so a bad checkpoint
     # is reported as such even on a machine without the Neuron SDK, and NxDI never opens a directory we refuse.
-    check_checkpoint(args.model)
-    read_compile_config(args.config)
+    check_checkpoint(args.model, prequantized=True)
+    spec = read_compile_config(args.config)
+    nc = spec["neuron_config"]
+    if not nc.get("quantized"):
+        check_checkpoint(args.model)  # a pre-quantized FP8 checkpoint runs only with quantized weights: one line
+    else:
+        from .quantize import check_prequantized_scheme
+
+        check_prequantized_scheme(args.model, nc.get("quantization_dtype", "int8"),
+                                  nc.get("quantization_type", "per_channel_symmetric"))
     print(compile_model(args.model, args.config, args.out))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .quantize import Scheme, quantize_checkpoint
+
+    scheme = Scheme(args.dtype, args.scheme, tuple(args.modules_to_not_convert or ()))
+    print(quantize_checkpoint(args.model, args.out, scheme))
     return 0
 
 
@@ -260,7 +276,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from . import planning
 
     if args.table:
-        print(planning.instance_table())
+        print(planning.instance_table(weights=args.weights, kv_cache=args.kv_cache))
         return 0
     if not args.model or not args.instance:
         raise InputError("plan needs --model DIR|NAME and --instance NAME (or --table)")
@@ -273,15 +289,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise InputError("plan --draft needs --acceptance ALPHA (the draft's per-token acceptance rate, 0..1)")
         check_draft(plan, draft, args.num_speculative_tokens or 1)
         spec = planning.speculation_plan(plan, draft, args.instance, args.acceptance, args.num_speculative_tokens,
-                                         args.tp, args.seq_len, args.dtype)
+                                         args.tp, args.seq_len, args.dtype, weights=args.weights,
+                                         kv_cache=args.kv_cache)
         print(json.dumps(dataclasses.asdict(spec) | {"speedup": spec.speedup}, indent=2) if args.json else
               f"{args.model} with draft {args.draft} on {args.instance}: K={spec.num_speculative_tokens}, "
               f"{spec.tokens_per_step:.2f} tokens per step at acceptance {spec.acceptance}, "
               f"{spec.speculative_tokens_per_s:.1f} tokens/s vs {spec.target_tokens_per_s:.1f} without "
               f"({spec.speedup:.2f}x, batch-1 roofline){'' if spec.fits else '; target + draft do NOT fit'}")
         return 0
-    result = planning.memory_plan(plan, args.instance, args.tp, args.batch, args.seq_len, args.dtype)
-    context, batch = planning.largest_fit(plan, args.instance, result.tp, args.dtype, result.seq_len)
+    schemes = {"weights": args.weights, "kv_cache": args.kv_cache}
+    result = planning.memory_plan(plan, args.instance, args.tp, args.batch, args.seq_len, args.dtype, **schemes)
+    context, batch = planning.largest_fit(plan, args.instance, result.tp, args.dtype, result.seq_len, **schemes)
     if args.json:
         print(json.dumps({**result.to_json(), "max_context_batch1": context, "max_batch": batch}, indent=2))
     else:
@@ -377,12 +395,24 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch", type=int, default=1)
     pl.add_argument("--seq-len", type=int, help="context length (default: min(model maximum, 8192))")
     pl.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    pl.add_argument("--weights", default="model", choices=["model", "int8", "fp8"],
+                    help="quantized weights (neuron config quantized=true); default: the model dtype")
+    pl.add_argument("--kv-cache", default="model", choices=["model", "fp8"], help="fp8: kv_cache_quant=true")
     pl.add_argument("--json", action="store_true")
     pl.add_argument("--table", action="store_true", help="print the README's instance table for all public models")
     pl.add_argument("--draft", help="draft checkpoint or public name: expected tokens/s with speculation")
     pl.add_argument("--acceptance", type=float, help="per-token acceptance rate of the draft, 0..1 (with --draft)")
     pl.add_argument("--num-speculative-tokens", type=int, help="K (default: the best K in 1..8)")
     pl.set_defaults(run=cmd_plan)
+
+    qz = sub.add_parser("quantize", help="quantize a checkpoint's weights for NxDI (safetensors -> safetensors)")
+    qz.add_argument("--model", required=True, help="Hugging Face checkpoint directory (safetensors)")
+    qz.add_argument("--out", required=True, help="new directory (the neuron config's quantized_checkpoints_path)")
+    qz.add_argument("--dtype", default="int8", choices=["int8", "fp8"], help="fp8 = e4m3 (Trn2)")
+    qz.add_argument("--scheme", default="per_channel", choices=["per_channel", "per_tensor"])
+    qz.add_argument("--modules-to-not-convert", nargs="*", metavar="PATH",
+                    help="module paths kept in the model dtype (NxD's substring match, e.g. layers.0.mlp)")
+    qz.set_defaults(run=cmd_quantize)
 
     tiny = sub.add_parser("make-tiny", help="write a small random-weight Gemma checkpoint")
     tiny.add_argument("--out", required=True)

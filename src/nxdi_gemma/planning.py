@@ -153,13 +153,14 @@ def parameter_counts(plan: GemmaPlan) -> dict[str, int]:
     'replicated' (norms, router, scalars: on every core) and 'active' (read per decoded token: dense weights,
     the top_k routed experts, LM head and replicated)."""
     h = plan.hidden_size
-    dense = replicated = experts_total = experts_active = 0
+    dense = replicated = experts_total = experts_active = linears = channels = 0
     for layer in plan.layers:
         d, nq, nkv = layer.head_dim, layer.num_heads, layer.num_kv_heads
-        dense += 2 * h * nq * d  # q_proj, o_proj
-        if not layer.shares_kv:
-            dense += h * nkv * d * (1 if layer.k_eq_v else 2)
-        dense += 3 * h * layer.intermediate_size
+        kv_width = 0 if layer.shares_kv else nkv * d * (1 if layer.k_eq_v else 2)
+        layer_linears = 2 * h * nq * d + h * kv_width + 3 * h * layer.intermediate_size  # q, o, k(, v), MLP
+        dense += layer_linears
+        linears += layer_linears
+        channels += nq * d + kv_width + h + 2 * layer.intermediate_size + h  # output channels (one scale each)
         replicated += 4 * h + 2 * d
         if plan.ple_dim:
             dense += 2 * h * plan.ple_dim
@@ -168,6 +169,7 @@ def parameter_counts(plan: GemmaPlan) -> dict[str, int]:
             per_expert = 3 * h * layer.moe.intermediate_size
             experts_total += layer.moe.num_experts * per_expert
             experts_active += layer.moe.top_k * per_expert  # routed decode (see module doc)
+            channels += layer.moe.num_experts * (2 * layer.moe.intermediate_size + h)
             replicated += h * layer.moe.num_experts + layer.moe.num_experts + 4 * h
     tables = plan.vocab_size * h
     if plan.ple_dim:
@@ -180,11 +182,35 @@ def parameter_counts(plan: GemmaPlan) -> dict[str, int]:
         "tables": tables,
         "replicated": replicated,
         "active": dense + experts_active + head + replicated,
+        # what `quantized: true` stores as int8/fp8 (attention, MLP, experts) and its float32 scales (per channel)
+        "quantized": linears + experts_total,
+        "quantized_active": linears + experts_active,
+        "scales": channels,
     }
 
 
+def weight_bytes(counts: dict[str, int], dtype_bytes: int, weights: str) -> tuple[float, float]:
+    """(bytes of the TP-sharded tensors, bytes read per decoded token) with `weights` = "model" (the model dtype),
+    "int8" or "fp8" (`quantized: true`: attention/MLP/experts at 1 byte per parameter plus a float32 scale per
+    output channel (per channel scheme); embeddings, LM head, norms, router, PLE stay in the model dtype)."""
+    if weights not in WEIGHT_SCHEMES:
+        raise InputError(f"--weights {weights!r}: choose one of {', '.join(WEIGHT_SCHEMES)}")
+    if weights == "model":
+        return (counts["sharded"] + counts["tables"]) * dtype_bytes, counts["active"] * dtype_bytes
+    q, qa = counts["quantized"], counts["quantized_active"]
+    scales = 4 * counts["scales"]
+    stored = (counts["sharded"] - q + counts["tables"]) * dtype_bytes + q + scales
+    read = (counts["active"] - qa) * dtype_bytes + qa + scales
+    return stored, read
+
+
+WEIGHT_SCHEMES = ("model", "int8", "fp8")
+
+
 def memory_plan(plan: GemmaPlan, instance: str, tp: int | None = None, batch: int = 1, seq_len: int | None = None,
-                dtype: str = "bfloat16") -> MemoryPlan:
+                dtype: str = "bfloat16", weights: str = "model", kv_cache: str = "model") -> MemoryPlan:
+    """Per-core memory and rooflines. weights: "model" | "int8" | "fp8" (quantized weights, see weight_bytes);
+    kv_cache: "model" | "fp8" (`kv_cache_quant`: one byte per cached value)."""
     if instance not in INSTANCES:
         raise InputError(f"unknown instance {instance!r}; known: {', '.join(INSTANCES)}")
     inst = INSTANCES[instance]
@@ -200,32 +226,35 @@ def memory_plan(plan: GemmaPlan, instance: str, tp: int | None = None, batch: in
     if batch < 1 or seq_len < 1:
         raise InputError("--batch and --seq-len must be at least 1")
     nbytes = DTYPE_BYTES[dtype]
+    if kv_cache not in ("model", "fp8"):
+        raise InputError(f"--kv-cache {kv_cache!r}: choose model or fp8")
     counts = parameter_counts(plan)
-    weights = (counts["sharded"] + counts["tables"]) * nbytes // tp + counts["replicated"] * nbytes
-    kv = kv_cache_bytes(plan, tp, batch, seq_len, nbytes)
+    stored, read = weight_bytes(counts, nbytes, weights)
+    weights_per_core = stored // tp + counts["replicated"] * nbytes
+    kv = kv_cache_bytes(plan, tp, batch, seq_len, 1 if kv_cache == "fp8" else nbytes)
     activations = prefill_activation_bytes(plan, tp, batch, seq_len, seq_len, nbytes)
     # Decode: stream the active weights once per step plus the KV cache in use, for the whole batch.
-    step_bytes = counts["active"] * nbytes / tp + kv
+    step_bytes = read / tp + kv
     decode = batch * inst.bandwidth_per_core / step_bytes
     prefill = inst.bf16_flops_per_core * tp / (2 * counts["active"])
-    return MemoryPlan(instance, tp, batch, seq_len, dtype, int(weights), int(kv), int(activations),
+    return MemoryPlan(instance, tp, batch, seq_len, dtype, int(weights_per_core), int(kv), int(activations),
                       RUNTIME_RESERVE, int(inst.hbm_per_core), decode, prefill)
 
 
 def largest_fit(plan: GemmaPlan, instance: str, tp: int | None = None, dtype: str = "bfloat16",
-                seq_len: int | None = None) -> tuple[int, int]:
+                seq_len: int | None = None, **schemes: str) -> tuple[int, int]:
     """(largest power-of-two context at batch 1, largest batch at `seq_len`, the requested context (default: the
     plan's default)) that fit; 0 if none."""
     context = 0
     length = 128
     while length <= plan.max_position_embeddings:
-        if memory_plan(plan, instance, tp, 1, length, dtype).fits:
+        if memory_plan(plan, instance, tp, 1, length, dtype, **schemes).fits:
             context = length
         length *= 2
     batch = 0
-    requested = memory_plan(plan, instance, tp, 1, seq_len, dtype).seq_len
+    requested = memory_plan(plan, instance, tp, 1, seq_len, dtype, **schemes).seq_len
     b = 1
-    while b <= 1024 and memory_plan(plan, instance, tp, b, requested, dtype).fits:
+    while b <= 1024 and memory_plan(plan, instance, tp, b, requested, dtype, **schemes).fits:
         batch = b
         b *= 2
     return context, batch
@@ -284,24 +313,50 @@ def format_plan(p: MemoryPlan) -> str:
     ])
 
 
-def instance_table(dtype: str = "bfloat16") -> str:
+def instance_table(dtype: str = "bfloat16", weights: str = "model", kv_cache: str = "model") -> str:
     """Markdown matrix, public checkpoints x instances: for each pair that fits at 4096 tokens, the TP degree
     (the largest valid one the instance allows), the largest context that fits at batch 1, and the batch-1 decode
-    roofline at 4096 tokens; "-" where the weights do not fit."""
+    roofline at 4096 tokens; "-" where the weights do not fit. `weights` / `kv_cache`: the quantization schemes
+    (see memory_plan)."""
     from .public_models import PUBLIC_CONFIGS, public_plan
+
+    schemes = {"weights": weights, "kv_cache": kv_cache}
 
     rows = ["| model | " + " | ".join(INSTANCES) + " |", "|---|" + "---|" * len(INSTANCES)]
     for name in PUBLIC_CONFIGS:
         plan = public_plan(name)
         cells = []
         for instance in INSTANCES:
-            result = memory_plan(plan, instance, None, 1, 4096, dtype)
+            result = memory_plan(plan, instance, None, 1, 4096, dtype, **schemes)
             if not result.fits:
                 cells.append("-")
                 continue
-            context, _ = largest_fit(plan, instance, result.tp, dtype)
+            context, _ = largest_fit(plan, instance, result.tp, dtype, **schemes)
             cells.append(f"TP{result.tp}, {context // 1024}K, {result.decode_tokens_per_s:.0f} tok/s")
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def scheme_table() -> str:
+    """Markdown table, public checkpoints: parameters as NxDI stores them (the LM head's own copy of a tied
+    embedding counted), weight bytes with bf16 and with int8/fp8 weights (`weight_bytes`), the average bytes per
+    parameter of the int8/fp8 checkpoint, and the bytes a batch-1 decode step reads at 4096 tokens
+    (active weights + bf16 KV cache, TP 1)."""
+    from .public_models import PUBLIC_CONFIGS, public_plan
+
+    rows = ["| model | parameters stored | bf16 weights | int8 / fp8 weights | bytes per parameter (int8 / fp8) | decode read "
+            "per token at 4K, bf16 -> int8 |", "|---|---|---|---|---|---|"]
+    for name in PUBLIC_CONFIGS:
+        plan = public_plan(name)
+        counts = parameter_counts(plan)
+        total = counts["sharded"] + counts["tables"] + counts["replicated"]
+        plain, plain_read = weight_bytes(counts, 2, "model")
+        quant, quant_read = weight_bytes(counts, 2, "int8")
+        extra = 2 * counts["replicated"]
+        kv = kv_cache_bytes(plan, 1, 1, min(4096, plan.max_position_embeddings), 2)
+        rows.append(f"| {name} | {total / 1e9:.2f} B | {(plain + extra) / GIB:.1f} GiB | {(quant + extra) / GIB:.1f} "
+                    f"GiB | {(quant + extra) / total:.2f} | {(plain_read + kv) / GIB:.2f} -> "
+                    f"{(quant_read + kv) / GIB:.2f} GiB ({(quant_read + kv) / (plain_read + kv):.2f}x) |")
     return "\n".join(rows)
 
 
@@ -361,19 +416,21 @@ def expected_tokens_per_step(acceptance: float, k: int) -> float:
 
 
 def speculation_plan(target: GemmaPlan, draft: GemmaPlan, instance: str, acceptance: float, k: int | None = None,
-                     tp: int | None = None, seq_len: int | None = None, dtype: str = "bfloat16") -> SpeculationPlan:
+                     tp: int | None = None, seq_len: int | None = None, dtype: str = "bfloat16",
+                     **schemes: str) -> SpeculationPlan:
     """Batch-1 decode roofline with a draft on the same cores (NxDI fused speculation: one graph per step): a step
     reads the target once for the K + 1 verified tokens and the draft K times (both weights and KV cache in use),
     and yields `expected_tokens_per_step`. k None: the K in 1..8 with the most tokens/s. acceptance: the
     per-proposal rate alpha; a measured accepted/proposed rate r over K-token steps is lower than alpha
-    (r = alpha (1 - alpha^K) / ((1 - alpha) K)), so using r here is conservative."""
+    (r = alpha (1 - alpha^K) / ((1 - alpha) K)), so using r here is conservative. `schemes` (weights=,
+    kv_cache=, see memory_plan) apply to target and draft alike."""
     if not 0 <= acceptance <= 1:
         raise InputError(f"--acceptance {acceptance} must be in [0, 1]")
     if k is not None and k < 1:
         raise InputError(f"--num-speculative-tokens {k} must be at least 1")
-    target_plan = memory_plan(target, instance, tp, 1, seq_len, dtype)
+    target_plan = memory_plan(target, instance, tp, 1, seq_len, dtype, **schemes)
     draft_plan = memory_plan(draft, instance, target_plan.tp, 1, min(target_plan.seq_len,
-                                                                       draft.max_position_embeddings), dtype)
+                                                                       draft.max_position_embeddings), dtype, **schemes)
     t_target, t_draft = 1 / target_plan.decode_tokens_per_s, 1 / draft_plan.decode_tokens_per_s
 
     both = (target_plan.weights_per_core + target_plan.kv_cache_per_core + draft_plan.weights_per_core

@@ -62,11 +62,13 @@ def cache_argument(model) -> str:
 
 
 @torch.inference_mode()
-def hf_greedy(model_dir: str | Path, prompts: list[list[int]], max_new_tokens: int, dtype: torch.dtype) -> list[Continuation]:
+def hf_greedy(model_dir: str | Path, prompts: list[list[int]], max_new_tokens: int, dtype: torch.dtype,
+              cache_class=None) -> list[Continuation]:
     """HF's greedy continuation of each prompt (batch 1, exactly max_new_tokens, EOS not treated specially).
 
     A plain argmax loop over HF's forward with its KV cache, not `generate()`: with `min_new_tokens`, generate()
-    masks the config's EOS ids out of the choice, which would make the reference differ from a pure argmax."""
+    masks the config's EOS ids out of the choice, which would make the reference differ from a pure argmax.
+    `cache_class`: a DynamicCache subclass to run with instead (e.g. a quantized-KV reference)."""
     transformers = import_transformers()
     model = load_hf_model(model_dir, dtype)
     cache_kw = cache_argument(model)
@@ -74,7 +76,7 @@ def hf_greedy(model_dir: str | Path, prompts: list[list[int]], max_new_tokens: i
     for ids in prompts:
         # Our own cache object, updated in place by every forward, so the output's cache field (renamed across
         # transformers versions) is never read. Built from the config as HF builds it when given none.
-        cache = transformers.DynamicCache(config=model.config)
+        cache = (cache_class or transformers.DynamicCache)(config=model.config)
         step = model(torch.tensor([ids]), use_cache=True, **{cache_kw: cache})
         tokens, logits = [], []
         for i in range(max_new_tokens):

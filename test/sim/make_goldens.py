@@ -7,8 +7,11 @@ SPEC.json maps a case name to {"config": config.json dict, "seed": int, "prompt_
 (optional "shared_prefix": int, the first tokens every prompt takes from prompt 0),
 optional "hf_saved": true (the checkpoint re-saved by HF's own class `architectures[0]`, so a multimodal one also holds
 the vision / audio tensors HF initializes, under the names HF saves them),
-"new_tokens": int, optionally "dtype": "bfloat16" and "adapters": {name: {"rank": int, "seed": int, "targets": [module
-names]}}}. For each case, OUT_DIR/<name>/ckpt is a checkpoint (our writer,
+"new_tokens": int, optionally "dtype": "bfloat16", "adapters": {name: {"rank": int, "seed": int, "targets": [module
+names]}}, "weights": "int8_rounded" (HF runs an int8-rounded copy of the checkpoint: the reference of quantized
+weights; or "fp8_compressed_tensors": the checkpoint is an FP8 compressed-tensors one and HF runs its dequantized
+weights) and "kv_cache": "f8e4m3" (HF's cache rounds what it stores to fp8: the reference of a quantized KV
+cache)}. For each case, OUT_DIR/<name>/ckpt is a checkpoint (our writer,
 `nxdi_gemma.tiny.random_weights`) and OUT_DIR/<name>/golden.json holds, per prompt, HF's greedy tokens and logits at
 every step (HF forward + KV cache in a plain argmax loop: `nxdi_gemma.reference.hf_greedy`) in float32, or in the
 spec's dtype, and, for float32, HF's own float32-vs-float64 deviation over the same sequences (teacher-forced, every
@@ -22,13 +25,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
 import torch
 import transformers
 
-from nxdi_gemma.checkpoint import save_checkpoint
+from nxdi_gemma.checkpoint import expected_shapes, load_state_dict, save_checkpoint
+from nxdi_gemma.config import load_plan
+from nxdi_gemma.quantize import int8_rounded_reference
 from nxdi_gemma.reference import hf_greedy
 from nxdi_gemma.tiny import random_weights
 
@@ -44,6 +50,46 @@ def prompts_of(spec: dict, vocab: int) -> list[list[int]]:
     prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in spec["prompt_lengths"]]  # no specials
     shared = spec.get("shared_prefix", 0)  # optional: every prompt starts with prompt 0's first `shared` tokens
     return [prompts[0][:shared] + prompt[shared:] for prompt in prompts]
+
+
+def round_on_write_cache(storage: torch.dtype):
+    """HF's DynamicCache with a quantized KV cache's semantics (quantize on write, dequantize on read): what a step
+    reads back of earlier tokens' K/V went through `storage` (a plain cast, NxDI's direct-cast KV quantization),
+    while the step's own tokens are used as computed."""
+
+    class RoundOnWriteCache(transformers.DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            def rounded(x):
+                return x.to(storage).to(x.dtype)
+
+            keys, values = super().update(rounded(key_states), rounded(value_states), layer_idx, *args, **kwargs)
+            n = key_states.shape[-2]  # the new tokens come last in what the cache returns
+            return (torch.cat([keys[..., :-n, :], key_states], dim=-2),
+                    torch.cat([values[..., :-n, :], value_states], dim=-2))
+
+    return RoundOnWriteCache
+
+
+_LINEAR = re.compile(r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$")
+
+
+def fp8_compressed_tensors(config: dict, weights: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
+    """(config, tensors) of an FP8 compressed-tensors checkpoint as llm-compressor's FP8 scheme writes it (every
+    attention / MLP Linear as float8_e4m3fn w / s, s = max|w| / 448 per output channel, in `weight_scale`; the
+    rest as stored), and the float32 weights it dequantizes to (q * s): HF's reference."""
+    hub, dequantized = {}, {}
+    for name, w in weights.items():
+        if not _LINEAR.search(name):
+            hub[name] = dequantized[name] = w
+            continue
+        scale = w.float().abs().amax(dim=1, keepdim=True) / 448.0
+        q = (w.float() / scale).to(torch.float8_e4m3fn)
+        hub[name], hub[name + "_scale"] = q, scale
+        dequantized[name] = q.float() * scale
+    quant = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+             "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                 "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False}}}}
+    return dict(config, quantization_config=quant), hub, dequantized
 
 
 @torch.no_grad()
@@ -122,17 +168,49 @@ def make_case(name: str, spec: dict, out: Path) -> None:
         for f in sorted(ckpt.iterdir()):
             f.unlink()
         ckpt.rmdir()
-    save_checkpoint(ckpt, config, random_weights(config, spec["seed"]))
-    if spec.get("hf_saved"):
-        hf_resave(ckpt, config["architectures"][0])
+    weights = random_weights(config, spec["seed"])
+    reference = ckpt
+    if spec.get("weights") == "fp8_compressed_tensors":
+        # The case's checkpoint is an FP8 compressed-tensors one (as llm-compressor writes it); HF runs its
+        # dequantized weights (q * weight_scale, float32) from a plain checkpoint beside it.
+        reference = case / "fp8_reference"
+        if reference.exists():
+            for f in sorted(reference.iterdir()):
+                f.unlink()
+            reference.rmdir()
+        hub_config, hub, dequantized = fp8_compressed_tensors(config, weights)
+        save_checkpoint(ckpt, hub_config, hub)
+        save_checkpoint(reference, config, dequantized)
+    else:
+        save_checkpoint(ckpt, config, weights)
+        if spec.get("hf_saved"):
+            hf_resave(ckpt, config["architectures"][0])
+    if spec.get("weights") == "int8_rounded":
+        # HF runs an int8-rounded copy (per output channel, per expert; nxdi_gemma.quantize.int8_rounded_reference,
+        # torch's own quantizer) as float32; the case's checkpoint stays the original, which NxDI quantizes itself.
+        reference = case / "int8_reference"
+        if reference.exists():
+            for f in sorted(reference.iterdir()):
+                f.unlink()
+            reference.rmdir()
+        plan = load_plan(ckpt)
+        state = load_state_dict(ckpt, plan, expected_shapes(plan), dtype=None, progress=False)
+        save_checkpoint(reference, config, int8_rounded_reference(state, plan))
+    elif spec.get("weights") not in (None, "fp8_compressed_tensors"):
+        raise SystemExit(f"make_goldens.py: case {name}: weights {spec['weights']!r}; only 'int8_rounded' or "
+                         "'fp8_compressed_tensors'")
     prompts = prompts_of(spec, text["vocab_size"])
     dtype = spec.get("dtype", "float32")
     if dtype not in ("float32", "bfloat16"):
         raise SystemExit(f"make_goldens.py: case {name}: dtype {dtype!r}; choose float32 or bfloat16")
-    refs = hf_greedy(ckpt, prompts, spec["new_tokens"], getattr(torch, dtype))
+    kv_dtype = spec.get("kv_cache")
+    if kv_dtype not in (None, "f8e4m3"):
+        raise SystemExit(f"make_goldens.py: case {name}: kv_cache {kv_dtype!r}; only 'f8e4m3'")
+    cache_class = round_on_write_cache(torch.float8_e4m3fn) if kv_dtype else None
+    refs = hf_greedy(reference, prompts, spec["new_tokens"], getattr(torch, dtype), cache_class=cache_class)
     deviation = bound = None
     if dtype == "float32":
-        deviation = fp32_vs_fp64(ckpt, [p + r.tokens for p, r in zip(prompts, refs, strict=True)])
+        deviation = fp32_vs_fp64(reference, [p + r.tokens for p, r in zip(prompts, refs, strict=True)])
         generation = 4 if config["model_type"].startswith("gemma4") else int(config["model_type"][5])
         # Gemma 2/3: the spec's fixed 1e-4. Gemma 4: 4x HF's own float32 error where that exceeds the floor (8.1).
         bound = FLOOR if generation < 4 else max(FLOOR, 4.0 * deviation)

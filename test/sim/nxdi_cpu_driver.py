@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--out", required=True)
     parser.add_argument("--neuron-config", default="{}", help="extra NeuronConfig fields, JSON")
+    parser.add_argument("--quantized-dir", help="quantized weights: quantized_checkpoints_path = DIR/<case name>")
     parser.add_argument("cases", nargs="+")
     args = parser.parse_args()
     # NxDI starts a gloo process group even at TP 1; torchrun sets these for TP > 1.
@@ -75,10 +76,14 @@ def main() -> None:
     for case_dir in args.cases:
         golden = load_golden(case_dir)
         try:
-            records += run_case(golden, args.tp, json.loads(args.neuron_config), rank)
+            extra = json.loads(args.neuron_config)
+            if args.quantized_dir:
+                extra["quantized_checkpoints_path"] = str(Path(args.quantized_dir) / golden.name)
+            records += run_case(golden, args.tp, extra, rank)
         except Exception as err:  # recorded, and failed by the test of that family; the other families still run
             lines = traceback.format_exception(err)
             records.append({"case": golden.name, "error": "".join(lines[-6:]).strip()})
+            print(f"nxdi_cpu_driver: rank {rank}: {golden.name}: {records[-1]['error']}", file=sys.stderr, flush=True)
         if rank == 0:  # after every case, so a crash later keeps what was measured
             Path(args.out).write_text(json.dumps(records, indent=1) + "\n")
         gc.collect()
@@ -95,13 +100,26 @@ def run_case(golden, tp: int, extra: dict, rank: int) -> list[dict]:
     model.to_cpu()
     built = time.perf_counter()
     records = []
+    # NxD's quantized layers in the model actually run (and what dtype their weights hold)
+    quantized = sorted({f"{type(m).__name__}:{str(m.weight.dtype).removeprefix('torch.')}"
+                        for m in model.models[0].model.modules() if type(m).__name__.startswith("Quantized")})
+    # What NxDI's own swap on device (DecoderModelInstance.load_module -> NxD's convert, same selection rule: an
+    # exact type of its mapping, path not containing a modules_to_not_convert entry) would still convert: nothing.
+    left_for_nxdi = []
+    if model.neuron_config.quantized:
+        from neuronx_distributed.quantization.quantization_mappings import get_default_quant_module_mappings
+
+        skip = model.neuron_config.modules_to_not_convert or []
+        left_for_nxdi = [name for name, m in model.models[0].model.named_modules()
+                         if type(m) in get_default_quant_module_mappings() and not any(k in name for k in skip)]
     for i, prompt in enumerate(golden.prompts):
         mark = standins.mark()
         t0 = time.perf_counter()
         tokens, logits = generate(model, prompt, golden.new_tokens)
         record = compare(golden, i, tokens, logits)
         record.update(case=golden.name, prompt=i, prompt_len=len(prompt), tp=tp, bound=golden.bound, tokens=tokens,
-                      golden_tokens=golden.tokens[i], standins_called=standins.calls(since=mark),
+                      golden_tokens=golden.tokens[i], quantized_layers=quantized, left_for_nxdi_convert=left_for_nxdi,
+                      standins_called=standins.calls(since=mark),
                       build_s=built - start, generate_s=time.perf_counter() - t0)
         records.append(record)
         if rank == 0:  # progress, for the test's failure output

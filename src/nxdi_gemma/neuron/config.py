@@ -17,13 +17,14 @@ from neuronx_distributed_inference.models.config import InferenceConfig, NeuronC
 from ..config import FULL, GemmaPlan, plan_from_config, read_config_json, text_config_of
 from ..errors import ConfigError
 from ..planning import check_tp, prefill_chunk
+from ..quantize import check_neuron_config as check_quantization
 
 # NeuronConfig features our classes do not implement: refused instead of silently producing wrong outputs.
 UNSUPPORTED_FLAGS = (
     "k_cache_transposed", "flash_decoding_enabled", "is_chunked_prefill", "is_medusa",
     "enable_fused_speculation", "kv_cache_tiling", "qkv_kernel_enabled", "qkv_nki_kernel_enabled",
     "mlp_kernel_enabled", "attn_block_tkg_nki_kernel_enabled", "attn_tkg_nki_kernel_enabled",
-    "attn_tkg_builtin_kernel_enabled", "attn_block_cte_nki_kernel_enabled", "quantized", "sequence_parallel_enabled",
+    "attn_tkg_builtin_kernel_enabled", "attn_block_cte_nki_kernel_enabled", "sequence_parallel_enabled",
     "apply_seq_ids_mask",
 )
 
@@ -60,6 +61,7 @@ class GemmaNeuronConfig(NeuronConfig):
         chunk = kwargs.pop("prefill_chunk_size", None)
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 2):
             raise ConfigError(f"neuron config prefill_chunk_size={chunk!r} must be an integer >= 2 (or omitted)")
+        check_quantization(kwargs)  # quantized weights / KV cache: quantize.py, neuron/quantized.py
         super().__init__(**kwargs)
         self.fold_norm_offset = fold
         self.attention_fp32_accumulation = fp32_accumulation

@@ -3,7 +3,8 @@
 Overrides checked against NxDI 0.8 (cd3abf3) and 0.9 (c63afe0): KVCacheManager.__init__, _fetch_cache, get_cache,
 update_cache, get_kv_by_layer_id, update_kv_by_layer_id, _get_index_to_update_new_position; and the helpers
 `kvcache.utils.dynamic_update_slice(tensor, update, start_indices)` and `fill_prefix(cache, prefix_cache)`, the same
-in both (an XLA DynamicUpdateSlice on device, slice assignment in CPU mode).
+in both (an XLA DynamicUpdateSlice on device, slice assignment in CPU mode). A quantized cache (`kv_cache_quant`)
+uses the base's kv_quant_config, cache_dtype, _quantize_cache and _dequantize_cache (the same in both).
 """
 
 from __future__ import annotations
@@ -57,7 +58,26 @@ class GemmaKVCacheManager(KVCacheManager):
         )
 
     def _fetch_cache(self, idx: int, kvcache_buffer=None):
-        return super()._fetch_cache(self.slot_of[idx], kvcache_buffer)
+        k_cache, v_cache = super()._fetch_cache(self.slot_of[idx], kvcache_buffer)
+        if self._as_bytes:
+            return k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+        return k_cache, v_cache
+
+    @property
+    def _as_bytes(self) -> bool:
+        """An fp8 cache is moved (gathered, scattered, merged) as its bytes: the same data, and torch's CPU kernels
+        (NxDI's CPU mode) have no indexing for float8; a bitcast on device. Viewed back as fp8 where it is read
+        (`_dequantize_cache`) and where the updated cache leaves the graph (`update_cache`)."""
+        return self.cache_dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+
+    def _quantize_cache(self, cache_tensor, layer_idx, is_key=True):
+        quantized = super()._quantize_cache(cache_tensor, layer_idx, is_key)
+        return quantized.view(torch.uint8) if self._as_bytes else quantized
+
+    def _dequantize_cache(self, cache_tensor, layer_idx, is_key=True):
+        if self._as_bytes:
+            cache_tensor = cache_tensor.view(self.cache_dtype)
+        return super()._dequantize_cache(cache_tensor, layer_idx, is_key)
 
     def get_cache(self, seq_len: int, skip_slice=False, kvcache_buffer=None, seq_ids=None, **kwargs):
         return [
@@ -74,7 +94,7 @@ class GemmaKVCacheManager(KVCacheManager):
                 idx=idx, is_for_context_encoding=is_for_context_encoding, seq_ids=seq_ids,
                 position_ids=position_ids, kv_per_layer=new_key_values[idx], seq_len=seq_len, **kwargs,
             ))
-        return updated
+        return [cache.view(self.cache_dtype) for cache in updated] if self._as_bytes else updated
 
     def get_kv_by_layer_id(self, idx, seq_len: int, skip_slice=False, kvcache_buffer=None, **kwargs):
         k_cache, v_cache = self._fetch_cache(idx, kvcache_buffer)
@@ -84,7 +104,13 @@ class GemmaKVCacheManager(KVCacheManager):
             # A smaller bucket reads its prefix. At full length the spare slots (if any) stay: attention masks
             # them (slot >= max_length > position), where slicing them off makes the compiler copy the cache.
             k_cache, v_cache = k_cache[:, :, :seq_len], v_cache[:, :, :seq_len]
-        return k_cache, v_cache
+        return self._read(k_cache, v_cache, idx)
+
+    def _read(self, k_cache: torch.Tensor, v_cache: torch.Tensor, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A quantized cache (`kv_cache_quant`) is dequantized where it is read (NxDI's _dequantize_cache)."""
+        if not self.kv_quant_config:
+            return k_cache, v_cache
+        return self._dequantize_cache(k_cache, idx, is_key=True), self._dequantize_cache(v_cache, idx, is_key=False)
 
     def _rows(self, seq_ids: torch.Tensor | None, batch: int, device) -> torch.Tensor:
         """Cache row of each sequence of a context-encoding batch, int32 [B]: its seq_id under continuous
@@ -104,9 +130,10 @@ class GemmaKVCacheManager(KVCacheManager):
         length = self.windows[idx] or self.full_length
         rows = k_cache.shape[0] - self.kv_cache_padding_size
         if batch == rows and not self.is_continuous_batching:
-            return k_cache[:rows, :, :length], v_cache[:rows, :, :length]  # every row in order: read in place
+            return self._read(k_cache[:rows, :, :length], v_cache[:rows, :, :length], idx)  # in place
         index = self._rows(seq_ids, batch, k_cache.device)
-        return k_cache.index_select(0, index)[:, :, :length], v_cache.index_select(0, index)[:, :, :length]
+        return self._read(k_cache.index_select(0, index)[:, :, :length], v_cache.index_select(0, index)[:, :, :length],
+                          idx)
 
     def update_kv_by_layer_id(self, idx, is_for_context_encoding, seq_ids, position_ids, kv_per_layer, seq_len,
                               kvcache_buffer=None, **kwargs):
@@ -120,6 +147,9 @@ class GemmaKVCacheManager(KVCacheManager):
                 kv_per_layer=kv_per_layer, seq_len=seq_len, kvcache_buffer=kvcache_buffer, **kwargs,
             )
         k_cache, v_cache = self._fetch_cache(idx, kvcache_buffer)
+        if self.kv_quant_config:  # quantized on write (NxDI's _quantize_cache; its token-generation path does too)
+            kv_per_layer = (self._quantize_cache(kv_per_layer[0], idx, is_key=True),
+                            self._quantize_cache(kv_per_layer[1], idx, is_key=False))
         batch = kv_per_layer[0].shape[0]
         rows = self._rows(seq_ids, batch, k_cache.device)
         positions = position_ids.to(torch.int32)

@@ -6,8 +6,8 @@ tensor-parallel linears and embedding, NeuronAttentionBase hooks, per-layer KV c
 
 Every base class and override below was checked against NxDI 0.8 (Neuron SDK 2.28, cd3abf3) and 0.9 (2.29, c63afe0):
 NeuronBaseForCausalLM (forward, _is_prefill, get_state_dict, convert_hf_to_neuron_state_dict,
-update_state_dict_for_tied_weights, load_hf_model), NeuronBaseModel (setup_attr_for_model, init_model,
-init_inference_optimization, create_attn_mask), NeuronAttentionBase (forward, prep_qkv_tensors, get_o_proj; see
+update_state_dict_for_tied_weights, load_hf_model, checkpoint_loader_fn, save_quantized_state_dict),
+NeuronBaseModel (setup_attr_for_model, init_model, init_inference_optimization, create_attn_mask), NeuronAttentionBase (forward, prep_qkv_tensors, get_o_proj; see
 attention.py), KVCacheManager (see kv_cache.py), ParallelEmbedding / ColumnParallelLinear / RowParallelLinear,
 create_sampler. `softmax_scale=` (0.9 only) is never passed. Untested on Trainium/Inferentia hardware: verified in
 NxDI's CPU mode and as XLA graphs (test/sim) only.
@@ -30,12 +30,14 @@ from ..checkpoint import expected_shapes, load_state_dict
 from ..config import GemmaPlan, LayerPlan
 from ..errors import ConfigError
 from ..layers import GemmaBlock, GemmaMLP, make_norm, per_layer_inputs
+from . import quantized
 from . import state_dict as conversion
 from .attention import ForwardState, NeuronGemmaAttention
 from .block_kv import GemmaBlockKVCacheManager
 from .config import GemmaInferenceConfig, GemmaNeuronConfig
 from .kv_cache import GemmaKVCacheManager
 from .moe import ParallelMoeExperts
+from .quantized import quantized_dtype
 
 
 def parallel_linear_factory(dtype: torch.dtype):
@@ -146,7 +148,8 @@ class NeuronGemmaDecoderLayer(GemmaBlock):
 
     def __init__(self, config: GemmaInferenceConfig, plan: GemmaPlan, layer: LayerPlan, state: ForwardState):
         dtype = config.neuron_config.torch_dtype
-        experts = ParallelMoeExperts(plan.hidden_size, layer.moe, dtype) if layer.moe else None
+        weights_dtype = quantized_dtype(config.neuron_config)  # None unless `quantized`
+        experts = ParallelMoeExperts(plan.hidden_size, layer.moe, dtype, weights_dtype) if layer.moe else None
         linear = parallel_linear_factory(dtype)
         super().__init__(plan, layer, NeuronGemmaAttention(config, plan, layer, state), linear,
                          folded_norms=config.fold_norm_offset, experts=experts,
@@ -190,6 +193,8 @@ class NeuronGemmaModel(NeuronBaseModel):
             plan.hidden_size, plan.vocab_size, gather_output=not self.on_device_sampling, dtype=dtype,
             softcap=plan.final_logit_softcap,
         )
+        if config.neuron_config.quantized:
+            quantized.convert_model(self, config.neuron_config)  # NxD's swap, here so that CPU mode runs it too
 
     def init_inference_optimization(self, config: GemmaInferenceConfig) -> None:
         if self.on_device_sampling:
@@ -261,8 +266,26 @@ class NeuronGemmaForCausalLM(NeuronBaseForCausalLM):
     def get_state_dict(cls, model_name_or_path: str, config: GemmaInferenceConfig) -> dict:
         """Our safetensors loader (strict names and shapes, multimodal prefixes, never unpickles), then conversion."""
         plan = config.gemma_plan
-        state = load_state_dict(Path(model_name_or_path), plan, expected_shapes(plan), dtype=None)
+        if config.neuron_config.quantized:  # NxDI hands us quantized_checkpoints_path (checked by the loader below)
+            state = quantized.load_checkpoint(model_name_or_path, getattr(config, "_name_or_path", None),
+                                              config.neuron_config, plan)
+        else:
+            state = load_state_dict(Path(model_name_or_path), plan, expected_shapes(plan), dtype=None)
         return cls.convert_hf_to_neuron_state_dict(state, config)
+
+    @classmethod
+    def save_quantized_state_dict(cls, model_path: str, config: GemmaInferenceConfig) -> None:
+        """What vllm-neuron calls before compiling a `quantized` model. NxDI's goes through load_hf_model (disabled:
+        it would unpickle and use transformers 4.57): ours writes the quantized safetensors checkpoint from the
+        model's safetensors if quantized_checkpoints_path does not exist yet, and otherwise checks it."""
+        quantized.ensure_checkpoint(model_path, config.neuron_config)
+
+    def checkpoint_loader_fn(self, mmap: bool = False):
+        """NxDI's loader; with quantized weights, the quantized checkpoint is first written from the model directory
+        if it does not exist yet (NxDI would raise FileNotFoundError), and checked against the config."""
+        if self.neuron_config.quantized:
+            quantized.ensure_checkpoint(self.model_path, self.neuron_config)
+        return super().checkpoint_loader_fn(mmap)
 
     @staticmethod
     def convert_hf_to_neuron_state_dict(state_dict: dict, config: GemmaInferenceConfig) -> dict:

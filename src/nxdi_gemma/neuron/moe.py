@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from neuronx_distributed.parallel_layers.layers import ColumnParallelLinear
 from neuronx_distributed.parallel_layers.mappings import reduce_from_tensor_model_parallel_region
+from neuronx_distributed.quantization.quantization_layers import QuantizedColumnParallel
 from torch import nn
 
 from .. import ops
 from ..config import MoeSpec
+from .quantized import no_weight_init
 
 
 class ParallelMoeExperts(nn.Module):
@@ -35,27 +39,59 @@ class ParallelMoeExperts(nn.Module):
     Accumulation as HF 5.24 (`grouped_mm_experts_forward`, its default; eager differs only in summing expert by
     expert): each pair's down projection is rounded to the model dtype, multiplied by its float32 routing weight, the
     k products summed in float32 in routing order (slot 0 first), and the sum rounded once. With TP > 1 each rank
-    rounds its partial projection before the float32 sum and the all-reduce runs in float32."""
+    rounds its partial projection before the float32 sum and the all-reduce runs in float32.
 
-    def __init__(self, hidden: int, moe: MoeSpec, dtype: torch.dtype):
+    Quantized weights (`quantized_dtype`, see neuron/quantized.py): the int8/fp8 stacks are cast to the activation
+    dtype where they are gathered (exact), and each matmul's output is multiplied by its experts' per-channel scales
+    in float32 (NxD's post-matmul dequantization), so no dequantized copy of a weight is formed."""
+
+    def __init__(self, hidden: int, moe: MoeSpec, dtype: torch.dtype, quantized_dtype: torch.dtype | None = None):
         super().__init__()
         self.num_experts, self.hidden = moe.num_experts, hidden
+        self.quantized = quantized_dtype is not None
         width = moe.num_experts * moe.intermediate_size
 
-        def stack() -> ColumnParallelLinear:
-            return ColumnParallelLinear(hidden, width, bias=False, gather_output=False, dtype=dtype,
-                                        stride=moe.num_experts)
+        def stack() -> nn.Module:
+            if quantized_dtype is None:
+                return ColumnParallelLinear(hidden, width, bias=False, gather_output=False, dtype=dtype,
+                                            stride=moe.num_experts)
+            # NxD's quantized layer holds the int8/fp8 stack and its per-row scale [E*Ie, 1], both sharded with
+            # stride E like the float weight; only its parameters are used (the experts run their own matmuls).
+            return QuantizedColumnParallel(hidden, width, bias=False, quantization_type="per_channel_symmetric",
+                                           gather_output=False, dtype=dtype, quantized_dtype=quantized_dtype,
+                                           stride=moe.num_experts, quantization_per_channel_axis=0)
 
-        self.gate_proj, self.up_proj, self.down_proj = stack(), stack(), stack()  # down_proj holds down^T
+        with no_weight_init() if quantized_dtype is not None else contextlib.nullcontext():
+            self.gate_proj, self.up_proj, self.down_proj = stack(), stack(), stack()  # down_proj holds down^T
+        if self.quantized:
+            # down's output channels are the H columns of down^T: one scale per expert and column, whole on every
+            # rank (no tensor-parallel attributes: NxD's sharding copies it).
+            self.down_proj.scale = nn.Parameter(torch.ones(moe.num_experts, hidden), requires_grad=False)
 
-    def _local(self, linear: ColumnParallelLinear) -> torch.Tensor:
-        return linear.weight.view(self.num_experts, -1, self.hidden)  # [E, Ie/TP, H]
+    def _local(self, linear: nn.Module) -> torch.Tensor:
+        """[E, Ie/TP, H] as stored (quantized weights are cast to the activations' dtype, exactly, only after the
+        routed experts are gathered; their scale comes after the matmul)."""
+        return linear.weight.view(self.num_experts, -1, self.hidden)
+
+    def _row_scale(self, linear: nn.Module) -> torch.Tensor:
+        return linear.scale.view(self.num_experts, -1)  # gate/up: [E, Ie/TP]; down: [E, H]
+
+    def _scaled(self, out: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """NxD's post-matmul dequantization (scale_dequantize): float32 product, rounded to out's dtype."""
+        return out if scale is None else (out.float() * scale).to(out.dtype)
 
     def _run_blocks(self, rows: torch.Tensor, block_expert: torch.Tensor) -> torch.Tensor:
         """rows [NB, B, H], block_expert int [NB] -> this rank's partial down projections [NB, B, H], model dtype."""
-        gate = torch.bmm(rows, self._local(self.gate_proj).index_select(0, block_expert).transpose(1, 2))
-        up = torch.bmm(rows, self._local(self.up_proj).index_select(0, block_expert).transpose(1, 2))
-        return torch.bmm(ops.gelu_tanh(gate) * up, self._local(self.down_proj).index_select(0, block_expert))
+        dt = rows.dtype
+
+        def scale(linear):  # [NB, 1, width]
+            return self._row_scale(linear).index_select(0, block_expert)[:, None, :] if self.quantized else None
+
+        gate = torch.bmm(rows, self._local(self.gate_proj).index_select(0, block_expert).to(dt).transpose(1, 2))
+        up = torch.bmm(rows, self._local(self.up_proj).index_select(0, block_expert).to(dt).transpose(1, 2))
+        act = ops.gelu_tanh(self._scaled(gate, scale(self.gate_proj))) * self._scaled(up, scale(self.up_proj))
+        out = torch.bmm(act, self._local(self.down_proj).index_select(0, block_expert).to(dt))
+        return self._scaled(out, scale(self.down_proj))
 
     def _per_pair(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """One block per (token, slot) pair: [n, k, H]."""
@@ -66,9 +102,17 @@ class ParallelMoeExperts(nn.Module):
     def _all_experts(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Every expert on every token, then each token's k routed outputs: [n, k, H]."""
         n, k = experts.shape
-        gate = nn.functional.linear(x, self.gate_proj.weight).view(n, self.num_experts, -1)
-        up = nn.functional.linear(x, self.up_proj.weight).view(n, self.num_experts, -1)
-        out = torch.einsum("nei,eih->neh", ops.gelu_tanh(gate) * up, self._local(self.down_proj))
+        dt = x.dtype
+
+        def scale(linear, shape):
+            return self._row_scale(linear).reshape(shape) if self.quantized else None
+
+        gate = nn.functional.linear(x, self.gate_proj.weight.to(dt))
+        up = nn.functional.linear(x, self.up_proj.weight.to(dt))
+        gate = self._scaled(gate, scale(self.gate_proj, (1, -1))).view(n, self.num_experts, -1)
+        up = self._scaled(up, scale(self.up_proj, (1, -1))).view(n, self.num_experts, -1)
+        out = torch.einsum("nei,eih->neh", ops.gelu_tanh(gate) * up, self._local(self.down_proj).to(dt))
+        out = self._scaled(out, scale(self.down_proj, (1, self.num_experts, self.hidden)))
         pick = torch.arange(n, dtype=torch.int32, device=x.device)[:, None] * self.num_experts + experts.to(torch.int32)
         return out.reshape(n * self.num_experts, self.hidden).index_select(0, pick.reshape(-1)).view(n, k, self.hidden)
 

@@ -65,7 +65,12 @@ def compile_model(model_path: str, config_path: str, out_dir: str) -> Path:
     target = Path(out_dir)
     if target.exists() and any(target.iterdir()):
         raise InputError(f"--out {target} exists and is not empty; choose a new directory")
-    model = build(model_path, spec["neuron_config"])
+    neuron_config = dict(spec["neuron_config"])
+    if neuron_config.get("quantized") and "quantized_checkpoints_path" not in neuron_config:
+        # The shipped int8 compile configs name no path (none would fit every machine): the quantized checkpoint is
+        # written on first use beside the output, where load finds it (the path is stored in neuron_config.json).
+        neuron_config["quantized_checkpoints_path"] = str(target.resolve().with_name(f"{target.name}.quantized"))
+    model = build(model_path, neuron_config)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

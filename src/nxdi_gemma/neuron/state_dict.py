@@ -47,6 +47,20 @@ def experts_to_neuron(gate_up: torch.Tensor, down: torch.Tensor) -> dict[str, to
     }
 
 
+def expert_scales_to_neuron(gate_up: torch.Tensor, down: torch.Tensor, ie: int, hidden: int) -> dict[str, torch.Tensor]:
+    """Scales of quantized experts (`nxdi_gemma.quantize`: gate_up [E, 2*Ie, 1], down [E, H, 1] per channel, or
+    [E, 1, 1] per expert) -> per-row scales [E*Ie, 1] of the gate and up stacks (sharded like their rows) and the
+    [E, H] scale of down (its output channels are the columns of the transposed stack), as
+    `moe.ParallelMoeExperts` holds them."""
+    num_experts = gate_up.shape[0]
+    gate_up = gate_up.expand(num_experts, 2 * ie, 1)
+    return {
+        "gate_proj.scale": gate_up[:, :ie].reshape(num_experts * ie, 1).contiguous(),
+        "up_proj.scale": gate_up[:, ie:].reshape(num_experts * ie, 1).contiguous(),
+        "down_proj.scale": down.expand(num_experts, hidden, 1)[:, :, 0].contiguous(),
+    }
+
+
 def is_norm_weight(hf_name: str) -> bool:
     return hf_name == "model.norm.weight" or hf_name.endswith(_NORM_SUFFIXES)
 
@@ -65,23 +79,36 @@ def convert_hf_to_neuron_state_dict(
     for layer in plan.layers:
         if layer.moe is not None:
             experts = f"layers.{layer.index}.experts."
-            converted = experts_to_neuron(out.pop(experts + "gate_up_proj"), out.pop(experts + "down_proj"))
+            gate_up, down = out.pop(experts + "gate_up_proj"), out.pop(experts + "down_proj")
+            converted = experts_to_neuron(gate_up, down)
+            if experts + "gate_up_proj_scale" in out:  # quantized checkpoint (nxdi_gemma.quantize)
+                converted.update(expert_scales_to_neuron(out.pop(experts + "gate_up_proj_scale"),
+                                                         out.pop(experts + "down_proj_scale"), down.shape[2],
+                                                         down.shape[1]))
             out.update({experts + name: tensor for name, tensor in converted.items()})
         prefix = f"layers.{layer.index}.self_attn."
+        quantized = prefix + "q_proj.scale" in out  # attention weights quantized (nxdi_gemma.quantize)
         if layer.shares_kv:
             # KV-shared layers attend to their source's K/V; NxDI's projection module still has K/V weights, which
             # compute a value nobody reads. Zeros keep the load complete (checkpoints do not store them).
             q = out[prefix + "q_proj.weight"]
             kv_shape = (layer.num_kv_heads * layer.head_dim, q.shape[1])
-            out[prefix + "k_proj.weight"] = torch.zeros(kv_shape, dtype=q.dtype)
-            out[prefix + "v_proj.weight"] = torch.zeros(kv_shape, dtype=q.dtype)
+            for name in ("k_proj", "v_proj"):
+                out[prefix + name + ".weight"] = torch.zeros(kv_shape, dtype=q.dtype)
+                if quantized:
+                    scale = out[prefix + "q_proj.scale"]
+                    out[prefix + name + ".scale"] = torch.ones(kv_shape[0] if scale.dim() == 2 else 1,
+                                                               *scale.shape[1:], dtype=scale.dtype)
         if layer.k_eq_v:
             # V is the raw K projection (before k_norm and RoPE): give the V projection the K weights.
             out[prefix + "v_proj.weight"] = out[prefix + "k_proj.weight"]
+            if quantized:
+                out[prefix + "v_proj.scale"] = out[prefix + "k_proj.scale"]
         if fused_qkv:
-            out[prefix + "Wqkv.weight"] = torch.cat(
-                [out.pop(prefix + "q_proj.weight"), out.pop(prefix + "k_proj.weight"), out.pop(prefix + "v_proj.weight")]
-            )
+            for suffix in (".weight", ".scale") if quantized else (".weight",):
+                out[prefix + "Wqkv" + suffix] = torch.cat(
+                    [out.pop(prefix + name + suffix) for name in ("q_proj", "k_proj", "v_proj")]
+                )
         out[prefix + "rank_util.rank"] = torch.arange(tp_degree, dtype=torch.int32)
     if "lm_head.weight" not in out:
         out["lm_head.weight"] = out["embed_tokens.weight"].clone()  # tied: NxDI shards its own copy

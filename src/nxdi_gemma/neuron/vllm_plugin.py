@@ -375,10 +375,12 @@ def _gib(nbytes: float) -> str:
 
 def check_serving_settings(config: dict[str, Any], source: str, *, tp: int, batch: int, max_model_len: int,
                            dtype: str, prefix_caching: bool, block_size: int | None, instance: str | None,
-                           prefix_caching_supported: bool) -> dict[str, Any]:
+                           prefix_caching_supported: bool, weights: str = "model",
+                           kv_cache: str = "model") -> dict[str, Any]:
     """What `serving_check` decides, from plain values: the top-level hf_config fields to set (`hf_overrides_for`),
     or ServeConfigError naming the flag to pass. `batch`, `tp`, `max_model_len`: what vllm-neuron will give NxDI
-    (batch_size, tp_degree, seq_len); `instance`: a planning.INSTANCES name, None to skip the HBM check."""
+    (batch_size, tp_degree, seq_len); `instance`: a planning.INSTANCES name, None to skip the HBM check;
+    `weights` / `kv_cache`: the quantization schemes of override_neuron_config (`quantization_schemes`)."""
     from ..errors import GemmaError
     from ..planning import DTYPE_BYTES, check_tp, largest_fit, memory_plan
 
@@ -403,12 +405,13 @@ def check_serving_settings(config: dict[str, Any], source: str, *, tp: int, batc
         if tp > INSTANCES[instance].cores:
             raise ServeConfigError(f"--tensor-parallel-size {tp} exceeds the {INSTANCES[instance].cores} "
                                    f"NeuronCores of {instance}")
-        need = memory_plan(plan, instance, tp, batch, max_model_len, dtype)
+        schemes = {"weights": weights, "kv_cache": kv_cache}
+        need = memory_plan(plan, instance, tp, batch, max_model_len, dtype, **schemes)
         if not need.fits:
             figures = (f"{_gib(need.total_per_core)} per NeuronCore (weights {_gib(need.weights_per_core)}, KV cache "
                        f"{_gib(need.kv_cache_per_core)}, activations {_gib(need.activations_per_core)}, reserve "
                        f"{_gib(need.reserve_per_core)}) of {instance}'s {_gib(need.hbm_per_core)}")
-            _, fitting = largest_fit(plan, instance, tp, dtype, seq_len=max_model_len)
+            _, fitting = largest_fit(plan, instance, tp, dtype, seq_len=max_model_len, **schemes)
             what = f"batch {batch} (--max-num-seqs) x --max-model-len {max_model_len} at TP {tp} needs {figures}"
             if fitting:
                 raise ServeConfigError(f"{what}: pass --max-num-seqs {fitting} or less (or a smaller --max-model-len"
@@ -416,6 +419,15 @@ def check_serving_settings(config: dict[str, Any], source: str, *, tp: int, batc
             raise ServeConfigError(f"{what}, and batch 1 does not fit either: pass a larger --tensor-parallel-size "
                                    "or a smaller --max-model-len")
     return hf_overrides_for(config, source)
+
+
+def quantization_schemes(override: dict[str, Any]) -> dict[str, str]:
+    """The planner's weights / kv_cache schemes of an override_neuron_config (quantized, quantization_dtype,
+    kv_cache_quant: NxDI's fields; the fp8 KV cache is the only one served, see quantize.check_kv_cache_quant)."""
+    weights = "model"
+    if override.get("quantized"):
+        weights = "fp8" if override.get("quantization_dtype") == "f8e4m3" else "int8"
+    return {"weights": weights, "kv_cache": "fp8" if override.get("kv_cache_quant") else "model"}
 
 
 def text_only_inputs(multimodal_config: Any) -> None:
@@ -506,7 +518,7 @@ def serving_check(vllm_config: Any) -> None:
         max_model_len=int(override.get("seq_len", model_config.max_model_len)),
         dtype=str(dtype).removeprefix("torch."), prefix_caching=bool(cache.enable_prefix_caching),
         block_size=cache.block_size, instance=instance,
-        prefix_caching_supported="is_prefix_caching" not in UNSUPPORTED_FLAGS)
+        prefix_caching_supported="is_prefix_caching" not in UNSUPPORTED_FLAGS, **quantization_schemes(override))
     lora = getattr(vllm_config, "lora_config", None)
     if lora is not None:
         has_moe = any(layer.moe for layer in plan_from_config(config, source=source).layers)

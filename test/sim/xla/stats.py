@@ -100,6 +100,8 @@ def hlo_stats(graph: HloGraph, seq_lens: set[int]) -> dict:
         "f64": f64,
         "s64_seq_by_seq": s64_seq_seq,
         "largest_values": [f"{b / 2**20:.2f} MiB {what}" for b, what in values[:5]],
+        # what the >= 1 MiB intermediates are (e.g. a dequantized weight would be a large multiply)
+        "large_values_by_op": dict(Counter(what.split()[0] for b, what in values if b >= 2**20)),
         "largest_value_bytes": values[0][0] if values else 0,
         "dot_flops": flops,
         "collectives": dict(collectives),
