@@ -184,7 +184,10 @@ def parameter_counts(plan: GemmaPlan) -> dict[str, int]:
 
 
 def memory_plan(plan: GemmaPlan, instance: str, tp: int | None = None, batch: int = 1, seq_len: int | None = None,
-                dtype: str = "bfloat16") -> MemoryPlan:
+                dtype: str = "bfloat16", block_size: int | None = None, num_blocks: int | None = None) -> MemoryPlan:
+    """Per-core HBM plan. `block_size`: the block KV layout of prefix caching (what vLLM's default makes vllm-neuron
+    ask for), whose cache holds `num_blocks` blocks of every producer layer, sliding ones included (default
+    ceil(seq_len / block_size) x batch, what vllm-neuron allocates); None: the contiguous layout (ring caches)."""
     if instance not in INSTANCES:
         raise InputError(f"unknown instance {instance!r}; known: {', '.join(INSTANCES)}")
     inst = INSTANCES[instance]
@@ -202,7 +205,11 @@ def memory_plan(plan: GemmaPlan, instance: str, tp: int | None = None, batch: in
     nbytes = DTYPE_BYTES[dtype]
     counts = parameter_counts(plan)
     weights = (counts["sharded"] + counts["tables"]) * nbytes // tp + counts["replicated"] * nbytes
-    kv = kv_cache_bytes(plan, tp, batch, seq_len, nbytes)
+    if block_size is None:
+        kv = kv_cache_bytes(plan, tp, batch, seq_len, nbytes)
+    else:
+        blocks = num_blocks if num_blocks is not None else -(-seq_len // block_size) * batch
+        kv = block_kv_cache_bytes(plan, tp, 1, blocks * block_size, nbytes, block_size)
     activations = prefill_activation_bytes(plan, tp, batch, seq_len, seq_len, nbytes)
     # Decode: stream the active weights once per step plus the KV cache in use, for the whole batch.
     step_bytes = counts["active"] * nbytes / tp + kv
@@ -213,19 +220,19 @@ def memory_plan(plan: GemmaPlan, instance: str, tp: int | None = None, batch: in
 
 
 def largest_fit(plan: GemmaPlan, instance: str, tp: int | None = None, dtype: str = "bfloat16",
-                seq_len: int | None = None) -> tuple[int, int]:
+                seq_len: int | None = None, block_size: int | None = None) -> tuple[int, int]:
     """(largest power-of-two context at batch 1, largest batch at `seq_len`, the requested context (default: the
-    plan's default)) that fit; 0 if none."""
+    plan's default)) that fit; 0 if none. `block_size`: as memory_plan's (its default block count)."""
     context = 0
     length = 128
     while length <= plan.max_position_embeddings:
-        if memory_plan(plan, instance, tp, 1, length, dtype).fits:
+        if memory_plan(plan, instance, tp, 1, length, dtype, block_size).fits:
             context = length
         length *= 2
     batch = 0
     requested = memory_plan(plan, instance, tp, 1, seq_len, dtype).seq_len
     b = 1
-    while b <= 1024 and memory_plan(plan, instance, tp, b, requested, dtype).fits:
+    while b <= 1024 and memory_plan(plan, instance, tp, b, requested, dtype, block_size).fits:
         batch = b
         b *= 2
     return context, batch
