@@ -516,6 +516,10 @@ def test_register_serving_check_keeps_an_existing_entry_and_is_idempotent(monkey
         def verify_and_update_config(vllm_config):
             calls.append("existing")
 
+        @staticmethod
+        def verify_and_update_model_config(model_config):
+            calls.append("existing model")
+
     monkeypatch.setattr(vllm_plugin.GemmaServingConfig, "previous", {})
     monkeypatch.setattr(vllm_plugin, "serving_check", lambda vllm_config: calls.append("ours"))
     config_map = {"Gemma3ForCausalLM": Existing, "LlamaForCausalLM": Existing}
@@ -527,6 +531,10 @@ def test_register_serving_check_keeps_an_existing_entry_and_is_idempotent(monkey
         vllm_config = types.SimpleNamespace(model_config=types.SimpleNamespace(architecture=arch))
         config_map[arch].verify_and_update_config(vllm_config)
     assert calls == ["existing", "ours", "ours"]
+    # vLLM 0.16.0 also calls verify_and_update_model_config(model_config) from ModelConfig: the previous entry's only
+    for arch in ("Gemma3ForCausalLM", "Gemma2ForCausalLM"):
+        config_map[arch].verify_and_update_model_config(types.SimpleNamespace(architecture=arch))
+    assert calls == ["existing", "ours", "ours", "existing model"]
 
 
 def test_current_instance_rules():

@@ -535,7 +535,8 @@ def _lora_case(sim, tmp_path: Path, kind: str = "gemma3") -> tuple[dict, dict]:
     return case, lora
 
 
-@pytest.mark.parametrize("kind", ["gemma3", pytest.param("gemma4_dense", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", ["gemma3", pytest.param("gemma4_dense", marks=pytest.mark.slow),
+                                  pytest.param("gemma4", marks=pytest.mark.slow)])
 def test_lora_adapters_and_base_in_one_batch(sim, tmp_path, kind):
     """`LLM(..., enable_lora=True, max_loras=3, max_lora_rank=8)` with vllm-neuron's lora_ckpt_json naming adapters
     a4 (rank 4), a8 (rank 8) and the zero adapter "base": six requests, 4 at a time, mixing them; each request's
