@@ -36,6 +36,30 @@ class GemmaLoraModelManager(LoraModelManager):
         why = self.dropped.get(name, "it is not listed in lora_ckpt_json (NxDI loads adapters only at start)")
         return f"LoRA adapter {name!r} is not served: {why}; served adapters: {served}"
 
+    def init_dynamic_multi_lora(self, cpu_weights: list[dict[str, Any]]) -> None:
+        """NxDI's step of the load with dynamic multi-LoRA (what vllm-neuron turns on whenever max_cpu_loras > 0,
+        i.e. always): every CPU-cached adapter gets its rows of the sharded CPU LoRA weights. NxDI 0.8's own is used.
+        NxDI 0.9's (sdk-2.29, c63afe0) raises NameError on the first adapter (`AdapterCache.init_weights_on_cpu`
+        reads an undefined `i`; `init_dynamic_multi_lora` assigns an undefined `model`), which would stop every
+        vllm-neuron 0.5.0 start with --enable-lora, so here it is written out as 0.9 shards the weights
+        (`LoraCheckpoint._shard_cpu_weights`: row i is the i-th adapter of lora-ckpt-paths-cpu, after the dummy
+        base-model row when enable_base_model_only is set)."""
+        cache = self.cpu_adapter_cache
+        if not hasattr(cache, "enable_base_model_only"):  # NxDI 0.8 (its AdapterCache has no base-model row)
+            super().init_dynamic_multi_lora(cpu_weights)
+            return
+        if not cpu_weights:
+            return
+        self.lora_modules.extend(name for name in cpu_weights[0]
+                                 if self.lora_checkpoint.is_lora_module(name) and "weight_active" not in name)
+        first = int(bool(cache.enable_base_model_only))
+        for row, adapter_id in enumerate(cache.get_adapter_ids(), start=first):
+            entry = cache.map[adapter_id]
+            entry.init_weights_on_cpu(len(cpu_weights))
+            for rank, weights in enumerate(cpu_weights):
+                for module in self.lora_modules:
+                    entry.update_weights(rank, module, weights[module][row])
+
     def add_adapter(self, lora_request: Any) -> bool:
         name = getattr(lora_request, "lora_name", None)
         if name not in self.lora_adapter_id_mapping:
