@@ -545,6 +545,8 @@ def test_lora_adapters_and_base_in_one_batch(sim, tmp_path, kind):
     case, lora = _lora_case(sim, tmp_path, kind)
     report = _drive(sim, tmp_path, case, f"lora_{kind}", lora=lora, enable_prefix_caching=True)
     assert any("dynamic multi-LoRA" in event for event in report["events"])
+    # vLLM's default prefix caching, turned off by the plugin with LoRA (see vllm_plugin.serving_check)
+    assert not report["neuron_config"]["is_prefix_caching"] and "prefix caching turned off" in report["stderr"]
     dropped = _dropped_lines(report["stderr"])
     assert set(dropped) == set(BAD_ADAPTERS), report["stderr"][-4000:]
     for name, reason in BAD_ADAPTERS.items():

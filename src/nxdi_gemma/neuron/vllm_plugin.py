@@ -55,7 +55,9 @@ numbers are 0.4.1's (0.5.0's differ by a few lines). What `register()` does:
      NeuronCore, in the block KV layout when prefix caching is on) exceed the instance's HBM (it names the largest
      `--max-num-seqs` that fits). The instance comes from `planning.current_instance`: NXDI_GEMMA_INSTANCE, else
      EC2's DMI product name; neither known is refused too ('none' skips the HBM check).
-   - with --enable-lora, checks every adapter of vllm-neuron's `lora_ckpt_json` as NxDI will load it
+   - with --enable-lora, turns prefix caching off (NxDI's multi-LoRA token generation applies each batch row's
+     adapter weights by position, which lines up with the sequences only in the contiguous layout's sorted batch),
+     and checks every adapter of vllm-neuron's `lora_ckpt_json` as NxDI will load it
      (`serve_lora_adapters`: path, rank, target modules): each bad one is dropped with one `error:` log line naming
      it and why, and NxDI gets a copy of the file listing the others (NxDI itself would stop the whole start);
    - sets the image limit of multimodal checkpoints to 0 (`text_only_inputs`: only the text decoder is served).
@@ -612,6 +614,13 @@ def serving_check(vllm_config: Any) -> None:
                              chunked_prefill=os.environ.get("DISABLE_NEURON_CUSTOM_SCHEDULER", "0") == "1")
     batch = int(override.get("batch_size", vllm_config.scheduler_config.max_num_seqs))
     max_model_len = int(override.get("seq_len", model_config.max_model_len))
+    lora = getattr(vllm_config, "lora_config", None)
+    if lora is not None and cache.enable_prefix_caching:
+        cache.enable_prefix_caching = False
+        logger.warning("nxdi_gemma: prefix caching turned off with --enable-lora: NxDI's multi-LoRA token generation "
+                       "(0.8 and 0.9) applies the active adapter weights by batch row, which match the sequences "
+                       "only in the contiguous KV layout (its batch is sorted by sequence; the block layout's is "
+                       "not)")
     supplied = supply_prefix_caching_defaults(cache, override, max_model_len, batch)
     if supplied:
         logger.info("nxdi_gemma: prefix caching on (vLLM's default): supplied %s for vllm-neuron's block KV layout "
@@ -621,7 +630,6 @@ def serving_check(vllm_config: Any) -> None:
         batch=batch, max_model_len=max_model_len, dtype=str(dtype).removeprefix("torch."),
         prefix_caching=bool(cache.enable_prefix_caching), block_size=cache.block_size, instance=instance,
         num_blocks=cache.num_gpu_blocks_override)
-    lora = getattr(vllm_config, "lora_config", None)
     if lora is not None:
         has_moe = any(layer.moe for layer in plan_from_config(config, source=source).layers)
         serve_lora_adapters(override, lora.max_lora_rank, has_moe)
