@@ -37,7 +37,7 @@ def _spec(kind: str) -> dict:
                              "new_tokens": 8, "adapters": _adapters(kind)}}
 
 
-@pytest.mark.parametrize("release", ["sdk-2.28"])
+@pytest.mark.parametrize("release", ["sdk-2.28", pytest.param("sdk-2.29", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kind", ["gemma3", pytest.param("gemma4_dense", marks=pytest.mark.slow),
                                   pytest.param("gemma4", marks=pytest.mark.slow)])
 def test_lora_adapters_and_base_in_one_batch_match_peft(sim, tmp_path, release, kind):
