@@ -55,7 +55,7 @@ numbers are 0.4.1's (0.5.0's differ by a few lines). What `register()` does:
      NeuronCore, in the block KV layout when prefix caching is on) exceed the instance's HBM (it names the largest
      `--max-num-seqs` that fits). The instance comes from `planning.current_instance`: NXDI_GEMMA_INSTANCE, else
      EC2's DMI product name; neither known is refused too ('none' skips the HBM check).
-   - with --enable-lora, turns prefix caching off (NxDI's multi-LoRA token generation applies each batch row's
+   - with --enable-lora, refuses Gemma 4 MoE checkpoints (LoRA there is not exact yet), turns prefix caching off (NxDI's multi-LoRA token generation applies each batch row's
      adapter weights by position, which lines up with the sequences only in the contiguous layout's sorted batch),
      and checks every adapter of vllm-neuron's `lora_ckpt_json` as NxDI will load it
      (`serve_lora_adapters`: path, rank, target modules): each bad one is dropped with one `error:` log line naming
@@ -631,8 +631,11 @@ def serving_check(vllm_config: Any) -> None:
         prefix_caching=bool(cache.enable_prefix_caching), block_size=cache.block_size, instance=instance,
         num_blocks=cache.num_gpu_blocks_override)
     if lora is not None:
-        has_moe = any(layer.moe for layer in plan_from_config(config, source=source).layers)
-        serve_lora_adapters(override, lora.max_lora_rank, has_moe)
+        if any(layer.moe for layer in plan_from_config(config, source=source).layers):
+            raise ServeConfigError(f"--enable-lora is not supported on Gemma 4 MoE checkpoints ({source}): with "
+                                   "NxDI's LoRA serving on, even attention-only adapters and the zero adapter give "
+                                   "tokens that differ from HF in the simulation tier; leave out --enable-lora")
+        serve_lora_adapters(override, lora.max_lora_rank, plan_has_moe=False)
     text_only_inputs(model_config.multimodal_config)
     hf_config = model_config.hf_config
     missing = {key: value for key, value in fields.items() if getattr(hf_config, key, None) is None}
