@@ -597,6 +597,7 @@ def serving_check(vllm_config: Any) -> None:
     and applies `check_serving_settings`. Checked against vLLM 0.13.0 / 0.16.0 and vllm-neuron 0.4.1 / 0.5.0."""
     from ..errors import GemmaError
     from ..planning import current_instance, read_dmi_product_name
+    from .config import UNSUPPORTED_FLAGS
 
     model_config = vllm_config.model_config
     source = str(Path(model_config.model) / "config.json")
@@ -608,8 +609,6 @@ def serving_check(vllm_config: Any) -> None:
     override = (vllm_config.additional_config or {}).get("override_neuron_config") or {}
     dtype = override.get("torch_dtype", model_config.dtype)
     cache = vllm_config.cache_config
-    from .config import UNSUPPORTED_FLAGS
-
     check_supported_features(override, UNSUPPORTED_FLAGS, speculative=vllm_config.speculative_config is not None,
                              chunked_prefill=os.environ.get("DISABLE_NEURON_CUSTOM_SCHEDULER", "0") == "1")
     batch = int(override.get("batch_size", vllm_config.scheduler_config.max_num_seqs))
