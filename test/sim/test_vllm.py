@@ -297,6 +297,14 @@ def _complete_all(base: str, case: dict, model: str) -> list[list[int]]:
         return list(pool.map(complete, range(len(case["prompts"]))))
 
 
+def _prefix_cache_queries(base: str) -> float:
+    """vLLM's prefix-cache lookups so far (prompt tokens looked up), from /metrics: counted only when prefix caching
+    is on (vLLM 0.13.0 / 0.16.0 `vllm:prefix_cache_queries`)."""
+    metrics = urllib.request.urlopen(f"{base}/metrics", timeout=30).read().decode()
+    found = re.findall(r"^vllm:prefix_cache_queries_total\{[^}]*\} ([0-9.e+]+)$", metrics, re.MULTILINE)
+    return float(found[0]) if found else 0.0
+
+
 def _want(case: dict) -> list[list[int]]:
     return [tokens[:n] for tokens, n in zip(case["tokens"], case["max_tokens"], strict=True)]
 
@@ -320,7 +328,9 @@ def test_serve_script_over_http(sim, tmp_path, cases):
                PYTHON=sys.executable, PATH=f"{vllm.parent}{os.pathsep}{os.environ['PATH']}")
     with _serving([bash, str(ROOT / "scripts" / "serve_vllm.sh")], env, tmp_path) as base:
         got = _complete_all(base, case, str(case["ckpt"]))
+        queries = _prefix_cache_queries(base)
     assert got == _want(case)
+    assert queries >= sum(map(len, case["prompts"])), queries  # prefix caching on (vLLM's default)
     served_log = (tmp_path / "serve.log").read_text()
     assert "vllm_neuron._is_neuron_dev -> True" in served_log  # served by vllm-neuron's platform, stand-ins active
 
@@ -389,11 +399,9 @@ def test_plainest_serve_multimodal_over_http(sim, tmp_path, cases):
            str(MAX_MODEL_LEN), *SIM_SETTINGS]
     with _serving(cmd, env, tmp_path) as base:
         got = _complete_all(base, case, str(case["ckpt"]))
-        metrics = urllib.request.urlopen(f"{base}/metrics", timeout=30).read().decode()
+        queries = _prefix_cache_queries(base)
     assert got == _want(case)
-    # vLLM counts prefix-cache lookups only when prefix caching is on
-    queries = re.findall(r"^vllm:prefix_cache_queries_total\{[^}]*\} ([0-9.e+]+)$", metrics, re.MULTILINE)
-    assert queries and float(queries[0]) >= sum(map(len, case["prompts"])), queries
+    assert queries >= sum(map(len, case["prompts"])), queries  # prefix caching on
 
 
 def _public_config_dir(tmp_path: Path, name: str) -> Path:
@@ -544,7 +552,9 @@ def test_lora_adapters_and_base_in_one_batch(sim, tmp_path, kind):
     """`LLM(..., enable_lora=True, max_loras=3, max_lora_rank=8)` with vllm-neuron's lora_ckpt_json naming adapters
     a4 (rank 4), a8 (rank 8) and the zero adapter "base": six requests, 4 at a time, mixing them; each request's
     greedy tokens equal HF with its adapter merged by PEFT (base: plain HF). vllm-neuron turns on NxDI's dynamic
-    multi-LoRA (max_cpu_loras defaults to max_loras), whose adapter swaps vllm_standins directs to the CPU model."""
+    multi-LoRA (max_cpu_loras defaults to max_loras), whose adapter swaps vllm_standins directs to the CPU model.
+    lora_ckpt_json also lists three adapters NxDI cannot serve (BAD_ADAPTERS): each is dropped with one error line
+    and the start goes on; vLLM's default prefix caching is asked for and turned off by the plugin."""
     case, lora = _lora_case(sim, tmp_path, kind)
     report = _drive(sim, tmp_path, case, f"lora_{kind}", lora=lora, enable_prefix_caching=True)
     assert any("dynamic multi-LoRA" in event for event in report["events"])
@@ -560,7 +570,9 @@ def test_lora_adapters_and_base_in_one_batch(sim, tmp_path, kind):
 def test_lora_over_http(sim, tmp_path):
     """`vllm serve DIR --max-model-len N --enable-lora --max-loras 3 --max-lora-rank 8 --lora-modules a4=.. a8=..
     base=..` (+ the simulation's settings, lora_ckpt_json): the six requests of the LoRA case sent at once to
-    /v1/completions with `"model": <adapter name>`, each gives HF's tokens with its adapter merged by PEFT."""
+    /v1/completions with `"model": <adapter name>`, each gives HF's tokens with its adapter merged by PEFT. The
+    adapters lora_ckpt_json lists but NxDI cannot serve are dropped at start (one error line each); a request for
+    one is vLLM's 404 and loading it at run time a 400 naming why, and the server keeps serving."""
     case, lora = _lora_case(sim, tmp_path)
     port = _free_port()
     modules = sorted({f"{name}={path}" for name, path in lora["adapters"]})
@@ -582,7 +594,9 @@ def test_lora_over_http(sim, tmp_path):
 
         with concurrent.futures.ThreadPoolExecutor(len(case["prompts"])) as pool:
             got = list(pool.map(complete, range(len(case["prompts"]))))
+        queries = _prefix_cache_queries(base)
     assert got == _want(case)  # served after the refusals, by the same engine
+    assert queries == 0  # the plugin turned vLLM's default prefix caching off (LoRA)
     assert missing[0] == 404 and "r16" in missing[1], missing
     assert refused[0] == 400 and "LoRA adapter 'r16' is not served: rank 16, above --max-lora-rank 8" in refused[1]
     assert set(_dropped_lines((tmp_path / "serve.log").read_text())) == set(BAD_ADAPTERS)
