@@ -9,7 +9,7 @@ Trainium/Inferentia yet.
     python scripts/offline_inference.py --model /data/gemma-3-12b-it --tp 8 --max-model-len 4096 --max-num-seqs 4
 
 Same settings as scripts/serve_vllm.sh (see it for what each one does): a LOCAL checkpoint directory, prefix caching
-off (vllm-neuron would ask nxdi_gemma for a block KV layout it refuses), `override_neuron_config` passed through
+on (vLLM's default; the plugin supplies the block size and block count), `override_neuron_config` passed through
 `additional_config`, compiled artifacts in NEURON_COMPILED_ARTIFACTS (default ./neuron-compiled/<model>-<settings
 hash>, as vllm-neuron reuses that directory without checking the settings), VLLM_PLUGINS listing `neuron` and
 `nxdi_gemma` when set, and the top-level text fields multimodal Gemma 3 configs need under transformers 4.57
@@ -104,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         dtype=args.dtype,
-        enable_prefix_caching=False,
         hf_overrides=hf_overrides or None,
         additional_config={"override_neuron_config": override},
     )

@@ -28,12 +28,13 @@
 #                    nxdi_gemma refuses chunked prefill, speculation, quantization and the NKI attention kernels
 #                    (GemmaNeuronConfig). With prefix caching NxDI's context-encoding buckets are 2-D: set
 #                    "context_encoding_buckets" (prefill lengths) and "prefix_buckets" (multiples of BLOCK_SIZE).
-#   BLOCK_SIZE       --block-size (default 32): vLLM's prefix caching (on, vLLM's default) makes vllm-neuron use NxDI's
-#                    block KV layout, which needs a block size.
-#   NUM_BLOCKS       --num-gpu-blocks-override (default ceil(MAX_MODEL_LEN / BLOCK_SIZE) x MAX_NUM_SEQS, what
-#                    vllm-neuron allocates in NxDI): vllm-neuron otherwise sizes vLLM's block pool from the device's
-#                    free memory and layer 0's head dim, which need not match the blocks NxDI holds (Gemma 4's
-#                    full layers have twice layer 0's head dim); more blocks keep more prefixes cached.
+#   BLOCK_SIZE       --block-size (unset: the plugin's default, 32). Prefix caching stays on (vLLM's default), so
+#                    vllm-neuron uses NxDI's block KV layout, which needs a block size.
+#   NUM_BLOCKS       --num-gpu-blocks-override (unset: the plugin supplies ceil(MAX_MODEL_LEN / block size) x
+#                    MAX_NUM_SEQS, the blocks vllm-neuron has NxDI allocate). vllm-neuron would otherwise size vLLM's
+#                    block pool from the device's free memory and layer 0's head dim, which need not match the blocks
+#                    NxDI holds (Gemma 4's full layers have twice layer 0's head dim); more blocks keep more
+#                    prefixes cached (and take HBM: the plugin's HBM check plans them).
 #   NEURON_COMPILED_ARTIFACTS  where the compiled model lives (default ./neuron-compiled/<model>-<settings hash>).
 #                    vllm-neuron loads from this directory when it holds a compiled model and compiles into it
 #                    otherwise. It does NOT check that the artifacts match the current settings (and ignores
@@ -63,8 +64,8 @@ fi
 TP="${TP:-8}"
 MAX_MODEL_LEN="${MAX_MODEL_LEN:-4096}"
 MAX_NUM_SEQS="${MAX_NUM_SEQS:-4}"
-BLOCK_SIZE="${BLOCK_SIZE:-32}"
-NUM_BLOCKS="${NUM_BLOCKS:-$(( (MAX_MODEL_LEN + BLOCK_SIZE - 1) / BLOCK_SIZE * MAX_NUM_SEQS ))}"
+BLOCK_SIZE="${BLOCK_SIZE:-}"
+NUM_BLOCKS="${NUM_BLOCKS:-}"
 DTYPE="${DTYPE:-bfloat16}"
 OVERRIDE_NEURON_CONFIG="${OVERRIDE_NEURON_CONFIG:-}"
 [[ -n "$OVERRIDE_NEURON_CONFIG" ]] || OVERRIDE_NEURON_CONFIG="{}"
@@ -104,7 +105,10 @@ echo "serving $MODEL on http://$HOST:$PORT (tp=$TP max_model_len=$MAX_MODEL_LEN 
 echo "compiled artifacts: $NEURON_COMPILED_ARTIFACTS; VLLM_PLUGINS=$VLLM_PLUGINS; hf overrides: $HF_OVERRIDES" >&2
 
 # Prefix caching stays on (vLLM's default): vllm-neuron then sets is_prefix_caching / is_block_kv_layout and nxdi_gemma
-# runs NxDI's block-KV path (neuron/block_kv.py); --block-size and --num-gpu-blocks-override as above.
+# runs NxDI's block-KV path (neuron/block_kv.py); --block-size and --num-gpu-blocks-override only when set (above).
+BLOCK_ARGS=()
+[[ -z "$BLOCK_SIZE" ]] || BLOCK_ARGS+=(--block-size "$BLOCK_SIZE")
+[[ -z "$NUM_BLOCKS" ]] || BLOCK_ARGS+=(--num-gpu-blocks-override "$NUM_BLOCKS")
 exec vllm serve "$MODEL" \
     --host "$HOST" \
     --port "$PORT" \
@@ -112,8 +116,7 @@ exec vllm serve "$MODEL" \
     --max-model-len "$MAX_MODEL_LEN" \
     --max-num-seqs "$MAX_NUM_SEQS" \
     --dtype "$DTYPE" \
-    --block-size "$BLOCK_SIZE" \
-    --num-gpu-blocks-override "$NUM_BLOCKS" \
+    "${BLOCK_ARGS[@]}" \
     --hf-overrides "$HF_OVERRIDES" \
     --additional-config "$ADDITIONAL_CONFIG" \
     "$@"

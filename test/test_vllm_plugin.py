@@ -360,7 +360,7 @@ def test_serve_script_syntax_and_arguments(tmp_path):
     assert json.loads(flag("--hf-overrides")) == {"num_key_value_heads": 4, "head_dim": 256}
     assert json.loads(flag("--additional-config")) == {"override_neuron_config": {}}
     assert "--no-enable-prefix-caching" not in args and args[-2:] == ["--seed", "0"]  # prefix caching on
-    assert flag("--block-size") == "32" and flag("--num-gpu-blocks-override") == str(4096 // 32 * 4)
+    assert "--block-size" not in args and "--num-gpu-blocks-override" not in args  # the plugin supplies them
     assert artifacts.startswith(str(tmp_path / "neuron-compiled" / "gemma-3-4b-tp4-len4096-seqs4-"))
     assert plugins == "neuron,nxdi_gemma"
 
@@ -369,6 +369,11 @@ def test_serve_script_syntax_and_arguments(tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[-1] == "other,neuron,nxdi_gemma"
     assert run.stdout.splitlines()[-2] != artifacts  # different settings, different artifacts directory
+    env.update(BLOCK_SIZE="16", NUM_BLOCKS="1000")
+    run = subprocess.run([bash, str(SERVE)], env=env, cwd=tmp_path, capture_output=True, text=True)
+    args = run.stdout.splitlines()[:-2]
+    assert run.returncode == 0 and flag("--block-size") == "16" and flag("--num-gpu-blocks-override") == "1000"
+    del env["BLOCK_SIZE"], env["NUM_BLOCKS"]
 
     del env["MODEL"]
     run = subprocess.run([bash, str(SERVE)], env=env, cwd=tmp_path, capture_output=True, text=True)
@@ -402,7 +407,7 @@ def test_offline_script_without_vllm_exits_with_a_clear_error(tmp_path, monkeypa
 
 def _serving(name: str = "gemma-3-4b", **changes):
     settings = dict(tp=2, batch=4, max_model_len=4096, dtype="bfloat16", prefix_caching=False, block_size=None,
-                    instance="trn1.32xlarge", prefix_caching_supported=False)
+                    instance="trn1.32xlarge")
     settings.update(changes)
     return vllm_plugin.check_serving_settings(public_config(name), f"{name}/config.json", **settings)
 
@@ -451,8 +456,7 @@ def test_serving_check_counts_quantized_weights():
 
 
 @pytest.mark.parametrize(("changes", "flag"), [
-    ({"prefix_caching": True}, "--no-enable-prefix-caching"),
-    ({"prefix_caching": True, "prefix_caching_supported": True}, "--block-size"),
+    ({"prefix_caching": True}, "--block-size"),
     ({"max_model_len": 10**7}, "--max-model-len 131072 or less"),
     ({"tp": 3}, "--tensor-parallel-size 3 does not divide"),
     ({"tp": 8, "instance": "trn2.3xlarge"}, "exceeds the 4 NeuronCores of trn2.3xlarge"),
@@ -470,7 +474,58 @@ def test_serve_config_error_is_a_one_line_exit_and_a_config_error():
     error = vllm_plugin.ServeConfigError("what to pass")
     assert isinstance(error, SystemExit) and isinstance(error, ConfigError)
     assert error.code == "error: what to pass"  # what the interpreter prints (exit status 1) instead of a traceback
-    assert _serving(prefix_caching=True, prefix_caching_supported=True, block_size=32) == _serving()
+    assert _serving(prefix_caching=True, block_size=32) == _serving()
+
+
+def test_prefix_caching_defaults_are_supplied_and_planned():
+    """Prefix caching on (vLLM's default) without --block-size / --num-gpu-blocks-override: the plugin supplies the
+    block size and the block count vllm-neuron gives NxDI; what the user or override_neuron_config set is kept."""
+    from nxdi_gemma.planning import GIB, block_kv_cache_bytes, memory_plan
+
+    def cache(**fields):
+        return types.SimpleNamespace(**{"enable_prefix_caching": True, "block_size": None,
+                                        "num_gpu_blocks_override": None, **fields})
+
+    given = cache()
+    assert vllm_plugin.supply_prefix_caching_defaults(given, {}, 4100, 4) == {
+        "block_size": 32, "num_gpu_blocks_override": 129 * 4}
+    assert (given.block_size, given.num_gpu_blocks_override) == (32, 516)
+    given = cache(block_size=16, num_gpu_blocks_override=1000)
+    assert vllm_plugin.supply_prefix_caching_defaults(given, {}, 4096, 4) == {}
+    assert (given.block_size, given.num_gpu_blocks_override) == (16, 1000)
+    given = cache()
+    assert vllm_plugin.supply_prefix_caching_defaults(given, {"pa_block_size": 64, "pa_num_blocks": 300}, 4096, 4) \
+        == {"block_size": 64, "num_gpu_blocks_override": 300}
+    off = cache(enable_prefix_caching=False)
+    assert vllm_plugin.supply_prefix_caching_defaults(off, {}, 4096, 4) == {} and off.block_size is None
+
+    # the HBM check plans the block layout's KV (every producer layer stores every position)
+    plan = plan_from_config(public_config("gemma-3-4b"))
+    blocked = memory_plan(plan, "trn1.32xlarge", 2, 64, 4096, block_size=32)
+    assert blocked.kv_cache_per_core == block_kv_cache_bytes(plan, 2, 64, 4096, 2, 32)
+    assert blocked.kv_cache_per_core > memory_plan(plan, "trn1.32xlarge", 2, 64, 4096).kv_cache_per_core
+    with pytest.raises(vllm_plugin.ServeConfigError) as refused:
+        _serving(batch=64, prefix_caching=True, block_size=32, num_blocks=128 * 64)
+    assert f"{blocked.total_per_core / GIB:.1f} GiB per NeuronCore" in str(refused.value)
+    assert "block KV layout: 8192 blocks of 32" in str(refused.value)
+
+
+@pytest.mark.parametrize(("override", "settings", "wanted"), [
+    ({"flash_decoding_enabled": True}, {}, "override_neuron_config sets flash_decoding_enabled"),
+    ({"attn_kernel_enabled": True}, {}, "attn_kernel_enabled"),
+    ({}, {"speculative": True}, "--speculative-config"),
+    ({}, {"chunked_prefill": True}, "DISABLE_NEURON_CUSTOM_SCHEDULER"),
+])
+def test_unsupported_features_are_refused_before_the_start(override, settings, wanted):
+    # neuron/config.py's UNSUPPORTED_FLAGS needs NxDI (the sim tier's test_refused_before_compile uses the real one)
+    unsupported = ("flash_decoding_enabled", "enable_fused_speculation", "is_chunked_prefill")
+    vllm_plugin.check_supported_features({"on_cpu": True, "flash_decoding_enabled": False}, unsupported, speculative=False,
+                                         chunked_prefill=False)
+    vllm_plugin.check_supported_features({}, (), speculative=True, chunked_prefill=True)  # once supported: accepted
+    with pytest.raises(vllm_plugin.ServeConfigError) as refused:
+        vllm_plugin.check_supported_features(override, unsupported,
+                                             **{"speculative": False, "chunked_prefill": False, **settings})
+    assert str(refused.value).startswith("error: ") and wanted in str(refused.value)
 
 
 def test_register_serving_check_keeps_an_existing_entry_and_is_idempotent(monkeypatch):
@@ -526,7 +581,9 @@ def _adapter(folder: Path, rank: int = 4, targets=("q_proj", "down_proj")) -> Pa
     ("rank", "rank 16, above --max-lora-rank 8"),
     ("target", "targets ['lm_head']"),
 ])
-def test_lora_adapters_are_checked_before_the_start(tmp_path, change, message):
+def test_bad_lora_adapters_are_dropped_naming_the_reason(tmp_path, caplog, change, message):
+    """Each adapter of lora_ckpt_json NxDI cannot serve is dropped with one error line naming it and why; NxDI is
+    handed a copy listing the others (and the reasons, for GemmaLoraModelManager); the user's file is untouched."""
     _adapter(tmp_path / "a4")
     paths = {"a4": "a4", "b": "b"}
     if change == "rank":
@@ -536,14 +593,28 @@ def test_lora_adapters_are_checked_before_the_start(tmp_path, change, message):
     elif change is None:
         _adapter(tmp_path / "b", rank=8, targets=("v_proj", "gate_proj"))
     ckpt_json = tmp_path / "lora.json"
-    ckpt_json.write_text(json.dumps({"lora-ckpt-dir": str(tmp_path), "lora-ckpt-paths": paths}))
+    original = json.dumps({"lora-ckpt-dir": str(tmp_path), "lora-ckpt-paths": paths, "lora-ckpt-paths-cpu": paths})
+    ckpt_json.write_text(original)
+    override = {"lora_ckpt_json": str(ckpt_json)}
+    with caplog.at_level(logging.ERROR, logger=vllm_plugin.__name__):
+        kept = vllm_plugin.serve_lora_adapters(override, 8, plan_has_moe=False)
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
     if message is None:
-        assert vllm_plugin.check_lora_adapters(str(ckpt_json), 8, plan_has_moe=False) == ["a4", "b"]
-        with pytest.raises(vllm_plugin.ServeConfigError, match="MoE"):
-            vllm_plugin.check_lora_adapters(str(ckpt_json), 8, plan_has_moe=True)
+        assert kept == ["a4", "b"] and errors == [] and override["lora_ckpt_json"] == str(ckpt_json)
+        with pytest.raises(vllm_plugin.ServeConfigError) as refused:  # MLP targets on MoE: neither can be served
+            vllm_plugin.select_lora_adapters(str(ckpt_json), 8, plan_has_moe=True)
+        assert "'a4': targets ['down_proj']: on a Gemma 4 MoE model" in str(refused.value)
+        assert "'b': targets ['gate_proj']: on a Gemma 4 MoE model" in str(refused.value)
         with pytest.raises(vllm_plugin.ServeConfigError, match="lora_ckpt_json"):
-            vllm_plugin.check_lora_adapters(None, 8, plan_has_moe=False)
+            vllm_plugin.select_lora_adapters(None, 8, plan_has_moe=False)
+        with pytest.raises(vllm_plugin.ServeConfigError, match="no LoRA adapter can be served .*'a4': rank 4"):
+            vllm_plugin.select_lora_adapters(str(ckpt_json), 2, plan_has_moe=False)
         return
-    with pytest.raises(vllm_plugin.ServeConfigError) as refused:
-        vllm_plugin.check_lora_adapters(str(ckpt_json), 8, plan_has_moe=False)
-    assert message in str(refused.value) and "'b'" in str(refused.value)
+    assert kept == ["a4"] and ckpt_json.read_text() == original
+    (line,) = errors
+    assert line.startswith("error: LoRA adapter 'b' ") and message in line and "serving the others (a4)" in line
+    handed = json.loads(Path(override["lora_ckpt_json"]).read_text())
+    assert handed["lora-ckpt-paths"] == handed["lora-ckpt-paths-cpu"] == {"a4": "a4"}
+    assert message in handed[vllm_plugin.DROPPED_KEY]["b"] and handed["lora-ckpt-dir"] == str(tmp_path)
+    # the same adapters give the same file (vllm-neuron's artifact hash of override_neuron_config stays stable)
+    assert vllm_plugin.serve_lora_adapters({"lora_ckpt_json": str(ckpt_json)}, 8, False) == kept

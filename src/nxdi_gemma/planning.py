@@ -208,9 +208,13 @@ WEIGHT_SCHEMES = ("model", "int8", "fp8")
 
 
 def memory_plan(plan: GemmaPlan, instance: str, tp: int | None = None, batch: int = 1, seq_len: int | None = None,
-                dtype: str = "bfloat16", weights: str = "model", kv_cache: str = "model") -> MemoryPlan:
-    """Per-core memory and rooflines. weights: "model" | "int8" | "fp8" (quantized weights, see weight_bytes);
-    kv_cache: "model" | "fp8" (`kv_cache_quant`: one byte per cached value)."""
+                dtype: str = "bfloat16", block_size: int | None = None, num_blocks: int | None = None,
+                weights: str = "model", kv_cache: str = "model") -> MemoryPlan:
+    """Per-core HBM plan and rooflines. `block_size`: the block KV layout of prefix caching (what vLLM's default
+    makes vllm-neuron ask for), whose cache holds `num_blocks` blocks of every producer layer, sliding ones included
+    (default ceil(seq_len / block_size) x batch, what vllm-neuron allocates); None: the contiguous layout (ring
+    caches). weights: "model" | "int8" | "fp8" (quantized weights, see weight_bytes); kv_cache: "model" | "fp8"
+    (`kv_cache_quant`: one byte per cached value)."""
     if instance not in INSTANCES:
         raise InputError(f"unknown instance {instance!r}; known: {', '.join(INSTANCES)}")
     inst = INSTANCES[instance]
@@ -231,7 +235,12 @@ def memory_plan(plan: GemmaPlan, instance: str, tp: int | None = None, batch: in
     counts = parameter_counts(plan)
     stored, read = weight_bytes(counts, nbytes, weights)
     weights_per_core = stored // tp + counts["replicated"] * nbytes
-    kv = kv_cache_bytes(plan, tp, batch, seq_len, 1 if kv_cache == "fp8" else nbytes)
+    kv_bytes = 1 if kv_cache == "fp8" else nbytes
+    if block_size is None:
+        kv = kv_cache_bytes(plan, tp, batch, seq_len, kv_bytes)
+    else:
+        blocks = num_blocks if num_blocks is not None else -(-seq_len // block_size) * batch
+        kv = block_kv_cache_bytes(plan, tp, 1, blocks * block_size, kv_bytes, block_size)
     activations = prefill_activation_bytes(plan, tp, batch, seq_len, seq_len, nbytes)
     # Decode: stream the active weights once per step plus the KV cache in use, for the whole batch.
     step_bytes = read / tp + kv
@@ -242,19 +251,19 @@ def memory_plan(plan: GemmaPlan, instance: str, tp: int | None = None, batch: in
 
 
 def largest_fit(plan: GemmaPlan, instance: str, tp: int | None = None, dtype: str = "bfloat16",
-                seq_len: int | None = None, **schemes: str) -> tuple[int, int]:
+                seq_len: int | None = None, block_size: int | None = None, **schemes: str) -> tuple[int, int]:
     """(largest power-of-two context at batch 1, largest batch at `seq_len`, the requested context (default: the
-    plan's default)) that fit; 0 if none."""
+    plan's default)) that fit; 0 if none. `block_size`: as memory_plan's (its default block count)."""
     context = 0
     length = 128
     while length <= plan.max_position_embeddings:
-        if memory_plan(plan, instance, tp, 1, length, dtype, **schemes).fits:
+        if memory_plan(plan, instance, tp, 1, length, dtype, block_size, **schemes).fits:
             context = length
         length *= 2
     batch = 0
     requested = memory_plan(plan, instance, tp, 1, seq_len, dtype, **schemes).seq_len
     b = 1
-    while b <= 1024 and memory_plan(plan, instance, tp, b, requested, dtype, **schemes).fits:
+    while b <= 1024 and memory_plan(plan, instance, tp, b, requested, dtype, block_size, **schemes).fits:
         batch = b
         b *= 2
     return context, batch

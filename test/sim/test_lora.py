@@ -24,13 +24,28 @@ def _config(kind: str) -> dict:
     return TINY_CONFIGS[kind]
 
 
+def _adapters(kind: str) -> dict:
+    """On the Gemma 4 MoE fixture, attention adapters only: NxDI's suffix match would also wrap the stacked expert
+    linears (experts.gate_proj/up_proj/down_proj), so the serving check drops MLP adapters there."""
+    if kind == "gemma4":
+        return {name: {**adapter, "targets": TARGETS[:4]} for name, adapter in ADAPTERS.items()}
+    return ADAPTERS
+
+
 def _spec(kind: str) -> dict:
     return {f"lora_{kind}": {"config": _config(kind), "seed": 0, "prompt_lengths": [5, 19], "prompt_seed": 31,
-                             "new_tokens": 8, "adapters": ADAPTERS}}
+                             "new_tokens": 8, "adapters": _adapters(kind)}}
 
 
-@pytest.mark.parametrize("release", ["sdk-2.28"])
-@pytest.mark.parametrize("kind", ["gemma3", pytest.param("gemma4_dense", marks=pytest.mark.slow)])
+# Gemma 4 MoE (K=V, PLE, KV sharing, MoE) with attention-only adapters: measured at 0.5 token match with a4 (prompt
+# 0 diverges at token 4; through vLLM the zero "base" adapter diverges too): LoRA changes the MoE model's output; the
+# serving check refuses --enable-lora on MoE checkpoints until this passes.
+MOE_NOT_EXACT = pytest.mark.xfail(strict=True, reason="LoRA on the Gemma 4 MoE model differs from HF+PEFT (measured)")
+
+
+@pytest.mark.parametrize("release", ["sdk-2.28", pytest.param("sdk-2.29", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", ["gemma3", pytest.param("gemma4_dense", marks=pytest.mark.slow),
+                                  pytest.param("gemma4", marks=[pytest.mark.slow, MOE_NOT_EXACT])])
 def test_lora_adapters_and_base_in_one_batch_match_peft(sim, tmp_path, release, kind):
     sim.need(release)
     (case,) = sim.goldens(_spec(kind)).values()

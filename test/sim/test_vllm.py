@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
@@ -159,6 +160,7 @@ def _drive(sim, tmp_path: Path, case: dict, name: str, artifacts: Path | None = 
                          cwd=tmp_path, capture_output=True, text=True, timeout=START_TIMEOUT)
     assert run.returncode == 0 and out_path.exists(), f"vLLM run on {name} failed:\n{run.stderr[-6000:]}"
     report = json.loads(out_path.read_text())
+    report["stderr"] = run.stderr
     print(f"{name}: vLLM {report['versions']['vllm']}, vllm-neuron {report['versions']['vllm-neuron']}, NxDI {RELEASE}, "
           f"{report['seconds']}")
     want = [tokens[:n] for tokens, n in zip(case["tokens"], case["max_tokens"], strict=True)]
@@ -246,6 +248,15 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
+def _post_error(url: str, body: dict) -> tuple[int, str]:
+    """(HTTP status, body) of a request the server must refuse."""
+    try:
+        _post(url, body)
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+    raise AssertionError(f"{url} accepted {body}")
+
+
 @contextlib.contextmanager
 def _serving(cmd: list[str], env: dict[str, str], tmp_path: Path):
     """A server started with `cmd` (in its own session), yielding its base URL once /v1/models answers; stopped on
@@ -288,6 +299,14 @@ def _complete_all(base: str, case: dict, model: str) -> list[list[int]]:
         return list(pool.map(complete, range(len(case["prompts"]))))
 
 
+def _prefix_cache_queries(base: str) -> float:
+    """vLLM's prefix-cache lookups so far (prompt tokens looked up), from /metrics: counted only when prefix caching
+    is on (vLLM 0.13.0 / 0.16.0 `vllm:prefix_cache_queries`)."""
+    metrics = urllib.request.urlopen(f"{base}/metrics", timeout=30).read().decode()
+    found = re.findall(r"^vllm:prefix_cache_queries_total\{[^}]*\} ([0-9.e+]+)$", metrics, re.MULTILINE)
+    return float(found[0]) if found else 0.0
+
+
 def _want(case: dict) -> list[list[int]]:
     return [tokens[:n] for tokens, n in zip(case["tokens"], case["max_tokens"], strict=True)]
 
@@ -311,7 +330,9 @@ def test_serve_script_over_http(sim, tmp_path, cases):
                PYTHON=sys.executable, PATH=f"{vllm.parent}{os.pathsep}{os.environ['PATH']}")
     with _serving([bash, str(ROOT / "scripts" / "serve_vllm.sh")], env, tmp_path) as base:
         got = _complete_all(base, case, str(case["ckpt"]))
+        queries = _prefix_cache_queries(base)
     assert got == _want(case)
+    assert queries >= sum(map(len, case["prompts"])), queries  # prefix caching on (vLLM's default)
     served_log = (tmp_path / "serve.log").read_text()
     assert "vllm_neuron._is_neuron_dev -> True" in served_log  # served by vllm-neuron's platform, stand-ins active
 
@@ -366,23 +387,24 @@ def test_prefix_caching_on(sim, tmp_path, prefix_cases, name, sim_report):
 
 # The simulation's own settings, and nothing else: NxDI's CPU mode (on_cpu) and float32 (HF's goldens are float32).
 SIM_SETTINGS = ["--dtype", "float32", "--additional-config", json.dumps({"override_neuron_config": {"on_cpu": True}})]
-# Until nxdi-gemma serves prefix caching (vLLM's default), our serving check refuses it naming this flag.
-NO_PREFIX_CACHING = ["--no-enable-prefix-caching"]
 
 
 def test_plainest_serve_multimodal_over_http(sim, tmp_path, cases):
-    """`vllm serve DIR --max-model-len N` plus only the simulation's settings (and --no-enable-prefix-caching while
-    prefix caching is refused), on the multimodal Gemma 3 checkpoint without --hf-overrides: the plugin's serving
-    check supplies the text fields; vLLM's default max_num_seqs (256) fits the trn1.2xlarge the tier names
-    (NXDI_GEMMA_INSTANCE), so it is the NxDI batch. HF's greedy tokens on every prompt."""
+    """`vllm serve DIR --max-model-len N` plus only the simulation's settings, on the multimodal Gemma 3 checkpoint
+    without --hf-overrides: prefix caching stays on (vLLM's default; the plugin supplies --block-size and
+    --num-gpu-blocks-override, so vllm-neuron runs NxDI's block KV layout), the serving check supplies the text
+    fields, and vLLM's default max_num_seqs (256) fits the trn1.2xlarge the tier names (NXDI_GEMMA_INSTANCE), so it
+    is the NxDI batch. HF's greedy tokens on every prompt."""
     case = cases["gemma3mm"]
     port = _free_port()
     env = _env(sim, PORT=str(port), VLLM_PLUGINS="neuron,nxdi_gemma")
     cmd = [str(_vllm_command()), "serve", str(case["ckpt"]), "--port", str(port), "--max-model-len",
-           str(MAX_MODEL_LEN), *SIM_SETTINGS, *NO_PREFIX_CACHING]
+           str(MAX_MODEL_LEN), *SIM_SETTINGS]
     with _serving(cmd, env, tmp_path) as base:
         got = _complete_all(base, case, str(case["ckpt"]))
+        queries = _prefix_cache_queries(base)
     assert got == _want(case)
+    assert queries >= sum(map(len, case["prompts"])), queries  # prefix caching on
 
 
 def _public_config_dir(tmp_path: Path, name: str) -> Path:
@@ -398,19 +420,45 @@ def _public_config_dir(tmp_path: Path, name: str) -> Path:
     return folder
 
 
+def _hbm_refusal() -> list[str]:
+    """What the "hbm" refusal must name: the planner's figures for Gemma 3 4B at TP 2 x 4096 x batch 256 (vLLM's
+    default) in the block KV layout of prefix caching (block size 32, the plugin's default), on trn1.32xlarge."""
+    from nxdi_gemma.planning import GIB, largest_fit, memory_plan
+    from nxdi_gemma.public_models import public_plan
+
+    plan = public_plan("gemma-3-4b")
+    need = memory_plan(plan, "trn1.32xlarge", 2, 256, 4096, "bfloat16", 32)
+    _, fitting = largest_fit(plan, "trn1.32xlarge", 2, "bfloat16", 4096, 32)
+    assert not need.fits and fitting
+    return [f"{need.total_per_core / GIB:.1f} GiB per NeuronCore", "block KV layout: 32768 blocks of 32",
+            "of trn1.32xlarge's 16.0 GiB", f"pass --max-num-seqs {fitting} or less"]
+
+
+SPECULATION = json.dumps({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2})
 # name -> (vllm serve arguments after the model, environment changes (None: unset), what the error line names)
 REFUSALS = {
-    # Gemma 3 4B (config.json only) at TP 2 x 4096 on trn1.32xlarge with vLLM's default batch (256), in the
-    # checkpoint's own dtype (bfloat16): the planner's 34.2 GiB per core of 16
-    "hbm": (["--tensor-parallel-size", "2", "--max-model-len", "4096", *NO_PREFIX_CACHING],
-            {"NXDI_GEMMA_INSTANCE": "trn1.32xlarge"},
-            ["34.2 GiB per NeuronCore", "of trn1.32xlarge's 16.0 GiB", "pass --max-num-seqs 64 or less"]),
+    # Gemma 3 4B (config.json only) at TP 2 x 4096 on trn1.32xlarge with vLLM's defaults (batch 256, prefix caching
+    # on), in the checkpoint's own dtype (bfloat16)
+    "hbm": (["--tensor-parallel-size", "2", "--max-model-len", "4096"], {"NXDI_GEMMA_INSTANCE": "trn1.32xlarge"},
+            None),
     # no NXDI_GEMMA_INSTANCE and no EC2 DMI product name: which HBM to plan for is not guessed
-    "instance": (["--max-model-len", str(MAX_MODEL_LEN), *SIM_SETTINGS, *NO_PREFIX_CACHING],
-                 {"NXDI_GEMMA_INSTANCE": None}, ["NXDI_GEMMA_INSTANCE"]),
-    # vLLM's default prefix caching: --no-enable-prefix-caching today, --block-size once prefix caching is served
-    "prefix_caching": (["--max-model-len", str(MAX_MODEL_LEN), *SIM_SETTINGS], {},
-                       ["--no-enable-prefix-caching|--block-size"]),
+    "instance": (["--max-model-len", str(MAX_MODEL_LEN), *SIM_SETTINGS], {"NXDI_GEMMA_INSTANCE": None},
+                 ["NXDI_GEMMA_INSTANCE"]),
+    # an unsupported neuron-config flag (GemmaNeuronConfig's UNSUPPORTED_FLAGS) in override_neuron_config
+    "flag": (["--max-model-len", str(MAX_MODEL_LEN), "--dtype", "float32", "--additional-config",
+              json.dumps({"override_neuron_config": {"on_cpu": True, "flash_decoding_enabled": True}})], {},
+             ["override_neuron_config sets flash_decoding_enabled"]),
+    # vLLM speculation: vllm-neuron would set enable_fused_speculation
+    "speculation": (["--max-model-len", str(MAX_MODEL_LEN), *SIM_SETTINGS, "--speculative-config", SPECULATION], {},
+                    ["--speculative-config"]),
+    # vllm-neuron keeps vLLM's chunked prefill with this variable: is_chunked_prefill
+    "chunked_prefill": (["--max-model-len", str(MAX_MODEL_LEN), *SIM_SETTINGS],
+                        {"DISABLE_NEURON_CUSTOM_SCHEDULER": "1"}, ["DISABLE_NEURON_CUSTOM_SCHEDULER"]),
+    # LoRA on Neuron without vllm-neuron's lora_ckpt_json
+    "lora_json": (["--max-model-len", str(MAX_MODEL_LEN), *SIM_SETTINGS, "--enable-lora"], {}, ["lora_ckpt_json"]),
+    # LoRA on the Gemma 4 MoE checkpoint (not exact yet: test_lora.py's gemma4 case)
+    "lora_moe": (["--max-model-len", str(MAX_MODEL_LEN), *SIM_SETTINGS, "--enable-lora"], {},
+                 ["--enable-lora is not supported on Gemma 4 MoE"]),
 }
 
 
@@ -420,7 +468,9 @@ def test_refused_before_compile(sim, tmp_path, cases, name):
     """A configuration our serving check refuses: `vllm serve` ends before anything is built, with one `error:` line
     from our code as its last line, exit 1, no traceback. (About a minute per vLLM start: only "hbm" runs in CI.)"""
     args, extra, wanted = REFUSALS[name]
-    model = _public_config_dir(tmp_path, "gemma-3-4b") if name == "hbm" else cases["gemma3"]["ckpt"]
+    wanted = _hbm_refusal() if wanted is None else wanted
+    model = (_public_config_dir(tmp_path, "gemma-3-4b") if name == "hbm" else
+             cases["gemma4moe" if name == "lora_moe" else "gemma3"]["ckpt"])
     env = _env(sim, VLLM_PLUGINS="neuron,nxdi_gemma")
     for key, value in extra.items():
         if value is None:
@@ -440,6 +490,27 @@ def test_refused_before_compile(sim, tmp_path, cases, name):
         assert any(option in last for option in want.split("|")), f"{name}: {want!r} not in {last!r}"
     assert "Traceback" not in run.stderr and "Traceback" not in run.stdout, f"{name}:\n{run.stderr[-4000:]}"
     assert ".compile(" not in run.stderr and ".load(" not in run.stderr  # no NxDI model was built
+
+
+# adapter listed in lora_ckpt_json -> what the error line dropping it names
+BAD_ADAPTERS = {"missing": "no adapter_config.json and *.safetensors", "r16": "rank 16, above --max-lora-rank 8",
+                "head": "targets ['lm_head']"}
+
+
+def _bad_adapters(tmp_path: Path, adapters: Path) -> dict[str, str]:
+    """Adapters NxDI cannot serve next to a4 / a8 (BAD_ADAPTERS): a path with nothing there, a8 declaring rank 16,
+    a4 also targeting lm_head. Returns their lora_ckpt_json paths."""
+    for name, source, change in (("r16", "a8", {"r": 16}), ("head", "a4", {"target_modules": ["q_proj", "lm_head"]})):
+        shutil.copytree(adapters / source, tmp_path / name)
+        config = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    return {"missing": str(tmp_path / "nowhere"), "r16": str(tmp_path / "r16"), "head": str(tmp_path / "head")}
+
+
+def _dropped_lines(log: str) -> dict[str, str]:
+    """The serving check's error line for each adapter it dropped, by adapter name."""
+    lines = re.findall(r"error: LoRA adapter '(\w+)' in \S+ is not served: ([^\n]*)", log)
+    return {name: reason for name, reason in lines}
 
 
 def _lora_case(sim, tmp_path: Path, kind: str = "gemma3") -> tuple[dict, dict]:
@@ -468,8 +539,9 @@ def _lora_case(sim, tmp_path: Path, kind: str = "gemma3") -> tuple[dict, dict]:
     order = [(name, i) for i in range(len(golden["prompts"])) for name in ("a4", "base", "a8")]
     ckpt_json = tmp_path / "lora.json"
     paths = {name: str(path) for name, path in dirs.items()}
-    ckpt_json.write_text(json.dumps({"lora-ckpt-dir": str(tmp_path), "lora-ckpt-paths": paths,
-                                     "lora-ckpt-paths-cpu": paths}))
+    listed = {**paths, **_bad_adapters(tmp_path, case_dir / "adapters")}
+    ckpt_json.write_text(json.dumps({"lora-ckpt-dir": str(tmp_path), "lora-ckpt-paths": listed,
+                                     "lora-ckpt-paths-cpu": listed}))
     case = {"ckpt": case_dir / "ckpt", "prompts": [golden["prompts"][i] for _, i in order],
             "tokens": [want[name][i] for name, i in order], "max_tokens": [golden["new_tokens"]] * len(order),
             "transformers": golden["transformers"]}
@@ -483,27 +555,41 @@ def test_lora_adapters_and_base_in_one_batch(sim, tmp_path, kind):
     """`LLM(..., enable_lora=True, max_loras=3, max_lora_rank=8)` with vllm-neuron's lora_ckpt_json naming adapters
     a4 (rank 4), a8 (rank 8) and the zero adapter "base": six requests, 4 at a time, mixing them; each request's
     greedy tokens equal HF with its adapter merged by PEFT (base: plain HF). vllm-neuron turns on NxDI's dynamic
-    multi-LoRA (max_cpu_loras defaults to max_loras), whose adapter swaps vllm_standins directs to the CPU model."""
+    multi-LoRA (max_cpu_loras defaults to max_loras), whose adapter swaps vllm_standins directs to the CPU model.
+    lora_ckpt_json also lists three adapters NxDI cannot serve (BAD_ADAPTERS): each is dropped with one error line
+    and the start goes on; vLLM's default prefix caching is asked for and turned off by the plugin."""
     case, lora = _lora_case(sim, tmp_path, kind)
-    report = _drive(sim, tmp_path, case, f"lora_{kind}", lora=lora)
+    report = _drive(sim, tmp_path, case, f"lora_{kind}", lora=lora, enable_prefix_caching=True)
     assert any("dynamic multi-LoRA" in event for event in report["events"])
+    # vLLM's default prefix caching, turned off by the plugin with LoRA (see vllm_plugin.serving_check)
+    assert not report["neuron_config"]["is_prefix_caching"] and "prefix caching turned off" in report["stderr"]
+    dropped = _dropped_lines(report["stderr"])
+    assert set(dropped) == set(BAD_ADAPTERS), report["stderr"][-4000:]
+    for name, reason in BAD_ADAPTERS.items():
+        assert reason in dropped[name] and "serving the others (a4, a8, base)" in dropped[name]
 
 
 @pytest.mark.slow  # CI time: LoRA through LLM() runs in CI; this adds a second vLLM start
 def test_lora_over_http(sim, tmp_path):
     """`vllm serve DIR --max-model-len N --enable-lora --max-loras 3 --max-lora-rank 8 --lora-modules a4=.. a8=..
     base=..` (+ the simulation's settings, lora_ckpt_json): the six requests of the LoRA case sent at once to
-    /v1/completions with `"model": <adapter name>`, each gives HF's tokens with its adapter merged by PEFT."""
+    /v1/completions with `"model": <adapter name>`, each gives HF's tokens with its adapter merged by PEFT. The
+    adapters lora_ckpt_json lists but NxDI cannot serve are dropped at start (one error line each); a request for
+    one is vLLM's 404 and loading it at run time a 400 naming why, and the server keeps serving."""
     case, lora = _lora_case(sim, tmp_path)
     port = _free_port()
     modules = sorted({f"{name}={path}" for name, path in lora["adapters"]})
     extra = {"override_neuron_config": {"on_cpu": True, "lora_ckpt_json": lora["ckpt_json"]}}
     cmd = [str(_vllm_command()), "serve", str(case["ckpt"]), "--port", str(port), "--max-model-len",
-           str(MAX_MODEL_LEN), "--dtype", "float32", "--additional-config", json.dumps(extra), *NO_PREFIX_CACHING,
+           str(MAX_MODEL_LEN), "--dtype", "float32", "--additional-config", json.dumps(extra),
            "--max-num-seqs", str(MAX_NUM_SEQS), "--enable-lora", "--max-loras", str(lora["max_loras"]),
            "--max-lora-rank", str(lora["max_lora_rank"]), "--lora-modules", *modules]
-    env = _env(sim, PORT=str(port), VLLM_PLUGINS="neuron,nxdi_gemma")
+    env = _env(sim, PORT=str(port), VLLM_PLUGINS="neuron,nxdi_gemma", VLLM_ALLOW_RUNTIME_LORA_UPDATING="1")
     with _serving(cmd, env, tmp_path) as base:
+        # a dropped adapter: vLLM's API does not know it (404), and loading it at run time is refused naming why
+        missing = _post_error(f"{base}/v1/completions", {"model": "r16", "prompt": [5, 6], "max_tokens": 2})
+        refused = _post_error(f"{base}/v1/load_lora_adapter", {"lora_name": "r16", "lora_path": str(tmp_path / "r16")})
+
         def complete(i: int) -> list[int]:
             body = {"model": lora["adapters"][i][0], "prompt": case["prompts"][i], "temperature": 0,
                     "max_tokens": case["max_tokens"][i], "ignore_eos": True, "return_token_ids": True}
@@ -511,4 +597,9 @@ def test_lora_over_http(sim, tmp_path):
 
         with concurrent.futures.ThreadPoolExecutor(len(case["prompts"])) as pool:
             got = list(pool.map(complete, range(len(case["prompts"]))))
-    assert got == _want(case)
+        queries = _prefix_cache_queries(base)
+    assert got == _want(case)  # served after the refusals, by the same engine
+    assert queries == 0  # the plugin turned vLLM's default prefix caching off (LoRA)
+    assert missing[0] == 404 and "r16" in missing[1], missing
+    assert refused[0] == 400 and "LoRA adapter 'r16' is not served: rank 16, above --max-lora-rank 8" in refused[1]
+    assert set(_dropped_lines((tmp_path / "serve.log").read_text())) == set(BAD_ADAPTERS)

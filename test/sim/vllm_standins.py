@@ -73,20 +73,34 @@ def _application_base(module: ModuleType) -> None:
 def _model_wrapper(module: ModuleType) -> None:
     """Prefix caching only: on Neuron, NxDI's ModelWrapper (0.8 and 0.9) pads a partial batch with the missing seq
     ids after the given ones (unsorted) and returns the padded output's first rows; in CPU mode it instead
-    index-selects rows by the given seq ids, which picks padding rows unless they are 0 .. n-1. The block KV layout
-    does not use seq ids for the cache (block tables do), so this stands in for the Neuron slice by numbering the
-    rows 0 .. n-1 in CPU mode."""
+    index-selects rows by the given seq ids, which picks padding rows unless they are 0 .. n-1. This stands in for
+    the Neuron slice in CPU mode: the model runs with the real seq ids (LoRA serving keys each sequence's active
+    adapter weights by seq id), and the first rows of its output are returned."""
     wrapper = module.ModelWrapper
     original = wrapper._forward_with_pad
 
     def _forward_with_pad(self: Any, *args: Any) -> Any:
-        if self.neuron_config.is_prefix_caching and not self.is_neuron():
-            import torch
+        if not (self.neuron_config.is_prefix_caching and not self.is_neuron()):
+            return original(self, *args)
+        rows = args[3].shape[0]
+        run = self._forward
+        seen: list[Any] = []
 
-            args = (*args[:3], torch.arange(args[3].shape[0], dtype=args[3].dtype), *args[4:])
-        return original(self, *args)
+        def forward(*padded: Any) -> Any:
+            outputs = run(*padded)
+            seen.append(outputs[0])
+            return outputs
+
+        self._forward = forward
+        try:
+            _, *rest = original(self, *args)
+        finally:
+            del self._forward  # the class's method again
+        return [seen[-1][:rows], *rest]
 
     wrapper._forward_with_pad = _forward_with_pad
+
+
 def _dynamic_lora_on_cpu(app: Any) -> None:
     """See 3. in the module docstring."""
     from types import SimpleNamespace

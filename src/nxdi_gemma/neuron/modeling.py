@@ -36,6 +36,7 @@ from .attention import ForwardState, NeuronGemmaAttention
 from .block_kv import GemmaBlockKVCacheManager
 from .config import GemmaInferenceConfig, GemmaNeuronConfig
 from .kv_cache import GemmaKVCacheManager
+from .lora import GemmaLoraModelManager
 from .moe import ParallelMoeExperts
 from .quantized import quantized_dtype
 
@@ -253,6 +254,12 @@ class NeuronGemmaForCausalLM(NeuronBaseForCausalLM):
     """Gemma 2 / Gemma 3 (text and the text part of the multimodal checkpoints) causal LM for NxD Inference."""
 
     _model_cls = NeuronGemmaModel
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.neuron_config.lora_config is not None:
+            # NxDI's manager, naming the adapter and why when a request or vLLM asks for one it does not serve
+            self.lora_model_manager = GemmaLoraModelManager(self.neuron_config.lora_config)
 
     @classmethod
     def get_config_cls(cls):

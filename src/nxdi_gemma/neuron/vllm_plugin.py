@@ -44,15 +44,22 @@ numbers are 0.4.1's (0.5.0's differ by a few lines). What `register()` does:
    `check_and_update_config` and long before an engine process builds the NxDI model. `serving_check` (registered
    there for every Gemma architecture, on the Neuron platform only) then:
    - supplies the multimodal checkpoints' top-level text fields (below), so `--hf-overrides` is not needed;
+   - with prefix caching on (vLLM's default), supplies what vllm-neuron asserts or sizes wrongly: `--block-size`
+     (DEFAULT_BLOCK_SIZE) and `--num-gpu-blocks-override` (the blocks NxDI allocates), when not given
+     (`supply_prefix_caching_defaults`);
    - refuses, as one `error:` line naming the flag to pass (`ServeConfigError`: a SystemExit, so `vllm serve` prints
-     that line and exits 1 without a traceback; `LLM()` callers can catch it as a ConfigError): prefix caching while
-     our neuron config still refuses it (`--no-enable-prefix-caching`), prefix caching without `--block-size`,
-     `--max-model-len` above the checkpoint's max_position_embeddings, a TP that does not split the heads, and a
-     batch x length whose planner figures (`planning.memory_plan`, per NeuronCore) exceed the instance's HBM (it
-     names the largest `--max-num-seqs` that fits). The instance comes from `planning.current_instance`:
-     NXDI_GEMMA_INSTANCE, else EC2's DMI product name; neither known is refused too ('none' skips the HBM check).
-   - with --enable-lora, checks every adapter of vllm-neuron's `lora_ckpt_json` as NxDI will load it
-     (`check_lora_adapters`: path, rank, target modules), since NxDI's own failure would come at model load;
+     that line and exits 1 without a traceback; `LLM()` callers can catch it as a ConfigError): what our neuron
+     config refuses in the engine (`check_supported_features`: its UNSUPPORTED_FLAGS in override_neuron_config,
+     `--speculative-config`, chunked prefill), `--max-model-len` above the checkpoint's max_position_embeddings, a
+     TP that does not split the heads, and a batch x length whose planner figures (`planning.memory_plan`, per
+     NeuronCore, in the block KV layout when prefix caching is on) exceed the instance's HBM (it names the largest
+     `--max-num-seqs` that fits). The instance comes from `planning.current_instance`: NXDI_GEMMA_INSTANCE, else
+     EC2's DMI product name; neither known is refused too ('none' skips the HBM check).
+   - with --enable-lora, refuses Gemma 4 MoE checkpoints (LoRA there is not exact yet), turns prefix caching off (NxDI's multi-LoRA token generation applies each batch row's
+     adapter weights by position, which lines up with the sequences only in the contiguous layout's sorted batch),
+     and checks every adapter of vllm-neuron's `lora_ckpt_json` as NxDI will load it
+     (`serve_lora_adapters`: path, rank, target modules): each bad one is dropped with one `error:` log line naming
+     it and why, and NxDI gets a copy of the file listing the others (NxDI itself would stop the whole start);
    - sets the image limit of multimodal checkpoints to 0 (`text_only_inputs`: only the text decoder is served).
    The max model length cannot be defaulted here: vllm-neuron replaces vLLM's `get_and_verify_max_len` with one that
    returns the `--max-model-len` given (None without it), and vLLM's ModelConfig rejects None before any VllmConfig
@@ -373,14 +380,59 @@ def _gib(nbytes: float) -> str:
     return f"{nbytes / GIB:.1f} GiB"
 
 
+# vLLM's --block-size when prefix caching is on (vLLM's default) and none is given: vllm-neuron asserts one is set
+# (it becomes NxDI's pa_block_size); 32 is what scripts/serve_vllm.sh has always passed.
+DEFAULT_BLOCK_SIZE = 32
+
+
+def supply_prefix_caching_defaults(cache_config: Any, override: Mapping[str, Any], max_model_len: int,
+                                   batch: int) -> dict[str, int]:
+    """With prefix caching on, the two settings vllm-neuron needs but does not default, set on vLLM's CacheConfig
+    (vLLM 0.13.0 / 0.16.0) before vllm-neuron's `check_and_update_config` reads them; returns what was supplied.
+    - block_size: override_neuron_config's pa_block_size, else DEFAULT_BLOCK_SIZE (vllm-neuron asserts one).
+    - num_gpu_blocks_override: override_neuron_config's pa_num_blocks, else ceil(max_model_len / block_size) x
+      max_num_seqs, the blocks vllm-neuron has NxDI allocate. Without it vllm-neuron sizes vLLM's block pool from the
+      device's free memory and layer 0's head dim, which need not match NxDI's pool (Gemma 4's full layers have
+      twice layer 0's head dim), so vLLM could hand out block ids NxDI does not have."""
+    supplied: dict[str, int] = {}
+    if not cache_config.enable_prefix_caching:
+        return supplied
+    if cache_config.block_size is None:
+        cache_config.block_size = supplied["block_size"] = int(override.get("pa_block_size", DEFAULT_BLOCK_SIZE))
+    if cache_config.num_gpu_blocks_override is None:
+        blocks = override.get("pa_num_blocks", -(-max_model_len // cache_config.block_size) * batch)
+        cache_config.num_gpu_blocks_override = supplied["num_gpu_blocks_override"] = int(blocks)
+    return supplied
+
+
+def check_supported_features(override: Mapping[str, Any], unsupported: Iterable[str], *, speculative: bool,
+                             chunked_prefill: bool) -> None:
+    """Refuse, before anything is built, what GemmaNeuronConfig would refuse in the engine process (`unsupported`:
+    its UNSUPPORTED_FLAGS, passed from neuron/config.py so a feature that becomes supported is accepted here too):
+    flags set in override_neuron_config, vLLM speculation (vllm-neuron then sets enable_fused_speculation) and
+    chunked prefill (vllm-neuron's scheduler keeps it only with DISABLE_NEURON_CUSTOM_SCHEDULER=1)."""
+    UNSUPPORTED_FLAGS = tuple(unsupported)  # noqa: N806 (the name it has in neuron/config.py)
+    given = [flag for flag in (*UNSUPPORTED_FLAGS, "attn_kernel_enabled") if override.get(flag)]
+    if given:
+        raise ServeConfigError(f"override_neuron_config sets {', '.join(given)}, which nxdi-gemma does not support: "
+                               "remove them from --additional-config")
+    if speculative and "enable_fused_speculation" in UNSUPPORTED_FLAGS:
+        raise ServeConfigError("speculative decoding through vllm-neuron (fused speculation) is not supported by "
+                               "nxdi-gemma: leave out --speculative-config")
+    if chunked_prefill and "is_chunked_prefill" in UNSUPPORTED_FLAGS:
+        raise ServeConfigError("DISABLE_NEURON_CUSTOM_SCHEDULER=1 makes vllm-neuron run chunked prefill, which "
+                               "nxdi-gemma does not support: unset DISABLE_NEURON_CUSTOM_SCHEDULER")
+
+
 def check_serving_settings(config: dict[str, Any], source: str, *, tp: int, batch: int, max_model_len: int,
                            dtype: str, prefix_caching: bool, block_size: int | None, instance: str | None,
-                           prefix_caching_supported: bool, weights: str = "model",
+                           num_blocks: int | None = None, weights: str = "model",
                            kv_cache: str = "model") -> dict[str, Any]:
     """What `serving_check` decides, from plain values: the top-level hf_config fields to set (`hf_overrides_for`),
     or ServeConfigError naming the flag to pass. `batch`, `tp`, `max_model_len`: what vllm-neuron will give NxDI
-    (batch_size, tp_degree, seq_len); `instance`: a planning.INSTANCES name, None to skip the HBM check;
-    `weights` / `kv_cache`: the quantization schemes of override_neuron_config (`quantization_schemes`)."""
+    (batch_size, tp_degree, seq_len); `block_size` / `num_blocks`: the block KV layout of prefix caching (HBM is
+    planned for it); `instance`: a planning.INSTANCES name, None to skip the HBM check; `weights` / `kv_cache`: the
+    quantization schemes of override_neuron_config (`quantization_schemes`)."""
     from ..errors import GemmaError
     from ..planning import DTYPE_BYTES, check_tp, largest_fit, memory_plan
 
@@ -389,12 +441,11 @@ def check_serving_settings(config: dict[str, Any], source: str, *, tp: int, batc
         check_tp(plan, tp, option="--tensor-parallel-size")
     except GemmaError as error:
         raise ServeConfigError(str(error)) from None
-    if prefix_caching and not prefix_caching_supported:
-        raise ServeConfigError("prefix caching (vLLM's default) is not supported by nxdi-gemma yet: pass "
-                               "--no-enable-prefix-caching (LLM(enable_prefix_caching=False))")
     if prefix_caching and block_size is None:
         raise ServeConfigError("prefix caching on Neuron needs a KV block size: pass --block-size (e.g. 32), or "
                                "--no-enable-prefix-caching")
+    if not prefix_caching:
+        block_size = num_blocks = None
     if max_model_len > plan.max_position_embeddings:
         raise ServeConfigError(f"--max-model-len {max_model_len} exceeds {source}'s max_position_embeddings "
                                f"({plan.max_position_embeddings}); pass --max-model-len {plan.max_position_embeddings}"
@@ -406,12 +457,14 @@ def check_serving_settings(config: dict[str, Any], source: str, *, tp: int, batc
             raise ServeConfigError(f"--tensor-parallel-size {tp} exceeds the {INSTANCES[instance].cores} "
                                    f"NeuronCores of {instance}")
         schemes = {"weights": weights, "kv_cache": kv_cache}
-        need = memory_plan(plan, instance, tp, batch, max_model_len, dtype, **schemes)
+        need = memory_plan(plan, instance, tp, batch, max_model_len, dtype, block_size, num_blocks, **schemes)
         if not need.fits:
+            layout = "" if block_size is None else f" (block KV layout: {num_blocks} blocks of {block_size})"
             figures = (f"{_gib(need.total_per_core)} per NeuronCore (weights {_gib(need.weights_per_core)}, KV cache "
-                       f"{_gib(need.kv_cache_per_core)}, activations {_gib(need.activations_per_core)}, reserve "
-                       f"{_gib(need.reserve_per_core)}) of {instance}'s {_gib(need.hbm_per_core)}")
-            _, fitting = largest_fit(plan, instance, tp, dtype, seq_len=max_model_len, **schemes)
+                       f"{_gib(need.kv_cache_per_core)}{layout}, activations {_gib(need.activations_per_core)}, "
+                       f"reserve {_gib(need.reserve_per_core)}) of {instance}'s {_gib(need.hbm_per_core)}")
+            _, fitting = largest_fit(plan, instance, tp, dtype, seq_len=max_model_len, block_size=block_size,
+                                     **schemes)
             what = f"batch {batch} (--max-num-seqs) x --max-model-len {max_model_len} at TP {tp} needs {figures}"
             if fitting:
                 raise ServeConfigError(f"{what}: pass --max-num-seqs {fitting} or less (or a smaller --max-model-len"
@@ -451,12 +504,46 @@ def text_only_inputs(multimodal_config: Any) -> None:
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def check_lora_adapters(ckpt_json: str | None, max_lora_rank: int, plan_has_moe: bool) -> list[str]:
+# Key of the lora_ckpt_json the serving check hands NxDI when it dropped adapters: {name: reason}. NxDI reads only
+# "lora-ckpt-dir" / "lora-ckpt-paths" / "lora-ckpt-paths-cpu"; GemmaLoraModelManager reads this to name the reason.
+DROPPED_KEY = "nxdi-gemma-dropped"
+
+
+def lora_adapter_problem(folder: Path, max_lora_rank: int, plan_has_moe: bool) -> str | None:
+    """Why NxDI could not serve the PEFT adapter in `folder` next to the others, or None: files missing, rank above
+    --max-lora-rank (NxDI would silently raise the rank of every slot), a target module our layers do not have as
+    a LoRA-capable linear, MLP linears on a Gemma 4 MoE model (NxDI's name matching, a suffix match, would also
+    wrap the stacked expert linears experts.gate_proj/up_proj/down_proj, ColumnParallelLinears of another shape)."""
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file() or not any(folder.glob("*.safetensors")):
+        return f"no adapter_config.json and *.safetensors in {folder}"
+    try:
+        adapter = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        return f"{config_file} is not readable JSON ({error})"
+    rank = adapter.get("r")
+    if not isinstance(rank, int) or rank > max_lora_rank:
+        return f"rank {rank}, above --max-lora-rank {max_lora_rank} (pass a larger --max-lora-rank to serve it)"
+    targets = adapter.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    unknown = sorted(set(targets) - set(LORA_TARGETS))
+    if unknown:
+        return (f"targets {unknown}, which nxdi-gemma's layers do not have as LoRA-capable linears "
+                f"({', '.join(LORA_TARGETS)})")
+    mlp = sorted({"gate_proj", "up_proj", "down_proj"} & set(targets))
+    if plan_has_moe and mlp:
+        return (f"targets {mlp}: on a Gemma 4 MoE model NxDI's name matching would also wrap the stacked expert "
+                "linears (experts.gate_proj/up_proj/down_proj); serve attention adapters (q/k/v/o_proj) there")
+    return None
+
+
+def select_lora_adapters(ckpt_json: str | None, max_lora_rank: int,
+                         plan_has_moe: bool) -> tuple[dict[str, Any], dict[str, str]]:
     """The adapters vllm-neuron's `lora_ckpt_json` (override_neuron_config) names, checked the way NxDI will load
     them (LoraServingConfig / LoraCheckpoint, 0.8 and 0.9: "lora-ckpt-dir" joined with each path of
-    "lora-ckpt-paths" and "lora-ckpt-paths-cpu"; a PEFT folder with adapter_config.json and safetensors): every
-    path exists, its rank is at most --max-lora-rank, its target modules are linears our layers have. Returns the
-    adapter names; ServeConfigError names the adapter and what to fix. NxDI itself would fail at model load."""
+    "lora-ckpt-paths" and "lora-ckpt-paths-cpu"; a PEFT folder with adapter_config.json and safetensors). Returns
+    (the JSON content to hand NxDI: the same with only the adapters that pass and an absolute lora-ckpt-dir,
+    {dropped adapter: reason}). ServeConfigError when the file is unusable or no adapter passes."""
     if ckpt_json is None:
         raise ServeConfigError("--enable-lora on Neuron needs the adapters listed in a JSON file: pass --additional-"
                                "config '{\"override_neuron_config\": {\"lora_ckpt_json\": \"lora.json\"}}' (see README)")
@@ -465,33 +552,56 @@ def check_lora_adapters(ckpt_json: str | None, max_lora_rank: int, plan_has_moe:
         content = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ServeConfigError(f"lora_ckpt_json {path}: cannot read it as JSON ({error})") from None
-    base = Path(content.get("lora-ckpt-dir", ".")).expanduser()
-    adapters: dict[str, Path] = {}
+    if not isinstance(content, dict):
+        raise ServeConfigError(f"lora_ckpt_json {path}: not a JSON object")
+    base = Path(content.get("lora-ckpt-dir", ".")).expanduser().absolute()
+    kept: dict[str, Any] = {"lora-ckpt-dir": str(base)}
+    dropped: dict[str, str] = dict(content.get(DROPPED_KEY) or {})
     for key in ("lora-ckpt-paths", "lora-ckpt-paths-cpu"):
+        kept[key] = {}
         for name, relative in (content.get(key) or {}).items():
-            adapters[name] = base / relative
-    if not adapters:
-        raise ServeConfigError(f"lora_ckpt_json {path} lists no adapters under lora-ckpt-paths")
-    for name, folder in adapters.items():
-        config_file = folder / "adapter_config.json"
-        if not config_file.is_file() or not any(folder.glob("*.safetensors")):
-            raise ServeConfigError(f"LoRA adapter {name!r} ({folder}): no adapter_config.json and *.safetensors "
-                                   f"there; fix its path in {path}")
-        adapter = json.loads(config_file.read_text())
-        rank = adapter.get("r")
-        if not isinstance(rank, int) or rank > max_lora_rank:
-            raise ServeConfigError(f"LoRA adapter {name!r} has rank {rank}, above --max-lora-rank {max_lora_rank}; "
-                                   "pass a larger --max-lora-rank")
-        targets = adapter.get("target_modules") or []
-        targets = [targets] if isinstance(targets, str) else list(targets)
-        unknown = sorted(set(targets) - set(LORA_TARGETS))
-        if unknown:
-            raise ServeConfigError(f"LoRA adapter {name!r} targets {unknown}, which nxdi-gemma's layers do not have "
-                                   f"as LoRA-capable linears ({', '.join(LORA_TARGETS)})")
-        if plan_has_moe and {"gate_proj", "up_proj"} & set(targets):
-            raise ServeConfigError(f"LoRA adapter {name!r} targets gate_proj/up_proj, which on a Gemma 4 MoE model "
-                                   "would also wrap the stacked expert linears: not supported yet")
-    return sorted(adapters)
+            problem = dropped.get(name) or lora_adapter_problem(base / relative, max_lora_rank, plan_has_moe)
+            if problem is None:
+                kept[key][name] = relative
+            else:
+                dropped[name] = problem
+    if not kept["lora-ckpt-paths"] and not kept["lora-ckpt-paths-cpu"]:
+        reasons = "; ".join(f"{name!r}: {why}" for name, why in dropped.items()) or "none listed under lora-ckpt-paths"
+        raise ServeConfigError(f"lora_ckpt_json {path}: no LoRA adapter can be served ({reasons})")
+    if dropped:
+        kept[DROPPED_KEY] = dropped
+    return kept, dropped
+
+
+def write_lora_ckpt_json(content: Mapping[str, Any], folder: Path) -> Path:
+    """`content` as a lora_ckpt_json file in `folder`, named by its digest (the same adapters give the same file,
+    so vllm-neuron's compiled-artifact hash of override_neuron_config stays stable), written atomically."""
+    import hashlib
+    import tempfile
+
+    text = json.dumps(content, sort_keys=True, indent=1)
+    target = folder / f"nxdi-gemma-lora-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    if not target.is_file():
+        with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as handle:
+            handle.write(text)
+        os.replace(handle.name, target)
+    return target
+
+
+def serve_lora_adapters(override: MutableMapping[str, Any], max_lora_rank: int, plan_has_moe: bool) -> list[str]:
+    """With --enable-lora: keep the adapters of override_neuron_config's lora_ckpt_json that NxDI can serve. Each
+    one it cannot is dropped with one `error:` log line naming it and why, and lora_ckpt_json is pointed at a copy
+    listing the others (in the temporary directory), so the server starts and serves them. Returns the kept names."""
+    import tempfile
+
+    content, dropped = select_lora_adapters(override.get("lora_ckpt_json"), max_lora_rank, plan_has_moe)
+    kept = sorted({*content["lora-ckpt-paths"], *content["lora-ckpt-paths-cpu"]})
+    for name, reason in dropped.items():
+        logger.error("error: LoRA adapter %r in %s is not served: %s; serving the others (%s)", name,
+                     override["lora_ckpt_json"], reason, ", ".join(kept))
+    if dropped:
+        override["lora_ckpt_json"] = str(write_lora_ckpt_json(content, Path(tempfile.gettempdir())))
+    return kept
 
 
 def serving_check(vllm_config: Any) -> None:
@@ -512,17 +622,32 @@ def serving_check(vllm_config: Any) -> None:
     override = (vllm_config.additional_config or {}).get("override_neuron_config") or {}
     dtype = override.get("torch_dtype", model_config.dtype)
     cache = vllm_config.cache_config
+    check_supported_features(override, UNSUPPORTED_FLAGS, speculative=vllm_config.speculative_config is not None,
+                             chunked_prefill=os.environ.get("DISABLE_NEURON_CUSTOM_SCHEDULER", "0") == "1")
+    batch = int(override.get("batch_size", vllm_config.scheduler_config.max_num_seqs))
+    max_model_len = int(override.get("seq_len", model_config.max_model_len))
+    lora = getattr(vllm_config, "lora_config", None)
+    if lora is not None and cache.enable_prefix_caching:
+        cache.enable_prefix_caching = False
+        logger.warning("nxdi_gemma: prefix caching turned off with --enable-lora: NxDI's multi-LoRA token generation "
+                       "(0.8 and 0.9) applies the active adapter weights by batch row, which match the sequences "
+                       "only in the contiguous KV layout (its batch is sorted by sequence; the block layout's is "
+                       "not)")
+    supplied = supply_prefix_caching_defaults(cache, override, max_model_len, batch)
+    if supplied:
+        logger.info("nxdi_gemma: prefix caching on (vLLM's default): supplied %s for vllm-neuron's block KV layout "
+                    "(pass --block-size / --num-gpu-blocks-override to choose)", supplied)
     fields = check_serving_settings(
         config, source, tp=int(override.get("tp_degree", vllm_config.parallel_config.tensor_parallel_size)),
-        batch=int(override.get("batch_size", vllm_config.scheduler_config.max_num_seqs)),
-        max_model_len=int(override.get("seq_len", model_config.max_model_len)),
-        dtype=str(dtype).removeprefix("torch."), prefix_caching=bool(cache.enable_prefix_caching),
-        block_size=cache.block_size, instance=instance,
-        prefix_caching_supported="is_prefix_caching" not in UNSUPPORTED_FLAGS, **quantization_schemes(override))
-    lora = getattr(vllm_config, "lora_config", None)
+        batch=batch, max_model_len=max_model_len, dtype=str(dtype).removeprefix("torch."),
+        prefix_caching=bool(cache.enable_prefix_caching), block_size=cache.block_size, instance=instance,
+        num_blocks=cache.num_gpu_blocks_override, **quantization_schemes(override))
     if lora is not None:
-        has_moe = any(layer.moe for layer in plan_from_config(config, source=source).layers)
-        check_lora_adapters(override.get("lora_ckpt_json"), lora.max_lora_rank, has_moe)
+        if any(layer.moe for layer in plan_from_config(config, source=source).layers):
+            raise ServeConfigError(f"--enable-lora is not supported on Gemma 4 MoE checkpoints ({source}): with "
+                                   "NxDI's LoRA serving on, even attention-only adapters and the zero adapter give "
+                                   "tokens that differ from HF in the simulation tier; leave out --enable-lora")
+        serve_lora_adapters(override, lora.max_lora_rank, plan_has_moe=False)
     text_only_inputs(model_config.multimodal_config)
     hf_config = model_config.hf_config
     missing = {key: value for key, value in fields.items() if getattr(hf_config, key, None) is None}
