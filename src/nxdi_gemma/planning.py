@@ -136,8 +136,9 @@ def block_kv_cache_bytes(plan: GemmaPlan, tp: int, batch: int, seq_len: int, dty
 
 def block_kv_decode_read_bytes(plan: GemmaPlan, tp: int, batch: int, seq_len: int, dtype_bytes: int,
                                block_size: int) -> int:
-    """KV bytes one decode step reads in the block layout: every block of a full layer, `window_blocks` blocks of a
-    sliding layer (KV-shared layers read their producer's blocks again)."""
+    """KV bytes one decode step reads in the block layout: every block of a full layer (its whole pool, read in
+    place: the batch's blocks when vLLM's block count is the minimum), `window_blocks` blocks of a sliding layer
+    (KV-shared layers read their producer's blocks again)."""
     total = 0
     for layer in plan.layers:
         length = -(-seq_len // block_size) * block_size
