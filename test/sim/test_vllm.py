@@ -357,7 +357,7 @@ def test_prefix_caching_on(sim, tmp_path, prefix_cases, name, sim_report):
     assert all(n and n >= PREFIX_SHARED for n in second["cached_tokens"]), second["cached_tokens"]
     assert second["prefill_tokens"] <= PREFIX_MAX_FED * total, (second, total)
     sim_report(f"vLLM prefix caching {name} {RELEASE}",
-               f"prefill tokens fed: round 1 {first['prefill_tokens']}, round 2 {second['prefill_tokens']} of {total}"
+               f"vLLM {report['versions']['vllm']} + vllm-neuron {report['versions']['vllm-neuron']}: prefill tokens fed: round 1 {first['prefill_tokens']}, round 2 {second['prefill_tokens']} of {total}"
                f" (vLLM cached {sum(second['cached_tokens'])})")
 
 

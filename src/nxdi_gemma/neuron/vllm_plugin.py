@@ -533,6 +533,14 @@ class GemmaServingConfig:
             previous.verify_and_update_config(vllm_config)
         serving_check(vllm_config)
 
+    @staticmethod
+    def verify_and_update_model_config(model_config: Any) -> None:
+        """vLLM 0.16.0's second hook (ModelConfig.__post_init__; absent in 0.13.0): only the previous entry's."""
+        previous = GemmaServingConfig.previous.get(model_config.architecture)
+        hook = getattr(previous, "verify_and_update_model_config", None)
+        if hook is not None:
+            hook(model_config)
+
 
 def register_serving_check(config_map: MutableMapping[str, Any]) -> list[str]:
     """Register GemmaServingConfig in vLLM's MODELS_CONFIG_MAP for every GEMMA_ARCHITECTURES entry, keeping any
