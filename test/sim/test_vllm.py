@@ -323,12 +323,12 @@ PREFIX_MAX_FED = 0.35  # of the prompt tokens, in the second round
 @pytest.fixture(scope="module")
 def prefix_cases(sim) -> dict[str, dict]:
     """HF goldens of prompts sharing a long prefix, for one checkpoint per family (the tiny Gemma 4 has PLE, KV
-    sharing, K=V and MoE)."""
+    sharing, K=V and MoE) and Gemma 3 with the transformers-4 config the Hub's checkpoints publish."""
     sim.need(RELEASE)
     configs = _checkpoints()
     specs = {f"vllm_prefix_{name}": {"config": configs[name], "seed": 0, "prompt_lengths": PREFIX_LENGTHS,
                                      "prompt_seed": 2027, "shared_prefix": PREFIX_SHARED, "new_tokens": NEW_TOKENS}
-             for name in ("gemma2", "gemma3", "gemma4moe")}
+             for name in ("gemma2", "gemma3", "gemma3hub", "gemma4moe")}
     out = {}
     for name, case_dir in sim.goldens(specs).items():
         golden = json.loads((case_dir / "golden.json").read_text())
@@ -338,7 +338,7 @@ def prefix_cases(sim) -> dict[str, dict]:
     return out
 
 
-@pytest.mark.parametrize("name", ["gemma3", "gemma4moe", pytest.param("gemma2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["gemma3", "gemma3hub", "gemma4moe", pytest.param("gemma2", marks=pytest.mark.slow)])
 def test_prefix_caching_on(sim, tmp_path, prefix_cases, name, sim_report):
     """vLLM's default prefix caching left on, --block-size 8 (vllm-neuron then sets is_block_kv_layout and
     is_prefix_caching): four prompts sharing 7 blocks, sent concurrently (max_num_seqs 4), twice. HF's greedy tokens
