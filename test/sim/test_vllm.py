@@ -398,10 +398,10 @@ def _public_config_dir(tmp_path: Path, name: str) -> Path:
 # name -> (vllm serve arguments after the model, environment changes (None: unset), what the error line names)
 REFUSALS = {
     # Gemma 3 4B (config.json only) at TP 2 x 4096 on trn1.32xlarge with vLLM's default batch (256), in the
-    # checkpoint's own dtype (bfloat16): the planner's 34.2 GiB per core of 16
+    # checkpoint's own dtype (bfloat16): the planner's 34.5 GiB per core of 16
     "hbm": (["--tensor-parallel-size", "2", "--max-model-len", "4096", *NO_PREFIX_CACHING],
             {"NXDI_GEMMA_INSTANCE": "trn1.32xlarge"},
-            ["34.2 GiB per NeuronCore", "of trn1.32xlarge's 16.0 GiB", "pass --max-num-seqs 64 or less"]),
+            ["34.5 GiB per NeuronCore", "of trn1.32xlarge's 16.0 GiB", "pass --max-num-seqs 64 or less"]),
     # no NXDI_GEMMA_INSTANCE and no EC2 DMI product name: which HBM to plan for is not guessed
     "instance": (["--max-model-len", str(MAX_MODEL_LEN), *SIM_SETTINGS, *NO_PREFIX_CACHING],
                  {"NXDI_GEMMA_INSTANCE": None}, ["NXDI_GEMMA_INSTANCE"]),
