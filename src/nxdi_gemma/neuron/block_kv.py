@@ -31,9 +31,10 @@ from .. import ops
 from ..config import GemmaPlan
 from ..errors import ConfigError
 from ..planning import window_blocks
+from .kv_cache import LayerCaches
 
 
-class GemmaBlockKVCacheManager(KVCacheManager):
+class GemmaBlockKVCacheManager(LayerCaches, KVCacheManager):
     """Per-layer block caches (see the module docstring). `block_layout` tells our attention to take the block
     path."""
 
@@ -45,23 +46,10 @@ class GemmaBlockKVCacheManager(KVCacheManager):
         super().__init__(config, num_kv_head=config.num_key_value_heads, global_rank=global_rank,
                          layer_to_cache_size_mapping=[1] * plan.num_layers)
         self.num_blocks, self.block_size = neuron_config.pa_num_blocks, neuron_config.pa_block_size
-        self.windows = [layer.window for layer in plan.layers]
-        self.producers = plan.kv_producers
-        slot = {index: n for n, index in enumerate(self.producers)}
-        self.slot_of = [slot[layer.kv_source] for layer in plan.layers]
         # Heads first: the pool of one head, (blocks x block_size) x D, is then one contiguous matrix that decode
         # multiplies in place (NxDI's (blocks, block_size, heads, D) would need a transposed copy of it per step).
-        self.k_shapes = self.v_shapes = [
-            (layers[i].self_attn.num_key_value_heads, self.num_blocks + 1, self.block_size, plan.layers[i].head_dim)
-            for i in self.producers
-        ]
-        self.past_key_values = nn.ParameterList(
-            nn.Parameter(torch.zeros(shape, dtype=self.cache_dtype), requires_grad=False)
-            for shape in self.k_shapes for _ in ("k", "v")
-        )
-
-    def _fetch_cache(self, idx: int, kvcache_buffer=None):
-        return super()._fetch_cache(self.slot_of[idx], kvcache_buffer)
+        self.init_layer_caches(plan, lambda i: (
+            layers[i].self_attn.num_key_value_heads, self.num_blocks + 1, self.block_size, plan.layers[i].head_dim))
 
     def get_cache(self, *args, **kwargs):
         """Nothing is read here: each layer reads its own blocks (`prior` or `pool`; which blocks depends on its
