@@ -70,9 +70,11 @@ class GemmaBlockKVCacheManager(LayerCaches, KVCacheManager):
             blocks = torch.arange(width, device=table.device, dtype=torch.int32)[None, :].expand(batch, width)
         else:
             count = min(window_blocks(window, bs), width)
-            start = torch.clamp(first - (window - 1), min=0) // bs  # [B, 1]
+            # compare + select, the forms NxDI's graphs hold (no int32 clamp there; test_op_set.py)
+            oldest = first - (window - 1)
+            start = torch.where(oldest > 0, oldest, 0) // bs  # [B, 1]
             blocks = start + torch.arange(count, device=table.device, dtype=torch.int32)[None, :]
-            table = torch.gather(table, 1, blocks.clamp(max=width - 1).to(torch.int64))
+            table = torch.gather(table, 1, torch.where(blocks < width, blocks, width - 1).to(torch.int64))
         offsets = torch.arange(bs, device=table.device, dtype=torch.int32)
         key_positions = (blocks[:, :, None] * bs + offsets[None, None, :]).reshape(batch, -1)
         k_cache, v_cache = self._fetch_cache(idx, kvcache_buffer)
@@ -96,7 +98,9 @@ class GemmaBlockKVCacheManager(LayerCaches, KVCacheManager):
 
         From the table's blocks before `first` (logical block j holds positions j*bs ..; blocks from first on hold
         nothing yet, and a padded table may repeat a real block there), an inverse table: pool block -> logical
-        block of that sequence, one scatter of B x width int32."""
+        block of that sequence, one scatter of B x width values. The values are float32 (exact below 2^24 blocks):
+        a float scatter is the path NxDI's own KV writes take, where neuronx-cc 2.32 announces hard errors on
+        integer scatter paths."""
         table = block_table.to(torch.int32)
         batch, width = table.shape
         bs = self.block_size
@@ -105,8 +109,8 @@ class GemmaBlockKVCacheManager(LayerCaches, KVCacheManager):
         # Blocks holding no cached position go to a spare column past the pool, dropped below.
         target = torch.where(logical * bs < first, table, pool_blocks)
         rows = torch.arange(batch, device=table.device, dtype=torch.int32)[:, None].expand(batch, width)
-        inverse = torch.full((batch, pool_blocks + 1), -1, device=table.device, dtype=torch.int32)
-        inverse = inverse.index_put((rows, target), logical)[:, :pool_blocks]
+        inverse = torch.full((batch, pool_blocks + 1), -1, device=table.device, dtype=torch.float32)
+        inverse = inverse.index_put((rows, target), logical.float())[:, :pool_blocks].to(torch.int32)
         offsets = torch.arange(bs, device=table.device, dtype=torch.int32)
         held = inverse[:, :, None] * bs + offsets[None, None, :]
         key_positions = torch.where(inverse[:, :, None] >= 0, held, first[:, :, None]).reshape(batch, -1)
