@@ -93,3 +93,32 @@ def test_sliding_chunk_one_block_matches_hf_in_bf16(first: int):
                                                 cap)
     if first:  # with an empty ring the prior segment's probabilities are all zero: nothing to round twice
         assert max_diff(rounded_twice, reference) > FP32_ORDER
+
+
+@pytest.mark.parametrize("cap", [None, 50.0])
+def test_shared_pool_segment_matches_hf_in_bf16(cap: float | None):
+    """Decode over a block pool read in place (the block KV layout): every sequence's keys are slots of one shared
+    [Nkv, T, D] pool, scattered in blocks, and its mask picks them; HF attends the same keys gathered in order."""
+    batch, block, per_seq = 8, 4, 3  # 8 sequences of 3 blocks of 4 cached keys in a pool of 24 blocks + 1 spare
+    pool_blocks = batch * per_seq + 1
+    gen = torch.Generator().manual_seed(11)
+    q, k_active, v_active = tensors(12, 1, 1, batch=batch)
+    k_pool = (torch.randn(KV_HEADS, pool_blocks * block, DIM, generator=gen) * 2).to(DTYPE)
+    v_pool = (torch.randn(KV_HEADS, pool_blocks * block, DIM, generator=gen) * 2).to(DTYPE)
+    table = torch.randperm(batch * per_seq, generator=gen).reshape(batch, per_seq)  # like vLLM's, in no order
+    seen = 9 + torch.arange(batch) % 4  # 9 to 12 cached keys per sequence
+    slot = (table[:, :, None] * block + torch.arange(block)).reshape(batch, -1)  # [B, 12]: slot of position j
+    logical = torch.arange(per_seq * block)[None, :].expand(batch, -1)
+    key_pos = torch.full((batch, pool_blocks * block), 10**6).scatter(1, slot, logical)  # position held, per row
+    pool_visible = (key_pos < seen[:, None])[:, None, None, :]
+    gathered_k = torch.stack([k_pool[:, slot[b]] for b in range(batch)])  # [B, Nkv, 12, D]
+    gathered_v = torch.stack([v_pool[:, slot[b]] for b in range(batch)])
+    cache_visible = (logical < seen[:, None])[:, None, None, :]
+    scale = 256 ** -0.5
+    reference = hf_attention(q, torch.cat([gathered_k, k_active], dim=2), torch.cat([gathered_v, v_active], dim=2),
+                             torch.cat([cache_visible, torch.ones(batch, 1, 1, 1, dtype=torch.bool)], dim=-1),
+                             scale, cap)
+    segments = [(k_pool, v_pool, pool_visible), (k_active, v_active, torch.ones(1, 1, 1, 1, dtype=torch.bool))]
+    exact = ops.attention_over_segments(q, segments, scale, cap, fp32_accumulation=True)
+    assert exact.shape == reference.shape
+    assert max_diff(exact, reference) <= FP32_ORDER

@@ -6,36 +6,50 @@ import pytest
 
 from nxdi_gemma.cli import main
 from nxdi_gemma.errors import InputError
-from nxdi_gemma.planning import INSTANCES, kv_cache_bytes, largest_fit, memory_plan, prefill_activation_bytes
+from nxdi_gemma.planning import (
+    INSTANCES,
+    kv_cache_bytes,
+    largest_fit,
+    memory_plan,
+    prefill_activation_bytes,
+    prefill_chunk,
+)
 from nxdi_gemma.public_models import public_plan
 
 
 def test_kv_cache_gemma3_27b_by_hand():
     # 62 layers: full where (i+1) % 6 == 0 -> 10 full, 52 sliding (window 1024); 16 KV heads / TP 8 = 2 per core;
     # head_dim 128; bf16; batch 1; 8192 tokens. Per layer: 2 (K and V) x batch x length x heads x dim x 2 bytes.
+    # Prompts run in chunks of C = 2048 (the largest power of two with float32 scores 4 x 1 x 32/8 heads x C x
+    # (8192 + C) <= 512 MiB), so full layers hold C spare slots after the 8192 (neuron/kv_cache.py).
+    assert prefill_chunk(public_plan("gemma-3-27b"), 8, 1, 8192, 8192) == 2048
     sliding = 2 * 1 * 1024 * 2 * 128 * 2
-    full = 2 * 1 * 8192 * 2 * 128 * 2
-    assert 52 * sliding + 10 * full == 138_412_032
-    assert kv_cache_bytes(public_plan("gemma-3-27b"), tp=8, batch=1, seq_len=8192, dtype_bytes=2) == 138_412_032
+    full = 2 * 1 * (8192 + 2048) * 2 * 128 * 2
+    assert 52 * sliding + 10 * full == 159_383_552
+    assert kv_cache_bytes(public_plan("gemma-3-27b"), tp=8, batch=1, seq_len=8192, dtype_bytes=2) == 159_383_552
 
 
 def test_kv_cache_gemma4_e2b_by_hand():
     # 35 layers, the last 20 share KV (no cache); producers 0-14 hold full layers 4, 9, 14 and 12 sliding ones.
     # 1 KV head (replicated at TP 2); sliding head_dim 256 window 512, full head_dim 512; batch 2, 4096 tokens, bf16.
+    # Chunks of 2048 (4 x 2 x 8/2 heads x 2048 x 6144 <= 512 MiB): full layers hold 2048 spare slots.
+    assert prefill_chunk(public_plan("gemma-4-e2b"), 2, 2, 4096, 4096) == 2048
     sliding = 2 * 2 * 512 * 1 * 256 * 2
-    full = 2 * 2 * 4096 * 1 * 512 * 2
-    assert 12 * sliding + 3 * full == 62_914_560
-    assert kv_cache_bytes(public_plan("gemma-4-e2b"), tp=2, batch=2, seq_len=4096, dtype_bytes=2) == 62_914_560
+    full = 2 * 2 * (4096 + 2048) * 1 * 512 * 2
+    assert 12 * sliding + 3 * full == 88_080_384
+    assert kv_cache_bytes(public_plan("gemma-4-e2b"), tp=2, batch=2, seq_len=4096, dtype_bytes=2) == 88_080_384
 
 
 def test_kv_cache_gemma4_12b_by_hand():
     # 48 layers, full where (i+1) % 6 == 0 -> 8 full, 40 sliding. Sliding: 8 KV heads / TP 2 = 4 per core, head_dim
     # 256, window 1024; full: 1 KV head x 512 (K=V shares the projection, not the cache: K is normed and rotated, V
     # only normed, so both are stored), replicated at TP 2; batch 1, 8192 tokens, bf16.
+    # Chunks of 1024 (4 x 1 x 16/2 heads x 1024 x 9216 <= 512 MiB): full layers hold 1024 spare slots.
+    assert prefill_chunk(public_plan("gemma-4-12b"), 2, 1, 8192, 8192) == 1024
     sliding = 2 * 1 * 1024 * 4 * 256 * 2
-    full = 2 * 1 * 8192 * 1 * 512 * 2
-    assert 40 * sliding + 8 * full == 301_989_888
-    assert kv_cache_bytes(public_plan("gemma-4-12b"), tp=2, batch=1, seq_len=8192, dtype_bytes=2) == 301_989_888
+    full = 2 * 1 * (8192 + 1024) * 1 * 512 * 2
+    assert 40 * sliding + 8 * full == 318_767_104
+    assert kv_cache_bytes(public_plan("gemma-4-12b"), tp=2, batch=1, seq_len=8192, dtype_bytes=2) == 318_767_104
 
 
 @pytest.mark.parametrize("instance", list(INSTANCES))
@@ -47,8 +61,9 @@ def test_gemma4_12b_plans_on_every_instance(instance, capsys):
     assert result["fits"], result
     plan = public_plan("gemma-4-12b")
     tp, seq = result["tp"], result["seq_len"]
-    sliding = 2 * min(1024, seq) * max(1, 8 // tp) * 256 * 2
-    full = 2 * seq * 1 * 512 * 2
+    chunk = prefill_chunk(plan, tp, 1, seq, seq)
+    sliding = 2 * 1024 * max(1, 8 // tp) * 256 * 2
+    full = 2 * (seq + (chunk if seq > chunk else 0)) * 1 * 512 * 2
     assert result["kv_cache_per_core"] == 40 * sliding + 8 * full == kv_cache_bytes(plan, tp, 1, seq, 2)
 
 
@@ -130,7 +145,8 @@ def test_block_layout_kv_bytes():
     plan = public_plan("gemma-3-27b")
     ring = kv_cache_bytes(plan, 1, 1, 32768, 2)
     per_position = sum(2 * layer.num_kv_heads * layer.head_dim * 2 for layer in plan.layers if not layer.shares_kv)
-    assert block_kv_cache_bytes(plan, 1, 1, 32768, 2, 32) == 32768 * per_position > ring
+    # 1024 blocks of 32 and the block that takes padding writes, on every producer layer
+    assert block_kv_cache_bytes(plan, 1, 1, 32768, 2, 32) == (32768 + 32) * per_position > ring
     assert window_blocks(1024, 32) == 33 and window_blocks(8, 8) == 2
     assert ring < block_kv_decode_read_bytes(plan, 1, 1, 32768, 2, 32) < 1.01 * ring
 

@@ -115,39 +115,56 @@ def attention_over_segments(
     """One softmax over the keys of several segments (e.g. a KV cache read in place and the active tokens' K/V),
     without concatenating or repeating K/V.
 
-    q: [B, Nq, S, D]; each segment (k, v, visible): k, v [B, Nkv, T_i, D], visible bool broadcastable to
-    [B, 1, S, T_i]. Grouped-query attention folds each KV head's query heads into rows ([B, Nkv, g*S, D]), so a
-    cache is read once per KV head instead of copied to every query head. Only the scores (activations, S x sum T_i)
-    are concatenated for the one float32 softmax of HF's eager order (spec 2.5); probabilities are rounded to q's
-    dtype, and the segments' P @ V products are summed. Returns [B, Nq, S, D].
+    q: [B, Nq, S, D]; each segment (k, v, visible): k, v [B, Nkv, T_i, D], or [Nkv, T_i, D] for keys every
+    sequence of the batch shares (a block pool read in place: each sequence's mask picks its own slots); visible
+    bool broadcastable to [B, 1, S, T_i]. Grouped-query attention folds each KV head's query heads into rows
+    ([B, Nkv, g*S, D]; the whole batch's rows for shared keys, [Nkv, B*g*S, D]), so a cache is read once per KV
+    head instead of copied to every query head. Only the scores (activations, S x sum T_i) are concatenated for the
+    one float32 softmax of HF's eager order (spec 2.5); probabilities are rounded to q's dtype, and the segments'
+    P @ V products are summed. Returns [B, Nq, S, D].
 
     In bfloat16 each product is rounded before the sum, where HF's single P @ V over all keys rounds once: about one
     bf16 ulp per attention output. fp32_accumulation sums the products in float32 and rounds once, as HF does, at
     the cost of float32 operands (a float32 copy of each V segment, the cache included, in a traced graph).
     """
     batch, heads, length, dim = q.shape
-    kv_heads = segments[0][0].shape[1]
+    kv_heads = segments[0][0].shape[-3]
     group = heads // kv_heads
     rows = q.reshape(batch, kv_heads, group * length, dim)
+    shared_rows = rows.transpose(0, 1).reshape(kv_heads, batch * group * length, dim)
+
+    def to_batch(x: torch.Tensor) -> torch.Tensor:  # [Nkv, B*g*S, X] -> [B, Nkv, g*S, X]
+        return x.reshape(kv_heads, batch, group * length, x.shape[-1]).transpose(0, 1)
+
+    def from_batch(x: torch.Tensor) -> torch.Tensor:  # [B, Nkv, g*S, X] -> [Nkv, B*g*S, X]
+        return x.transpose(0, 1).reshape(kv_heads, batch * group * length, x.shape[-1])
+
     scores = []
     for k, _, visible in segments:
-        if group * length < k.shape[2]:
+        r = shared_rows if k.dim() == 3 else rows
+        if r.shape[-2] < k.shape[-2]:
             # Few query rows against many keys (decode): K @ Q^T contracts the cache in its stored layout, where
             # Q @ K^T would have the compiler materialise K^T, a copy of the whole cache per step (seen in XLA).
-            raw = torch.matmul(k, rows.transpose(-1, -2)).transpose(-1, -2)
+            raw = torch.matmul(k, r.transpose(-1, -2)).transpose(-1, -2)
         else:
-            raw = torch.matmul(rows, k.transpose(-1, -2))
+            raw = torch.matmul(r, k.transpose(-1, -2))
+        if k.dim() == 3:
+            raw = to_batch(raw)
         s = softcap(raw * scale, logit_softcap)
-        s = s.view(batch, kv_heads, group, length, k.shape[2])
+        s = s.reshape(batch, kv_heads, group, length, k.shape[-2])
         scores.append(masked(s, visible.unsqueeze(2)))
     probs = torch.softmax(torch.cat(scores, dim=-1).float(), dim=-1).to(q.dtype)
     out, start = None, 0
     for k, v, _ in segments:
-        part = probs[..., start:start + k.shape[2]].reshape(batch, kv_heads, group * length, k.shape[2])
-        start += k.shape[2]
+        part = probs[..., start:start + k.shape[-2]].reshape(batch, kv_heads, group * length, k.shape[-2])
+        start += k.shape[-2]
+        if k.dim() == 3:
+            part = from_batch(part)
         term = torch.matmul(part.float(), v.float()) if fp32_accumulation else torch.matmul(part, v)
+        if k.dim() == 3:
+            term = to_batch(term)
         out = term if out is None else out + term
-    return out.to(q.dtype).view(batch, heads, length, dim)
+    return out.to(q.dtype).reshape(batch, heads, length, dim)
 
 
 def sliding_chunk_attention(

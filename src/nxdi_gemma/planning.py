@@ -3,9 +3,12 @@
 Counts (all per core, bytes):
 - weights: every tensor / TP, except the small replicated ones (norms, router); NxDI keeps the tied LM head as a
   second copy of the embedding, so the vocab x H table counts twice.
-- KV cache: per producer layer 2 x batch x cache_len x kv_heads_per_core x head_dim x dtype bytes, with cache_len
-  = min(window, seq_len) on sliding layers and seq_len on full layers; KV-shared Gemma 4 layers own nothing.
-  KV heads are replicated when TP exceeds them (kv_heads_per_core = max(1, kv / TP)).
+- KV cache, as `neuron/kv_cache.py` builds it: per producer layer 2 x batch x cache_len x kv_heads_per_core x
+  head_dim x dtype bytes, with cache_len = the window on sliding layers (a ring of W slots) and seq_len on full
+  layers, plus one prefill chunk of spare slots when prompts longer than a chunk are prefilled in chunks (a chunk is
+  written whole at its first position); KV-shared Gemma 4 layers own nothing. KV heads are replicated when TP
+  exceeds them (kv_heads_per_core = max(1, kv / TP)). The block layout of prefix caching (`block_kv_cache_bytes`,
+  `neuron/block_kv.py`): every position on every producer layer, in whole blocks, plus one spare block per layer.
 - activations: the context-encoding graph as built (`neuron/attention.py`): prompts run in chunks of C tokens
   (`prefill_chunk`), so its peak is the float32 attention scores of one chunk, [batch, q_heads_per_core, C,
   keys] with keys = C (+ max_length when a prompt spans several chunks) on full layers and 2W (or W + C) on sliding
@@ -108,12 +111,20 @@ def kv_heads_per_core(num_kv_heads: int, tp: int) -> int:
     return max(1, num_kv_heads // tp)
 
 
-def kv_cache_bytes(plan: GemmaPlan, tp: int, batch: int, seq_len: int, dtype_bytes: int) -> int:
+def kv_cache_bytes(plan: GemmaPlan, tp: int, batch: int, seq_len: int, dtype_bytes: int,
+                   chunk: int | None = None) -> int:
+    """KV bytes of the contiguous layout (`neuron/kv_cache.py`) for `batch` sequences of up to seq_len tokens (its
+    max_length and max_context_length): sliding layers a ring of W slots, full layers seq_len slots plus `chunk`
+    spare slots when seq_len > chunk (prompts prefilled in chunks). `chunk`: the neuron config's
+    prefill_chunk_size; default the planner's (`prefill_chunk` at this batch, what the NxDI config takes when
+    the context-encoding batch is the batch)."""
+    chunk = chunk or prefill_chunk(plan, tp, batch, seq_len, seq_len)
+    spare = chunk if seq_len > chunk else 0
     total = 0
     for layer in plan.layers:
         if layer.shares_kv:
             continue
-        length = min(layer.window, seq_len) if layer.window else seq_len
+        length = layer.window or seq_len + spare
         total += 2 * batch * length * kv_heads_per_core(layer.num_kv_heads, tp) * layer.head_dim * dtype_bytes
     return total
 
@@ -128,16 +139,18 @@ def block_kv_cache_bytes(plan: GemmaPlan, tp: int, batch: int, seq_len: int, dty
                          block_size: int) -> int:
     """KV bytes of the block layout (prefix caching, neuron/block_kv.py) for `batch` sequences of seq_len: vLLM hands
     out one block table for every layer, so each producer layer, sliding ones included, stores every position
-    (rounded up to whole blocks); sliding layers still read only the blocks inside their window."""
-    length = -(-seq_len // block_size) * block_size
-    return sum(2 * batch * length * kv_heads_per_core(layer.num_kv_heads, tp) * layer.head_dim * dtype_bytes
+    (rounded up to whole blocks: pa_num_blocks = batch x ceil(seq_len / block_size)), plus the one block that
+    receives padding writes (NxDI's layout); sliding layers still read only the blocks inside their window."""
+    slots = (batch * -(-seq_len // block_size) + 1) * block_size
+    return sum(2 * slots * kv_heads_per_core(layer.num_kv_heads, tp) * layer.head_dim * dtype_bytes
                for layer in plan.layers if not layer.shares_kv)
 
 
 def block_kv_decode_read_bytes(plan: GemmaPlan, tp: int, batch: int, seq_len: int, dtype_bytes: int,
                                block_size: int) -> int:
-    """KV bytes one decode step reads in the block layout: every block of a full layer, `window_blocks` blocks of a
-    sliding layer (KV-shared layers read their producer's blocks again)."""
+    """KV bytes one decode step reads in the block layout: every block of a full layer (its whole pool, read in
+    place: the batch's blocks when vLLM's block count is the minimum), `window_blocks` blocks of a sliding layer
+    (KV-shared layers read their producer's blocks again)."""
     total = 0
     for layer in plan.layers:
         length = -(-seq_len // block_size) * block_size

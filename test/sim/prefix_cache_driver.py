@@ -46,31 +46,50 @@ class Request:
         return self.blocks[position // BLOCK] * BLOCK + position % BLOCK
 
 
+def settings(golden, tp: int) -> dict:
+    """The neuron config: block layout + prefix caching, block size 8, 3 rows, 2-D prefill x prefix buckets."""
+    max_len = -(-(max(map(len, golden.prompts)) + golden.new_tokens) // BUCKET) * BUCKET
+    rows = 3
+    return dict(tp_degree=tp, batch_size=rows, ctx_batch_size=1, tkg_batch_size=rows, seq_len=max_len,
+                max_context_length=max_len, torch_dtype=golden.dtype, is_continuous_batching=True,
+                enable_bucketing=True, is_block_kv_layout=True, is_prefix_caching=True, pa_block_size=BLOCK,
+                pa_num_blocks=rows * (max_len // BLOCK) + 1, context_encoding_buckets=[16, max_len],
+                prefix_buckets=[32, max_len], token_generation_buckets=[max_len])
+
+
 @torch.inference_mode()
 def run_case(golden, tp: int) -> list[dict]:
+    """The requests in NxDI's CPU mode."""
     from nxdi_gemma.neuron import runtime
 
-    max_len = -(-(max(map(len, golden.prompts)) + golden.new_tokens) // BUCKET) * BUCKET
-    per_seq = max_len // BLOCK
-    rows = 3
-    settings = dict(tp_degree=tp, batch_size=rows, ctx_batch_size=1, tkg_batch_size=rows, seq_len=max_len,
-                    max_context_length=max_len, torch_dtype=golden.dtype, is_continuous_batching=True,
-                    enable_bucketing=True, is_block_kv_layout=True, is_prefix_caching=True, pa_block_size=BLOCK,
-                    pa_num_blocks=rows * per_seq + 1, context_encoding_buckets=[16, max_len],
-                    prefix_buckets=[32, max_len], token_generation_buckets=[max_len])
-    model = runtime.build(str(golden.ckpt), settings, on_cpu=True)
+    model = runtime.build(str(golden.ckpt), settings(golden, tp), on_cpu=True)
     model.to_cpu()
-    model.reset()
     fed: list[int] = []
     inner = model.context_encoding_model.model  # the NeuronGemmaModel, called with the bucket-padded inputs
     original = inner.forward
 
     def counting(input_ids, attention_mask, position_ids, *args, **kwargs):
-        # The chunk's real tokens: positions p0 .. L-1, then padding (position 1).
-        fed.append(int((position_ids.amax(dim=1) - position_ids[:, 0] + 1).sum()))
+        fed.append(chunk_tokens(position_ids))
         return original(input_ids, attention_mask, position_ids, *args, **kwargs)
 
     inner.forward = counting  # a test probe: counts the prompt tokens that reach the context-encoding model
+    return requests(model, golden, tp, fed)
+
+
+def chunk_tokens(position_ids: torch.Tensor) -> int:
+    """The real tokens of a bucket-padded prefill chunk: positions p0 .. L-1, then padding (position 1)."""
+    return int((position_ids.amax(dim=1) - position_ids[:, 0] + 1).sum())
+
+
+def requests(model, golden, tp: int, fed: list[int]) -> list[dict]:
+    """Requests A, B, C (module docstring) through `model` (NxDI's CPU mode, or the XLA tier's replayed graphs),
+    scored against the golden; `fed` is filled with the prompt tokens of each context-encoding call."""
+    config = settings(golden, tp)
+    max_len, rows = config["seq_len"], config["batch_size"]
+    per_seq = max_len // BLOCK
+    from neuronx_distributed_inference.modules.generation.sampling import prepare_sampling_params
+
+    model.reset()
     mark = standins.mark()
     free = list(range(1, rows * per_seq + 1))  # block 0 is vLLM's null block
 
@@ -85,6 +104,7 @@ def run_case(golden, tp: int) -> list[dict]:
         before = len(fed)
         out = model(input_ids=torch.tensor([req.prompt]), attention_mask=None,
                     position_ids=torch.arange(n)[None], seq_ids=torch.tensor([req.row]),
+                    sampling_params=prepare_sampling_params(1),
                     block_table=torch.tensor([table(req)]),
                     slot_mapping=torch.tensor([[req.slot(i) if i < n else -1 for i in range(computed, max_len)]]),
                     full_context_lens=torch.tensor([[n]]), computed_context_lens=torch.tensor([[computed]]))
@@ -97,6 +117,7 @@ def run_case(golden, tp: int) -> list[dict]:
         pos = [len(r.prompt) + len(r.tokens) - 1 for r in active]
         out = model(input_ids=torch.tensor([[r.tokens[-1]] for r in active]), attention_mask=None,
                     position_ids=torch.tensor([[p] for p in pos]), seq_ids=torch.tensor([r.row for r in active]),
+                    sampling_params=prepare_sampling_params(len(active)),
                     block_table=torch.tensor([table(r) for r in active]),
                     slot_mapping=torch.tensor([[r.slot(p)] for r, p in zip(active, pos, strict=True)]),
                     full_context_lens=torch.tensor([[p + 1] for p in pos]),

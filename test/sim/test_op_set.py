@@ -6,8 +6,10 @@ not at all (e.g. neuronx-cc 2.32 announces hard errors for integer scatter paths
 
 Tiny random configs (no weights: tracing needs none), one context-encoding and one token-generation bucket each,
 float32, TP 1. Ours: the tier's four families (`conftest.FAMILIES`) with a prefill chunk shorter than the context,
-so the graphs hold the chunked-prefill paths (cache reads, ring merges, spare-slot writes). The reference set is
-traced once per session (one process per release); its seconds are reported.
+so the graphs hold the chunked-prefill paths (cache reads, ring merges, spare-slot writes), two of them with
+continuous batching and in the block KV layout of prefix caching (whose reference adds NxDI's Llama on NxDI's own
+block-KV path). The reference set is traced once per session (one process per release); its seconds are
+reported.
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ OURS = ["--neuron-config", json.dumps({"prefill_chunk_size": 8})]  # 32-token co
 CB_FAMILIES = ("gemma2", "gemma4_ple")  # sliding + full layers; KV sharing
 CB = ["--batch", "2", "--neuron-config", json.dumps({"prefill_chunk_size": 8, "is_continuous_batching": True,
                                                      "ctx_batch_size": 1, "tkg_batch_size": 2})]
+# The block KV layout of prefix caching (vllm-neuron with vLLM's default): ours with prefix_cache_driver.py's
+# settings; the reference, NxDI's own block-KV path on its Llama (1024 tokens in blocks of 8: >= 128 blocks per
+# sequence, below which NxDI tiles blocks in a way tiny shapes cannot trace).
+BLOCK_FAMILIES = ("gemma2", "gemma4_ple")
+BLOCK_REFERENCE = ["--seq-len", "1024", "--batch", "3", "--mode", "trace", "--neuron-config", json.dumps({
+    "is_block_kv_layout": True, "is_prefix_caching": True, "pa_block_size": 8, "pa_num_blocks": 3 * 128,
+    "is_continuous_batching": True, "ctx_batch_size": 1, "tkg_batch_size": 3, "enable_bucketing": True,
+    "context_encoding_buckets": [16], "prefix_buckets": [1024], "token_generation_buckets": [1024]})]
 M = "neuronx_distributed_inference.models."
 _DENSE = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
           "num_hidden_layers": 2, "vocab_size": 256, "max_position_embeddings": 128, "rms_norm_eps": 1e-6,
@@ -53,18 +63,12 @@ REFERENCES = {
                     sliding_window=8, hidden_act="gelu_pytorch_tanh", query_pre_attn_scalar=16,
                     layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)),
 }
-# (opcode, element type) our graphs may use although no reference graph does, each with its reason. All four are
-# integer index arithmetic in int32: NxDI's graphs do the same arithmetic in int64 (`convert s64`, `subtract s64`,
-# `multiply s64`, `remainder s64` are in them; positions arrive as s64), and neuronx-cc 2.32's notes announce hard
+# (opcode, element type) our graphs may use although no reference graph does, with the reason. Integer index
+# arithmetic is int32 in ours: NxDI's contiguous-cache graphs do it in int64 (positions arrive as s64), its block-KV
+# path in int32 as ours (convert, multiply and remainder s32 are there); neuronx-cc 2.32's notes announce hard
 # errors for int64 on integer scatter paths, so ours narrows positions to int32 once and indexes in int32.
 ALLOWED: dict[str, str] = {
-    "convert s32": "positions (s64 in NxDI's graphs) narrowed to int32 for slot arithmetic, dynamic-update-slice "
-                   "starts and gather indices",
     "subtract s32": "int32 slot arithmetic (ring slot held by a position, window band limits); NxDI: subtract s64",
-    "multiply s32": "torch-xla lowers an int32 add/sub with a scalar as x + alpha * y, alpha a constant 1; NxDI: "
-                    "multiply s64 from the same lowering",
-    "remainder s32": "ring slot = position mod W as one fmod (positions are >= 0), where torch.remainder's sign "
-                     "fix-up is several ops; NxDI: remainder s64 (its sliding and chunked-attention caches)",
 }
 
 
@@ -87,6 +91,8 @@ def traced(request, sim, goldens, tmp_path_factory, sim_report) -> dict:
     jobs += [["--case", str(goldens[f]), *SEQ, *OURS] for f in FAMILIES]
     # Continuous batching (how vllm-neuron runs us): cache rows by seq_id, the context encoding a batch of one.
     jobs += [["--case", str(goldens[f]), *SEQ, *CB] for f in CB_FAMILIES]
+    jobs += [["--case", str(goldens[f]), "--prefix-caching", "--mode", "trace"] for f in BLOCK_FAMILIES]
+    jobs.append(["--nxdi", REFERENCES["llama"][0], "--ckpt", str(tmp / "llama"), *BLOCK_REFERENCE])
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     t0 = time.time()
     sim.run([sys.executable, "-m", "xla", "--jobs", str(tmp / "jobs.json"), "--json", str(tmp / "out.json")],
@@ -95,8 +101,13 @@ def traced(request, sim, goldens, tmp_path_factory, sim_report) -> dict:
     seconds = time.time() - t0
     reference = {name: op_types(r) for name, r in zip(REFERENCES, reports, strict=False)}
     ours = {f: op_types(r) for f, r in zip(FAMILIES, reports[len(REFERENCES):], strict=False)}
-    for f, r in zip(CB_FAMILIES, reports[len(REFERENCES) + len(FAMILIES):], strict=True):
+    start = len(REFERENCES) + len(FAMILIES)
+    for f, r in zip(CB_FAMILIES, reports[start:start + len(CB_FAMILIES)], strict=True):
         ours[f] = {**ours[f], **{f"{name} (continuous batching)": ops for name, ops in op_types(r).items()}}
+    start += len(CB_FAMILIES)
+    for f, r in zip(BLOCK_FAMILIES, reports[start:start + len(BLOCK_FAMILIES)], strict=True):
+        ours[f] = {**ours[f], **{f"{name} (block KV)": ops for name, ops in op_types(r).items()}}
+    reference["llama (block KV)"] = op_types(reports[-1])
     sim_report(f"op set {release}", f"{len(REFERENCES)} NxDI models + {len(FAMILIES)} families traced in "
                f"{seconds:.0f} s (reference traces {sum(r['trace_seconds'] for r in reports[:len(REFERENCES)]):.0f} s)")
     return {"release": release, "reference": reference, "ours": ours}

@@ -346,12 +346,13 @@ PREFIX_MAX_FED = 0.35  # of the prompt tokens, in the second round
 @pytest.fixture(scope="module")
 def prefix_cases(sim) -> dict[str, dict]:
     """HF goldens of prompts sharing a long prefix, for one checkpoint per family (the tiny Gemma 4 has PLE, KV
-    sharing, K=V and MoE; the Gemma 4 12B-like one K=V global layers with 1 KV head of twice the head dim)."""
+    sharing, K=V and MoE; the Gemma 4 12B-like one K=V global layers with 1 KV head of twice the head dim) and Gemma 3
+    with the transformers-4 config the Hub's checkpoints publish."""
     sim.need(RELEASE)
     configs = _checkpoints()
     specs = {f"vllm_prefix_{name}": {"config": configs[name], "seed": 0, "prompt_lengths": PREFIX_LENGTHS,
                                      "prompt_seed": 2027, "shared_prefix": PREFIX_SHARED, "new_tokens": NEW_TOKENS}
-             for name in ("gemma2", "gemma3", "gemma4moe", "gemma4unified")}
+             for name in ("gemma2", "gemma3", "gemma3hub", "gemma4moe", "gemma4unified")}
     out = {}
     for name, case_dir in sim.goldens(specs).items():
         golden = json.loads((case_dir / "golden.json").read_text())
@@ -361,7 +362,7 @@ def prefix_cases(sim) -> dict[str, dict]:
     return out
 
 
-@pytest.mark.parametrize("name", ["gemma3", "gemma4moe", "gemma4unified",
+@pytest.mark.parametrize("name", ["gemma3", "gemma3hub", "gemma4moe", "gemma4unified",
                                   pytest.param("gemma2", marks=pytest.mark.slow)])
 def test_prefix_caching_on(sim, tmp_path, prefix_cases, name, sim_report):
     """vLLM's default prefix caching left on, --block-size 8 (vllm-neuron then sets is_block_kv_layout and
@@ -381,7 +382,7 @@ def test_prefix_caching_on(sim, tmp_path, prefix_cases, name, sim_report):
     assert all(n and n >= PREFIX_SHARED for n in second["cached_tokens"]), second["cached_tokens"]
     assert second["prefill_tokens"] <= PREFIX_MAX_FED * total, (second, total)
     sim_report(f"vLLM prefix caching {name} {RELEASE}",
-               f"prefill tokens fed: round 1 {first['prefill_tokens']}, round 2 {second['prefill_tokens']} of {total}"
+               f"vLLM {report['versions']['vllm']} + vllm-neuron {report['versions']['vllm-neuron']}: prefill tokens fed: round 1 {first['prefill_tokens']}, round 2 {second['prefill_tokens']} of {total}"
                f" (vLLM cached {sum(second['cached_tokens'])})")
 
 

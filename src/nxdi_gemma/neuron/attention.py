@@ -110,7 +110,7 @@ class NeuronGemmaAttention(NeuronAttentionBase):
         )
         if getattr(kv_mgr, "block_layout", False):
             out = block_attention(self, Q, K, V, position_ids, kv_mgr, kwargs.get("active_block_table"),
-                                  kwargs.get("kvcache_buffer"))
+                                  kwargs.get("kvcache_buffer"), kwargs["is_for_context_encoding"])
         elif past_key_value is None:
             prior = kv_mgr.prefill_prior(self.layer_index, kwargs.get("seq_ids"), batch, kwargs.get("kvcache_buffer"))
             out = self.chunk_attention(Q, K, V, position_ids, prior)

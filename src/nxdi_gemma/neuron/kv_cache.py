@@ -9,16 +9,43 @@ uses the base's kv_quant_config, cache_dtype, _quantize_cache and _dequantize_ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 from neuronx_distributed_inference.modules.kvcache.kv_cache_manager import KVCacheManager
 from neuronx_distributed_inference.modules.kvcache.utils import dynamic_update_slice, fill_prefix
 from torch import nn
 
-from .attention import ForwardState
-from .config import GemmaInferenceConfig
+from ..config import GemmaPlan
+
+if TYPE_CHECKING:  # attention.py imports block_kv.py, which imports this module
+    from .attention import ForwardState
+    from .config import GemmaInferenceConfig
 
 
-class GemmaKVCacheManager(KVCacheManager):
+class LayerCaches:
+    """What our cache managers (this module's and block_kv.py's) share, before NxDI's KVCacheManager in their bases:
+    one K and one V cache per KV-producing layer, each of its own shape (NxDI's `past_key_values`, [k, v] per
+    slot, aliased as the cache state), and KV-shared Gemma 4 layers reading their producer's slot."""
+
+    def init_layer_caches(self, plan: GemmaPlan, shape_of: Callable[[int], tuple[int, ...]]) -> None:
+        """`shape_of(layer_index)`: the cache shape of a producer layer."""
+        self.windows = [layer.window for layer in plan.layers]
+        self.producers = plan.kv_producers
+        slot = {index: n for n, index in enumerate(self.producers)}
+        self.slot_of = [slot[layer.kv_source] for layer in plan.layers]
+        self.k_shapes = self.v_shapes = [shape_of(i) for i in self.producers]
+        self.past_key_values = nn.ParameterList(
+            nn.Parameter(torch.zeros(shape, dtype=self.cache_dtype), requires_grad=False)
+            for shape in self.k_shapes for _ in ("k", "v")
+        )
+
+    def _fetch_cache(self, idx: int, kvcache_buffer=None):
+        return super()._fetch_cache(self.slot_of[idx], kvcache_buffer)
+
+
+class GemmaKVCacheManager(LayerCaches, KVCacheManager):
     """Per-layer cache shapes: full layers hold max_length slots (position p at slot p; sliced to a smaller bucket
     for token generation; plus prefill_chunk_size spare slots when prompts are prefilled in chunks), sliding layers a ring of W slots (position p at slot p % W), each with its own KV heads and
     head dim; KV-shared Gemma 4 layers own none and read their source layer's.
@@ -36,29 +63,18 @@ class GemmaKVCacheManager(KVCacheManager):
                          layer_to_cache_size_mapping=[1] * plan.num_layers)
         batch = config.neuron_config.kv_cache_batch_size + config.neuron_config.kv_cache_padding_size
         self.state = state
-        self.windows = [layer.window for layer in plan.layers]
-        self.producers = plan.kv_producers
         # Full layers read the cache in context encoding only when a prompt can span several chunks.
         self.chunked_prefill = config.neuron_config.max_context_length > config.neuron_config.prefill_chunk_size
-        # KV-shared layers own no cache: they read their source layer's slot.
-        slot = {index: n for n, index in enumerate(self.producers)}
-        self.slot_of = [slot[layer.kv_source] for layer in plan.layers]
         self.full_length = config.neuron_config.max_length
         # Full layers under chunked prefill keep one chunk of spare slots after max_length: a chunk's write is one
         # dynamic-update-slice at its first position, which must fit whole (never clamped onto cached tokens).
         spare = config.neuron_config.prefill_chunk_size if self.chunked_prefill else 0
-        self.k_shapes = self.v_shapes = [
-            (batch, layers[i].self_attn.num_key_value_heads, plan.layers[i].window or self.full_length + spare,
-             plan.layers[i].head_dim)
-            for i in self.producers
-        ]
-        self.past_key_values = nn.ParameterList(
-            nn.Parameter(torch.zeros(shape, dtype=self.cache_dtype), requires_grad=False)
-            for shape in self.k_shapes for _ in ("k", "v")
-        )
+        self.init_layer_caches(plan, lambda i: (
+            batch, layers[i].self_attn.num_key_value_heads, plan.layers[i].window or self.full_length + spare,
+            plan.layers[i].head_dim))
 
     def _fetch_cache(self, idx: int, kvcache_buffer=None):
-        k_cache, v_cache = super()._fetch_cache(self.slot_of[idx], kvcache_buffer)
+        k_cache, v_cache = super()._fetch_cache(idx, kvcache_buffer)
         if self._as_bytes:
             return k_cache.view(torch.uint8), v_cache.view(torch.uint8)
         return k_cache, v_cache

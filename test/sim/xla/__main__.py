@@ -49,6 +49,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mode", choices=("trace", "replay", "compile"), default="replay")
     p.add_argument("--graphs", default="", help="trace and compile only graphs whose name contains one of these "
                                                 "(comma list, e.g. token_generation)")
+    p.add_argument("--prefix-caching", action="store_true",
+                   help="with --case: the block KV layout + prefix caching settings and requests of "
+                        "prefix_cache_driver.py (vllm-neuron's inputs), replayed against the golden")
     p.add_argument("--golden", help="HF golden in `nxdi-gemma reference` format (top-k logits), for --mode replay")
     p.add_argument("--prompt-len", type=int, default=24, help="without a golden: one seeded random prompt")
     p.add_argument("--new-tokens", type=int, default=16)
@@ -118,6 +121,14 @@ def run(args: argparse.Namespace, standins) -> dict:
     neuron_config = {"tp_degree": args.tp, "batch_size": args.batch, "seq_len": args.seq_len,
                      "max_context_length": args.ctx_len or args.seq_len, "torch_dtype": args.dtype,
                      **json.loads(args.neuron_config)}
+    if args.prefix_caching:
+        if not args.case:
+            raise SystemExit("--prefix-caching needs --case (its requests are scored against the golden)")
+        import prefix_cache_driver  # test/sim (the working directory of `python -m xla`)
+        import sim_golden
+
+        neuron_config = prefix_cache_driver.settings(sim_golden.load_golden(args.case), args.tp)
+        args.seq_len = args.ctx_len = neuron_config["seq_len"]
     report: dict = {"ckpt": str(ckpt), "neuron_config": {k: str(v) for k, v in neuron_config.items()}, "graphs": {}}
     t0, mark = time.time(), standins.mark()
     if args.nxdi:
@@ -169,6 +180,8 @@ def run(args: argparse.Namespace, standins) -> dict:
                 log(f"== {name} compiled in {xla['compile_seconds']}s: temp arena "
                     f"{xla.get('temp_arena_bytes', 0) / 2**20:.1f} MiB, bytes accessed "
                     f"{xla.get('bytes_accessed', 0) / 2**20:.1f} MiB; largest temp {xla.get('largest_temp_values', [])[:2]}")
+    elif args.mode == "replay" and args.prefix_caching:
+        report["replay"] = replay_prefix_caching(args, model, traced, standins)
     elif args.mode == "replay":
         report["replay"] = replay_prompts(args, model, traced, standins)
     return report
@@ -243,6 +256,31 @@ def replay_prompts(args: argparse.Namespace, model, traced, standins) -> dict:
         result["token_match"] = min(r["match"] for r in runs)
         result["max_abs_logit_diff"] = max(r["max_abs_logit_diff"] for r in runs)
     log("RESULT replay", json.dumps(result))
+    return result
+
+
+def replay_prefix_caching(args: argparse.Namespace, model, traced, standins) -> dict:
+    """prefix_cache_driver.py's requests (a prompt, a second one, the first again reusing its cached blocks, all
+    decoding together) through NxDI's host code with the traced block-layout graphs replayed; one record per
+    request (tokens and logits vs HF, prompt tokens that reached the context-encoding graphs)."""
+    import prefix_cache_driver
+    import sim_golden
+    import torch
+
+    from . import replay
+
+    golden = sim_golden.load_golden(args.case)
+    session = replay.attach(model, traced, replay.sharded_weights(model))
+    fed: list[int] = []
+    session.observers["context_encoding_model"] = lambda inputs: fed.append(
+        prefix_cache_driver.chunk_tokens(inputs[2]))  # (input_ids, attention_mask, position_ids, ...)
+    compiles0, t1 = replay.xla_compiles(), time.time()
+    with torch.no_grad():  # not inference_mode: NxD's autograd Functions bump version counters
+        records = prefix_cache_driver.requests(model, golden, args.tp, fed)
+    result = {"records": records, "xla_compiles": replay.xla_compiles() - compiles0,
+              "compiled_at": session.compiled_at, "calls": dict(session.calls),
+              "weight_problems": session.weight_problems, "seconds": round(time.time() - t1, 1)}
+    log("RESULT replay", json.dumps({k: v for k, v in result.items() if k != "records"}))
     return result
 
 

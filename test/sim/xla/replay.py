@@ -181,6 +181,8 @@ class Router(torch.jit.ScriptModule):
         if graph is None:
             raise RuntimeError(f"{self.tag}: no traced bucket takes inputs {[tuple(a.shape) for a in args]}")
         self.session.calls[graph.name] += 1
+        if self.tag in self.session.observers:
+            self.session.observers[self.tag](args)
         before = xla_compiles()
         logits = graph(args, self.session.state)[0].cpu()
         if xla_compiles() > before:  # a graph compiles on its first call only; more is a retrace
@@ -197,6 +199,7 @@ class Session:
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     calls: Counter = field(default_factory=Counter)
     compiled_at: list[str] = field(default_factory=list)  # "graph call n: compiles" for every call that compiled
+    observers: dict = field(default_factory=dict)  # submodel tag -> callable(inputs) run on each of its calls
 
     @property
     def weight_problems(self) -> dict[str, list[str]]:
