@@ -14,8 +14,8 @@ Budgets: context-encoding temp arena grows with exponent <= 1.15 from 4096 to 16
 <= 1.3x; decode bytes per step grow by <= 1.5x the added KV cache bytes; every context-encoding graph a 131072-token
 prompt needs has a temp arena <= 2 GiB; MoE decode with 32 experts reads <= 1.25x the bytes with 4; no float64 and no
 int64 value with two sequence-length dimensions in any of these graphs. 12B geometry: the KV cache as built (state
-shapes and bytes: the planner's count plus the full layer's chunk of spare slots), decode bytes per step grow by
-<= 1.5x the added KV, graph sizes fixed, no host syncs, the planner's prefill estimate within 25% of XLA's arena.
+shapes and bytes: the planner's count, which includes the full layer's chunk of spare slots), decode bytes per step
+grow by <= 1.5x the added KV, graph sizes fixed, no host syncs, the planner's prefill estimate within 25% of XLA's arena.
 Each geometry compiles in its own process, one at a time (the 16384 graphs are planned at several GiB).
 """
 
@@ -178,21 +178,20 @@ def g12_plan():
 def test_gemma4_12b_kv_cache_as_built(compiles, seq, sim_report):
     """Every graph carries the sliding layer's K and V as a window-sized ring of 8 heads x 256 and the full layer's as
     1 head x 512 (K=V shares the projection, not the cache) over the context plus one prefill chunk of spare slots
-    (kv_cache.py); in bytes, `kv_cache_bytes` of the planner plus those spare slots."""
+    (kv_cache.py); in bytes, the planner's `kv_cache_bytes` (which counts those spare slots)."""
     from nxdi_gemma.planning import kv_cache_bytes, prefill_chunk
 
     plan = g12_plan()
     chunk = prefill_chunk(plan, 1, 1, seq, seq)
     sliding, full = [1, 8, 1024, 256], [1, 1, seq + chunk, 512]
     want = {f"kv_mgr.past_key_values.{i}": shape for i, shape in enumerate([sliding, sliding, full, full])}
-    spare = 2 * chunk * 512 * 4
     for name, graph in g12(compiles, seq)["graphs"].items():
         assert graph["state_shapes"] == want, f"{name}: {graph['state_shapes']}"
-        assert graph["param_bytes"]["state"] == kv_cache_bytes(plan, 1, 1, seq, 4) + spare, name
+        assert graph["param_bytes"]["state"] == kv_cache_bytes(plan, 1, 1, seq, 4), name
         if name.startswith("context_encoding"):
             assert graph["example_shapes"][0] == [1, chunk]  # prompts run in chunks of this many tokens
     sim_report(f"budget 12B KV as built {seq}", f"{graph['param_bytes']['state'] / MiB:.1f} MiB (sliding "
-               f"{sliding}, full {full}; planner {kv_cache_bytes(plan, 1, 1, seq, 4) / MiB:.1f} MiB + spare chunk)")
+               f"{sliding}, full {full}; planner {kv_cache_bytes(plan, 1, 1, seq, 4) / MiB:.1f} MiB)")
 
 
 def test_gemma4_12b_decode_bytes_track_kv(compiles, sim_report):
