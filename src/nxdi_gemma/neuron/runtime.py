@@ -44,10 +44,14 @@ def read_compile_config(path: str | Path) -> dict:
     return spec
 
 
-def build(model_path: str, neuron_config: dict, on_cpu: bool = False):
+def build(model_path: str, neuron_config: dict, on_cpu: bool = False, draft: str | None = None):
     """Our causal LM with its config, from a checkpoint directory (config.json read by our parser). Every option,
     ours included (`fold_norm_offset`, see neuron/config.GemmaNeuronConfig), goes in `neuron_config`, as through
-    vllm-neuron's override_neuron_config."""
+    vllm-neuron's override_neuron_config.
+
+    `draft`: a draft checkpoint for NxDI's fused speculation (`neuron_config` then has `enable_fused_speculation`,
+    `speculation_length` = K + 1 and a greedy `on_device_sampling_config`). Its config is the target's neuron config
+    with speculation off, as NxDI's inference demo and vllm-neuron 0.5 make it."""
     modeling = import_nxdi()
     from .config import gemma_load_config
 
@@ -56,7 +60,33 @@ def build(model_path: str, neuron_config: dict, on_cpu: bool = False):
     if isinstance(settings.get("torch_dtype"), str):
         settings["torch_dtype"] = getattr(torch, settings["torch_dtype"])
     config = cls.get_config_cls()(cls.get_neuron_config_cls()(**settings), load_config=gemma_load_config(model_path))
+    if draft is not None:
+        if not config.neuron_config.enable_fused_speculation:
+            raise ConfigError("a draft model needs enable_fused_speculation and speculation_length (K + 1) in the "
+                              "neuron config")
+        config.fused_spec_config = draft_spec_config(cls, config, draft)
     return cls(model_path, config)
+
+
+def draft_spec_config(cls, config, draft: str):
+    """NxDI's FusedSpecNeuronConfig for a draft checkpoint served by our class at the target's settings."""
+    import copy
+
+    from neuronx_distributed_inference.models.config import FusedSpecNeuronConfig
+
+    from ..checkpoint import check_checkpoint
+    from ..planning import check_tp
+    from ..speculation import check_draft
+    from .config import gemma_load_config
+
+    draft_plan = check_checkpoint(draft)  # config.json and safetensors headers: no weights read
+    check_draft(config.gemma_plan, draft_plan, config.neuron_config.speculation_length - 1)
+    check_tp(draft_plan, config.neuron_config.tp_degree, option="the draft at the target's tp_degree")
+    draft_neuron_config = copy.deepcopy(config.neuron_config)
+    draft_neuron_config.speculation_length = 0
+    draft_neuron_config.enable_fused_speculation = False
+    draft_config = cls.get_config_cls()(draft_neuron_config, load_config=gemma_load_config(draft))
+    return FusedSpecNeuronConfig(cls._model_cls, draft_config=draft_config, draft_model_path=draft)
 
 
 def compile_model(model_path: str, config_path: str, out_dir: str) -> Path:
@@ -132,3 +162,56 @@ def neuron_greedy(model_path: str, compiled_dir: str, dtype: torch.dtype):
     if compiled_dtype != dtype:
         raise InputError(f"--dtype {dtype} but {compiled_dir} was compiled for {compiled_dtype}; pass the same dtype")
     return lambda prompt_ids, max_new_tokens: greedy(model, prompt_ids, max_new_tokens)
+
+
+@torch.inference_mode()
+def speculative_greedy(model, prompt_ids: list[list[int]], max_new_tokens: int):
+    """Greedy decoding through NxDI's fused speculation (a model built with a draft), every prompt in its own batch
+    row at its own position, as continuous batching runs them: each prompt prefilled alone (seq_ids = its row;
+    `is_continuous_batching`, `ctx_batch_size` 1), then one fused call per step for the whole batch. In the call the
+    draft proposes K = S - 1 tokens, the target verifies S and NxDI keeps, per row, the proposals that equal the
+    target's greedy tokens plus the target's next one (`fused_outputs[0]`, padded with -1): the target's greedy
+    tokens whatever the draft proposes. Rows continue from NxDI's next input ids and positions (what vllm-neuron
+    reads). Returns `speculation.SpeculativeGeneration` (target_calls: fused calls after the prefills)."""
+    from ..speculation import SpeculativeGeneration
+
+    neuron_config = model.neuron_config
+    if not neuron_config.enable_fused_speculation:
+        raise ConfigError("speculative_greedy needs a model built with a draft (enable_fused_speculation)")
+    spec, batch = neuron_config.speculation_length, neuron_config.batch_size
+    if len(prompt_ids) > batch or not neuron_config.is_continuous_batching:
+        raise ConfigError(f"{len(prompt_ids)} prompts need batch_size >= {len(prompt_ids)} and "
+                          "is_continuous_batching in the neuron config")
+    for ids in prompt_ids:
+        # A step reads and writes S positions from its row's next one: they must fit the compiled length.
+        if len(ids) > neuron_config.max_context_length or len(ids) + max_new_tokens + spec - 1 > neuron_config.seq_len:
+            raise InputError(f"prompt of {len(ids)} tokens + {max_new_tokens} new + {spec - 1} speculated exceeds "
+                             f"the compiled lengths (max_context_length {neuron_config.max_context_length}, seq_len "
+                             f"{neuron_config.seq_len})")
+    model.reset()
+    rows = len(prompt_ids)
+    tokens: list[list[int]] = []
+    for row, ids in enumerate(prompt_ids):
+        out = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                    position_ids=torch.arange(len(ids))[None], seq_ids=torch.tensor([row]))
+        tokens.append([int(out.fused_outputs[0].reshape(-1)[0])])  # the target's token after the prompt
+    # Rows past `rows` (the compiled batch is larger) and rows done repeat their last step (outputs ignored).
+    inputs = [t[-1] for t in tokens] + [tokens[0][-1]] * (batch - rows)
+    positions = [len(ids) for ids in prompt_ids] + [len(prompt_ids[0])] * (batch - rows)
+    calls = proposed = accepted = 0
+    while min(len(t) for t in tokens) < max_new_tokens:
+        # Each row's cached tokens (NxDI pads the mask to the bucket, which must hold it + S).
+        mask = (torch.arange(max(positions))[None, :] < torch.tensor(positions)[:, None]).to(torch.long)
+        out = model(input_ids=torch.tensor(inputs)[:, None], attention_mask=mask,
+                    position_ids=torch.tensor(positions)[:, None], seq_ids=torch.arange(batch))
+        calls += 1
+        kept, next_ids, _, next_positions = out.fused_outputs[:4]
+        for r in range(rows):
+            if len(tokens[r]) >= max_new_tokens:
+                continue
+            new = [int(t) for t in kept[r] if t >= 0]
+            proposed += spec - 1
+            accepted += len(new) - 1
+            tokens[r] += new
+            inputs[r], positions[r] = int(next_ids[r].reshape(-1)[0]), int(next_positions[r].reshape(-1)[0])
+    return SpeculativeGeneration([t[:max_new_tokens] for t in tokens], calls, calls * spec, proposed, accepted)
