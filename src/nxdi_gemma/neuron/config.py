@@ -55,6 +55,9 @@ class GemmaNeuronConfig(NeuronConfig):
 
     def __init__(self, **kwargs: Any):
         kwargs.setdefault("attn_kernel_enabled", False)
+        # NxDI turns KV cache tiling on by itself for fused speculation when max_length is a multiple of 128 > 128
+        # (0.8 and 0.9); our per-layer caches are not tiled (and kv_cache_tiling is refused below).
+        kwargs.setdefault("disable_kv_cache_tiling", True)
         fold = _pop_flag(kwargs, "fold_norm_offset")
         fp32_accumulation = _pop_flag(kwargs, "attention_fp32_accumulation")
         spare = kwargs.pop("speculation_spare_slots", 0)

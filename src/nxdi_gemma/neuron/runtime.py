@@ -74,12 +74,13 @@ def draft_spec_config(cls, config, draft: str):
 
     from neuronx_distributed_inference.models.config import FusedSpecNeuronConfig
 
-    from ..checkpoint import check_checkpoint
+    from ..config import plan_from_config, read_config_json
     from ..planning import check_tp
     from ..speculation import check_draft
     from .config import gemma_load_config
 
-    draft_plan = check_checkpoint(draft)  # config.json and safetensors headers: no weights read
+    # From config.json alone (the weights are read, names and shapes checked, when NxDI loads them).
+    draft_plan = plan_from_config(read_config_json(draft), source=f"{draft}/config.json")
     check_draft(config.gemma_plan, draft_plan, config.neuron_config.speculation_length - 1)
     check_tp(draft_plan, config.neuron_config.tp_degree, option="the draft at the target's tp_degree")
     draft_neuron_config = copy.deepcopy(config.neuron_config)
