@@ -76,10 +76,50 @@ def run_case(case: dict, tp: int) -> dict:
             "generate_s": time.perf_counter() - built}
 
 
+def refusals(target: str, tmp: Path) -> list[dict]:
+    """Bad combinations, each built as `build` would (TP 2 asked in a TP 1 process: the refusal comes first): the
+    error's class and message (must be one line, before anything is built or compiled)."""
+    from nxdi_gemma.neuron import runtime
+
+    config = json.loads((Path(target) / "config.json").read_text())
+
+    def draft_dir(name: str, **changes) -> str:
+        folder = tmp / name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(dict(config, **changes)))  # config only: refused before weights
+        return str(folder)
+
+    cases = {
+        "vocab": (dict(k=2), draft_dir("vocab", vocab_size=config["vocab_size"] + 36)),
+        "draft_tp": (dict(k=2, tp=2), draft_dir("tp", hidden_size=48, num_attention_heads=3, num_key_value_heads=1)),
+        "sampling": (dict(k=2, sample=True), target),
+        "k_beyond_buckets": (dict(k=BUCKET), target),
+        "not_fused": (dict(k=2, fused=False), target),
+    }
+    records = []
+    for name, (opts, draft) in cases.items():
+        from neuronx_distributed_inference.models.config import OnDeviceSamplingConfig
+
+        settings = {"tp_degree": opts.get("tp", 1), "batch_size": 4, "ctx_batch_size": 1, "tkg_batch_size": 4,
+                    "is_continuous_batching": True, "seq_len": BUCKET, "max_context_length": BUCKET,
+                    "torch_dtype": "float32", "enable_fused_speculation": opts.get("fused", True),
+                    "speculation_length": opts["k"] + 1,
+                    "on_device_sampling_config": OnDeviceSamplingConfig(do_sample=opts.get("sample", False),
+                                                                        top_k=1 if not opts.get("sample") else 8)}
+        try:
+            runtime.build(target, settings, on_cpu=True, draft=draft)
+            records.append({"name": f"refuse-{name}", "refused": None})
+        except Exception as err:  # the record is the test's evidence: class, message
+            records.append({"name": f"refuse-{name}", "refused": type(err).__name__, "message": str(err),
+                            "gemma_error": type(err).__module__ == "nxdi_gemma.errors"})
+    return records
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--refusals", help="a target checkpoint: also record the refusals of bad combinations")
     parser.add_argument("cases")
     args = parser.parse_args()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -89,6 +129,10 @@ def main() -> None:
         torch.distributed.init_process_group("gloo")
         del os.environ["WORLD_SIZE"]
     records: list[dict] = []
+    if args.refusals:
+        records += refusals(args.refusals, Path(args.out).parent / "refusals")
+        if rank == 0:
+            Path(args.out).write_text(json.dumps(records, indent=1) + "\n")
     for case in json.loads(Path(args.cases).read_text()):
         try:
             record = run_case(case, args.tp)

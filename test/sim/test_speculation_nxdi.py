@@ -74,8 +74,9 @@ def driver_records(sim, release: str, tp: int, tmp_path_factory) -> dict[str, di
                   for t, kind, k in cases(tp)]
         (work / "cases.json").write_text(json.dumps(listed))
         launcher = sim.torchrun(tp) if tp > 1 else [sys.executable]
+        refusals = ["--refusals", str(goldens["spec_gemma3"] / "ckpt")] if tp == 1 else []
         proc = sim.run([*launcher, str(SIM / "spec_driver.py"), "--tp", str(tp), "--out", str(work / "out.json"),
-                        str(work / "cases.json")], release, check=False, timeout=3000)
+                        *refusals, str(work / "cases.json")], release, check=False, timeout=3000)
         _RUNS[(release, tp)] = (json.loads((work / "out.json").read_text()) if proc.returncode == 0
                                 else sim.failure(proc))
     result = _RUNS[(release, tp)]
@@ -110,3 +111,21 @@ def test_fused_speculation_equals_target_greedy(sim, sim_report, tmp_path_factor
         assert record["calls_per_token"] <= 1 / (k + 1) + 0.02
     if kind == "random":
         assert record["acceptance"] < 0.5  # few accepted, output still the target's
+
+
+REFUSALS = {  # bad combination -> words its one-line error must contain
+    "vocab": "vocabulary",
+    "draft_tp": "draft",
+    "sampling": "sampling",
+    "k_beyond_buckets": "bucket",
+    "not_fused": "enable_fused_speculation",
+}
+
+
+@pytest.mark.parametrize("what", list(REFUSALS))
+@pytest.mark.parametrize("release", RELEASES)
+def test_bad_combinations_refused_before_build(sim, tmp_path_factory, release, what):
+    record = driver_records(sim, release, 1, tmp_path_factory)[f"refuse-{what}"]
+    assert record["refused"], f"{what}: built without an error"
+    assert record["gemma_error"], f"{what}: {record['refused']} (not nxdi-gemma's one-line error): {record['message']}"
+    assert "\n" not in record["message"] and REFUSALS[what] in record["message"], record["message"]

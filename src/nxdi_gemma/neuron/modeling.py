@@ -215,15 +215,21 @@ class NeuronGemmaModel(NeuronBaseModel):
         return outputs[: len(outputs) - len(tensors)]
 
     def _sample_on_device(self, logits, sampling_params, is_for_speculation, is_for_context_encoding):
-        """NxDI's. Greedy verification of fused speculation ([B, S, V/TP] logits) runs NxD's distributed argmax,
-        a Neuron custom op (0.8 and 0.9): in CPU mode (`on_cpu`) the logits are gathered over the TP group and
-        reduced by torch.argmax instead, as NxDI's own sampler does on CPU (first maximum, as HF's argmax)."""
-        if not (is_for_speculation and self.neuron_config.on_cpu
-                and not self.neuron_config.on_device_sampling_config.do_sample):
+        """NxDI's, except greedy sampling in CPU mode (`on_cpu`) on sharded logits: there NxDI's sampler takes each
+        rank's local argmax (a TP > 1 token is then wrong; 0.8 and 0.9) and the greedy verification of fused
+        speculation ([B, S, V/TP] logits) runs NxD's distributed argmax, a Neuron custom op. Both become
+        torch.argmax over the logits gathered across the TP group (first maximum, as HF's argmax): [B] tokens, or
+        [B, S] for a verification, as NxDI returns them. Device graphs are unchanged."""
+        greedy = not (self.neuron_config.on_device_sampling_config.do_sample
+                      or self.neuron_config.on_device_sampling_config.dynamic)
+        group = self.lm_head.tensor_parallel_group
+        if not (self.neuron_config.on_cpu and greedy and (is_for_speculation or group.size() > 1)):
             return super()._sample_on_device(logits, sampling_params, is_for_speculation, is_for_context_encoding)
-        if self.lm_head.tensor_parallel_group.size() > 1:
-            logits = _gather_along_dim(logits, partition_dim=2, process_group=self.lm_head.tensor_parallel_group)
-        return torch.argmax(logits, dim=2).to(torch.int32)
+        if group.size() > 1:
+            logits = _gather_along_dim(logits, partition_dim=2, process_group=group)
+        if is_for_speculation:
+            return torch.argmax(logits, dim=2).to(torch.int32)
+        return torch.argmax(logits[:, -1, :], dim=-1).to(torch.int32)
 
     def update_weights_for_lora(self, model_sd: dict) -> dict:
         """NxDI's LoRA weight loading (NeuronBaseModel.update_weights_for_lora, 0.8 and 0.9: each LoRA slot filled
