@@ -80,7 +80,8 @@ def check_draft_args(args: argparse.Namespace, plan: GemmaPlan) -> None:
             raise InputError("--num-speculative-tokens needs --draft DIR (the draft model's checkpoint)")
         return
     if args.backend != "cpu":
-        raise InputError("--draft runs on --backend cpu only (NxDI fused speculation is not wired up yet)")
+        raise InputError("--draft runs on --backend cpu only (the CLI does not compile NxDI fused speculation yet; "
+                         "build one with nxdi_gemma.neuron.runtime.build(..., draft=DIR))")
     if getattr(args, "temperature", 0.0):
         raise InputError("--draft decodes greedily; drop --temperature")
     check_draft_dir(plan, args.draft, speculative_tokens(args))

@@ -49,37 +49,42 @@ def spec_goldens() -> dict[str, dict]:
     return out
 
 
-# (release, tp) -> the cases run there. CI: every target, kind and K at TP 1 on both releases; TP 2 (gloo, two
-# processes) runs one case per target per kind there, the rest marked slow.
-def cases(tp: int) -> list[tuple[str, str, int]]:
+# The cases of one driver run. CI: every target, kind and K at TP 1 on both releases, and at TP 2 (gloo, two processes)
+# one case with every Gemma 4 feature between target and draft; the other TP 2 cases (every target and kind at K 4)
+# are marked slow and run in a second driver process when selected.
+TP2_CI = ("gemma4_ple", "other", 4)
+
+
+def cases(tp: int, slow: bool) -> list[tuple[str, str, int]]:
     if tp == 1:
-        return [(t, kind, k) for t in TARGETS for kind in KINDS for k in K_VALUES]
-    return [(t, kind, 4) for t in TARGETS for kind in KINDS]
+        return [] if slow else [(t, kind, k) for t in TARGETS for kind in KINDS for k in K_VALUES]
+    every = [(t, kind, 4) for t in TARGETS for kind in KINDS]
+    return [c for c in every if c != TP2_CI] if slow else [TP2_CI]
 
 
 def case_name(target: str, kind: str, k: int) -> str:
     return f"{target}-{kind}-k{k}"
 
 
-_RUNS: dict[tuple[str, int], list[dict] | str] = {}
+_RUNS: dict[tuple[str, int, bool], list[dict] | str] = {}
 
 
-def driver_records(sim, release: str, tp: int, tmp_path_factory) -> dict[str, dict]:
-    if (release, tp) not in _RUNS:
+def driver_records(sim, release: str, tp: int, tmp_path_factory, slow: bool = False) -> dict[str, dict]:
+    if (release, tp, slow) not in _RUNS:
         sim.need(release)
         goldens = sim.goldens(spec_goldens())
-        work = tmp_path_factory.mktemp(f"spec_{release}_tp{tp}")
+        work = tmp_path_factory.mktemp(f"spec_{release}_tp{tp}{'_slow' if slow else ''}")
         listed = [{"name": case_name(t, kind, k), "target": str(goldens[f"spec_{t}"]), "k": k,
                    "draft": str(goldens[f"spec_{t}" if kind == "self" else f"spec_{t}_{kind}"] / "ckpt")}
-                  for t, kind, k in cases(tp)]
+                  for t, kind, k in cases(tp, slow)]
         (work / "cases.json").write_text(json.dumps(listed))
         launcher = sim.torchrun(tp) if tp > 1 else [sys.executable]
-        refusals = ["--refusals", str(goldens["spec_gemma3"] / "ckpt")] if tp == 1 else []
+        refusals = ["--refusals", str(goldens["spec_gemma3"] / "ckpt")] if tp == 1 and not slow else []
         proc = sim.run([*launcher, str(SIM / "spec_driver.py"), "--tp", str(tp), "--out", str(work / "out.json"),
                         *refusals, str(work / "cases.json")], release, check=False, timeout=3000)
-        _RUNS[(release, tp)] = (json.loads((work / "out.json").read_text()) if proc.returncode == 0
-                                else sim.failure(proc))
-    result = _RUNS[(release, tp)]
+        _RUNS[(release, tp, slow)] = (json.loads((work / "out.json").read_text()) if proc.returncode == 0
+                                      else sim.failure(proc))
+    result = _RUNS[(release, tp, slow)]
     if isinstance(result, str):
         pytest.fail(result, pytrace=False)
     return {r["name"]: r for r in result}
@@ -88,15 +93,15 @@ def driver_records(sim, release: str, tp: int, tmp_path_factory) -> dict[str, di
 def params():
     for release in RELEASES:
         for tp in (1, 2):
-            for target, kind, k in cases(tp):
-                marks = [pytest.mark.slow] if tp == 2 else []
-                yield pytest.param(release, tp, target, kind, k, marks=marks,
-                                   id=f"{release}-tp{tp}-{case_name(target, kind, k)}")
+            for slow in (False, True):
+                for target, kind, k in cases(tp, slow):
+                    yield pytest.param(release, tp, slow, target, kind, k, marks=[pytest.mark.slow] if slow else [],
+                                       id=f"{release}-tp{tp}-{case_name(target, kind, k)}")
 
 
-@pytest.mark.parametrize(("release", "tp", "target", "kind", "k"), list(params()))
-def test_fused_speculation_equals_target_greedy(sim, sim_report, tmp_path_factory, release, tp, target, kind, k):
-    record = driver_records(sim, release, tp, tmp_path_factory).get(case_name(target, kind, k))
+@pytest.mark.parametrize(("release", "tp", "slow", "target", "kind", "k"), list(params()))
+def test_fused_speculation_equals_target_greedy(sim, sim_report, tmp_path_factory, release, tp, slow, target, kind, k):
+    record = driver_records(sim, release, tp, tmp_path_factory, slow).get(case_name(target, kind, k))
     assert record is not None, "the driver produced no record for this case"
     assert "error" not in record, f"raised in NxDI CPU mode ({release}, TP {tp}):\n{record['error']}"
     sim_report(f"fused-spec {release} tp{tp} {case_name(target, kind, k)}",
