@@ -239,10 +239,12 @@ def check_speculation(config: InferenceConfig) -> None:
     if sampling is None:
         raise ConfigError("fused speculation needs on-device sampling (NxDI's fused graph returns tokens): add "
                           "on_device_sampling_config (greedy) to the neuron config")
-    if sampling.do_sample or sampling.dynamic:
-        raise ConfigError("fused speculation with sampling (do_sample / dynamic on_device_sampling_config) is not "
-                          "supported by nxdi-gemma: NxDI's fused step returns the draft's greedy proposals and the "
-                          "target's tokens, accepted by equality (greedy); use greedy sampling")
+    # `dynamic` (per-request sampling parameters) stays allowed: vllm-neuron always sets it. NxDI's verification is
+    # an argmax whenever do_sample is off (0.8 and 0.9), so tokens after a prefill's are the target's greedy ones.
+    if sampling.do_sample:
+        raise ConfigError("fused speculation with sampling (on_device_sampling_config do_sample) is not supported by "
+                          "nxdi-gemma: NxDI's fused step verifies the draft's greedy proposals against the target's "
+                          "argmax; use greedy decoding")
     if neuron_config.is_block_kv_layout:
         raise ConfigError("fused speculation with the block KV layout (prefix caching) is not supported by "
                           "nxdi-gemma; disable prefix caching")

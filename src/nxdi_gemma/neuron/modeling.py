@@ -220,10 +220,13 @@ class NeuronGemmaModel(NeuronBaseModel):
         speculation ([B, S, V/TP] logits) runs NxD's distributed argmax, a Neuron custom op. Both become
         torch.argmax over the logits gathered across the TP group (first maximum, as HF's argmax): [B] tokens, or
         [B, S] for a verification, as NxDI returns them. Device graphs are unchanged."""
-        greedy = not (self.neuron_config.on_device_sampling_config.do_sample
-                      or self.neuron_config.on_device_sampling_config.dynamic)
+        sampling = self.neuron_config.on_device_sampling_config
         group = self.lm_head.tensor_parallel_group
-        if not (self.neuron_config.on_cpu and greedy and (is_for_speculation or group.size() > 1)):
+        # NxDI's own conditions: a verification is an argmax unless do_sample; the sampler is greedy unless
+        # do_sample or dynamic (per-request parameters).
+        ours = is_for_speculation if not sampling.do_sample else False
+        ours = ours or (not is_for_speculation and not (sampling.do_sample or sampling.dynamic) and group.size() > 1)
+        if not (self.neuron_config.on_cpu and ours):
             return super()._sample_on_device(logits, sampling_params, is_for_speculation, is_for_context_encoding)
         if group.size() > 1:
             logits = _gather_along_dim(logits, partition_dim=2, process_group=group)

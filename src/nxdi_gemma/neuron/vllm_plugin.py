@@ -533,6 +533,14 @@ class GemmaServingConfig:
             previous.verify_and_update_config(vllm_config)
         serving_check(vllm_config)
 
+    @staticmethod
+    def verify_and_update_model_config(model_config: Any) -> None:
+        """vLLM 0.16 also calls the entry per ModelConfig (e.g. a draft's, for `--speculative-config`): the entry
+        vLLM had, if any; our checks need the whole vllm_config (verify_and_update_config)."""
+        previous = GemmaServingConfig.previous.get(model_config.architecture)
+        if previous is not None and hasattr(previous, "verify_and_update_model_config"):
+            previous.verify_and_update_model_config(model_config)
+
 
 def register_serving_check(config_map: MutableMapping[str, Any]) -> list[str]:
     """Register GemmaServingConfig in vLLM's MODELS_CONFIG_MAP for every GEMMA_ARCHITECTURES entry, keeping any
