@@ -134,3 +134,45 @@ def test_bad_combinations_refused_before_build(sim, tmp_path_factory, release, w
     assert record["refused"], f"{what}: built without an error"
     assert record["gemma_error"], f"{what}: {record['refused']} (not nxdi-gemma's one-line error): {record['message']}"
     assert "\n" not in record["message"] and REFUSALS[what] in record["message"], record["message"]
+
+
+@pytest.mark.parametrize("kind", ["self", pytest.param("other", marks=pytest.mark.slow)])
+def test_cli_compile_with_draft_then_generate(sim, tmp_path, sim_report, kind):
+    """`nxdi-gemma compile --draft DIR --num-speculative-tokens 4` then `generate --backend neuron` on NxDI 0.8, with
+    the tier's Neuron-machine stand-ins (vllm_standins.py: compile saves neuron_config.json only, load is NxDI's CPU
+    mode): the four prompts' tokens are HF's greedy ones; the self-draft needs <= 1/(K+1) + 0.02 fused calls per
+    token after the first."""
+    import os
+    import shutil
+    import subprocess
+
+    from nxdi_gemma.tiny import byte_tokenizer_json
+
+    release = "sdk-2.28"
+    goldens = sim.goldens(spec_goldens())
+    golden = json.loads((goldens["spec_gemma3"] / "golden.json").read_text())
+    target = tmp_path / "target"
+    shutil.copytree(goldens["spec_gemma3"] / "ckpt", target)
+    (target / "tokenizer.json").write_text(byte_tokenizer_json())  # generate detokenizes
+    draft = target if kind == "self" else goldens["spec_gemma3_other"] / "ckpt"
+    config = tmp_path / "compile.json"
+    config.write_text(json.dumps({"neuron_config": {"tp_degree": 1, "batch_size": 4, "seq_len": 64,
+                                                    "max_context_length": 64, "torch_dtype": "float32",
+                                                    "on_cpu": True}}))
+    env = sim.env(release, "cpu")
+    env.update(PYTHONPATH=os.pathsep.join([str(SIM / "vllm_site"), env["PYTHONPATH"]]), NXDI_GEMMA_SIM_VLLM="1")
+    cli = [sys.executable, "-m", "nxdi_gemma.cli"]
+    for argv in (["compile", "--model", str(target), "--config", str(config), "--out", str(tmp_path / "compiled"),
+                  "--draft", str(draft), "--num-speculative-tokens", "4"],
+                 ["generate", "--backend", "neuron", "--model", str(target), "--compiled", str(tmp_path / "compiled"),
+                  "--token-ids", "--max-new-tokens", str(golden["new_tokens"]),
+                  *[a for p in golden["prompts"] for a in ("--prompt", json.dumps(p))]]):
+        proc = subprocess.run([*cli, *argv], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"{argv[0]} failed:\n{proc.stderr[-4000:]}"
+    tokens = [json.loads(line)["tokens"] for line in proc.stdout.splitlines()]
+    assert tokens == golden["tokens"]
+    (summary,) = [line for line in proc.stderr.splitlines() if line.startswith("speculation (NxDI fused)")]
+    sim_report(f"cli compile --draft ({kind}) + generate --backend neuron, NxDI 0.8", summary)
+    if kind == "self":
+        calls = float(summary.split(", ")[1].split()[0]) * golden["new_tokens"] / (golden["new_tokens"] - 1)
+        assert calls <= 1 / 5 + 0.02, summary

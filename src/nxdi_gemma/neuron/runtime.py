@@ -90,13 +90,28 @@ def draft_spec_config(cls, config, draft: str):
     return FusedSpecNeuronConfig(cls._model_cls, draft_config=draft_config, draft_model_path=draft)
 
 
-def compile_model(model_path: str, config_path: str, out_dir: str) -> Path:
-    """Trace and compile into a temporary sibling directory, moved into place only when complete."""
+def speculative_spec(spec: dict, draft: str, num_speculative_tokens: int) -> dict:
+    """A compile config made into NxDI fused speculation with `draft` proposing K tokens per step: greedy on-device
+    sampling and continuous batching (one row per prompt, each at its own position; `speculative_greedy`)."""
+    neuron_config = dict(spec["neuron_config"])
+    neuron_config.update(enable_fused_speculation=True, speculation_length=num_speculative_tokens + 1,
+                         on_device_sampling_config={"do_sample": False, "top_k": 1}, is_continuous_batching=True,
+                         ctx_batch_size=1)
+    return dict(spec, neuron_config=neuron_config, draft=str(Path(draft).resolve()))
+
+
+def compile_model(model_path: str, config_path: str, out_dir: str, draft: str | None = None,
+                  num_speculative_tokens: int = 4) -> Path:
+    """Trace and compile into a temporary sibling directory, moved into place only when complete. With `draft`:
+    NxDI fused speculation (`speculative_spec`); the compile config written beside the artifacts names the draft,
+    which `load_compiled` builds again."""
     spec = read_compile_config(config_path)
+    if draft is not None:
+        spec = speculative_spec(spec, draft, num_speculative_tokens)
     target = Path(out_dir)
     if target.exists() and any(target.iterdir()):
         raise InputError(f"--out {target} exists and is not empty; choose a new directory")
-    model = build(model_path, spec["neuron_config"])
+    model = build(model_path, spec["neuron_config"], draft=spec.get("draft"))
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -117,8 +132,13 @@ def load_compiled(model_path: str, compiled_dir: str):
     cls = modeling.NeuronGemmaForCausalLM
     if not (Path(compiled_dir) / "neuron_config.json").is_file():
         raise InputError(f"--compiled {compiled_dir}: no neuron_config.json; run `nxdi-gemma compile` first")
-    config = cls.get_config_cls().load(compiled_dir)
-    model = cls(model_path, config)
+    spec_path = Path(compiled_dir) / COMPILE_SPEC
+    spec = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
+    if spec.get("draft"):
+        # Fused speculation: the draft's config and weights come from its checkpoint, as at compile time.
+        model = build(model_path, spec["neuron_config"], draft=spec["draft"])
+    else:
+        model = cls(model_path, cls.get_config_cls().load(compiled_dir))
     model.load(compiled_dir)
     return model
 
@@ -156,8 +176,22 @@ def greedy(model, prompt_ids: list[list[int]], max_new_tokens: int) -> list[Cont
     return out
 
 
+def neuron_speculative(model_path: str, compiled_dir: str):
+    """`generate --backend neuron` on a model compiled with --draft: prompts -> (new tokens per prompt, the
+    SpeculativeGeneration), or None when the model was compiled without a draft."""
+    spec_path = Path(compiled_dir) / COMPILE_SPEC
+    if not spec_path.is_file() or not json.loads(spec_path.read_text()).get("draft"):
+        return None
+    model = load_compiled(model_path, compiled_dir)
+    return lambda prompt_ids, max_new_tokens: speculative_greedy(model, prompt_ids, max_new_tokens)
+
+
 def neuron_greedy(model_path: str, compiled_dir: str, dtype: torch.dtype):
     """The token-match backend: greedy continuations from a compiled model."""
+    spec_path = Path(compiled_dir) / COMPILE_SPEC
+    if spec_path.is_file() and json.loads(spec_path.read_text()).get("draft"):
+        raise InputError(f"--compiled {compiled_dir} was compiled with a draft (fused speculation returns tokens, "
+                         "not logits): use `generate`, or compile without --draft for token-match")
     model = load_compiled(model_path, compiled_dir)
     compiled_dtype = model.neuron_config.torch_dtype
     if compiled_dtype != dtype:
