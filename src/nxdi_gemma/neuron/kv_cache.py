@@ -19,9 +19,9 @@ from .config import GemmaInferenceConfig
 
 class GemmaKVCacheManager(KVCacheManager):
     """Per-layer cache shapes: full layers hold max_length slots (position p at slot p; sliced to a smaller bucket
-    for token generation; plus prefill_chunk_size spare slots when prompts are prefilled in chunks), sliding layers a ring of R slots (position p at slot p % R; R = W, or W + S - 2 under fused
-    speculation of S tokens per step), each with its own KV heads and
-    head dim; KV-shared Gemma 4 layers own none and read their source layer's.
+    for token generation; plus spare slots when prompts are prefilled in chunks or steps speculate), sliding layers
+    a ring of R slots (position p at slot p % R; R = W, or W + S - 2 under fused speculation of S tokens per step),
+    each with its own KV heads and head dim; KV-shared Gemma 4 layers own none and read their source layer's.
 
     Context encoding runs the prompt in chunks (one fixed-size graph per chunk, see `NeuronGemmaForCausalLM`):
     `prefill_prior` gives a chunk's attention the cache rows of its sequences, and the chunk's K/V are written at
