@@ -351,11 +351,31 @@ class NeuronGemmaForCausalLM(NeuronBaseForCausalLM):
         keeps only the first tensor where a device returns them all. Grouped here as [outputs] + caches, so the
         result's `fused_outputs` holds what the device's would and `_copy_past_key_values` gets the caches. Device
         runs are unchanged."""
+        fused_cpu = self.neuron_config.enable_fused_speculation and self.neuron_config.on_cpu
+        rows = None
+        if fused_cpu and args[0].shape[-1] == 1 and args[0].shape[0] < self.neuron_config.tkg_batch_size:
+            args, rows = self._pad_fused_rows(args)
         outputs, on_neuron = super()._get_model_outputs(*args, **kwargs)
         if self.neuron_config.enable_fused_speculation and not on_neuron:
             count = 6 if self.neuron_config.output_logits else 4
-            outputs = [list(outputs[:count]), *outputs[count:]]
+            head = outputs[:count] if rows is None else [t.index_select(0, rows) for t in outputs[:count]]
+            outputs = [list(head), *outputs[count:]]
         return outputs, on_neuron
+
+    def _pad_fused_rows(self, args: tuple) -> tuple[tuple, torch.Tensor]:
+        """CPU mode, a fused step for fewer rows than the compiled batch (continuous batching): padded here as
+        NxDI's ModelWrapper pads on a device (the missing seq ids appended, rows sorted by seq id, inputs repeated
+        from the first row), since its CPU-mode padding path cannot take the fused model's outputs (0.8 and 0.9).
+        Returns the padded positional arguments and, per given row, its row in the padded batch."""
+        input_ids, attention_mask, position_ids, seq_ids, sampling_params = args[:5]
+        given = seq_ids.reshape(-1).tolist()
+        padded = torch.tensor(sorted(given + [i for i in range(self.neuron_config.tkg_batch_size) if i not in given]),
+                              dtype=seq_ids.dtype)
+        source = torch.tensor([given.index(i) if i in given else 0 for i in padded.tolist()])
+        rows = torch.tensor([padded.tolist().index(i) for i in given])
+        take = [t.index_select(0, source) for t in (input_ids, attention_mask, position_ids)]
+        sampling = sampling_params.index_select(0, source) if isinstance(sampling_params, torch.Tensor) else sampling_params
+        return (*take, padded, sampling, *args[5:]), rows
 
     def _copy_past_key_values(self, outputs) -> None:
         """CPU mode: the caches a call returned become every submodel's (what aliasing does on a device). NxDI's
