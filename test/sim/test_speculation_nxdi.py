@@ -169,7 +169,8 @@ def test_cli_compile_with_draft_then_generate(sim, tmp_path, sim_report, kind):
                   *[a for p in golden["prompts"] for a in ("--prompt", json.dumps(p))]]):
         proc = subprocess.run([*cli, *argv], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"{argv[0]} failed:\n{proc.stderr[-4000:]}"
-    tokens = [json.loads(line)["tokens"] for line in proc.stdout.splitlines()]
+    # generate prints one JSON object per prompt (NxD's own log lines go to stdout too)
+    tokens = [json.loads(line)["tokens"] for line in proc.stdout.splitlines() if line.startswith('{"prompt"')]
     assert tokens == golden["tokens"]
     (summary,) = [line for line in proc.stderr.splitlines() if line.startswith("speculation (NxDI fused)")]
     sim_report(f"cli compile --draft ({kind}) + generate --backend neuron, NxDI 0.8", summary)
