@@ -224,8 +224,10 @@ class NeuronGemmaModel(NeuronBaseModel):
         group = self.lm_head.tensor_parallel_group
         # NxDI's own conditions: a verification is an argmax unless do_sample; the sampler is greedy unless
         # do_sample or dynamic (per-request parameters).
-        ours = is_for_speculation if not sampling.do_sample else False
-        ours = ours or (not is_for_speculation and not (sampling.do_sample or sampling.dynamic) and group.size() > 1)
+        if is_for_speculation:
+            ours = not sampling.do_sample
+        else:
+            ours = not (sampling.do_sample or sampling.dynamic) and group.size() > 1
         if not (self.neuron_config.on_cpu and ours):
             return super()._sample_on_device(logits, sampling_params, is_for_speculation, is_for_context_encoding)
         if group.size() > 1:
