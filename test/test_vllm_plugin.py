@@ -513,18 +513,21 @@ def test_prefix_caching_defaults_are_supplied_and_planned():
 @pytest.mark.parametrize(("override", "settings", "wanted"), [
     ({"flash_decoding_enabled": True}, {}, "override_neuron_config sets flash_decoding_enabled"),
     ({"attn_kernel_enabled": True}, {}, "attn_kernel_enabled"),
-    ({}, {"speculative": True}, "--speculative-config"),
+    ({}, {"speculative": "ngram"}, "method 'ngram'"),
     ({}, {"chunked_prefill": True}, "DISABLE_NEURON_CUSTOM_SCHEDULER"),
 ])
 def test_unsupported_features_are_refused_before_the_start(override, settings, wanted):
     # neuron/config.py's UNSUPPORTED_FLAGS needs NxDI (the sim tier's test_refused_before_compile uses the real one)
-    unsupported = ("flash_decoding_enabled", "enable_fused_speculation", "is_chunked_prefill")
-    vllm_plugin.check_supported_features({"on_cpu": True, "flash_decoding_enabled": False}, unsupported, speculative=False,
+    unsupported = ("flash_decoding_enabled", "is_chunked_prefill")
+    vllm_plugin.check_supported_features({"on_cpu": True, "flash_decoding_enabled": False}, unsupported, speculative=None,
                                          chunked_prefill=False)
-    vllm_plugin.check_supported_features({}, (), speculative=True, chunked_prefill=True)  # once supported: accepted
+    vllm_plugin.check_supported_features({}, (), speculative="draft_model", chunked_prefill=True)  # supported: accepted
+    with pytest.raises(vllm_plugin.ServeConfigError, match="leave out --speculative-config"):
+        vllm_plugin.check_supported_features({}, ("enable_fused_speculation",), speculative="draft_model",
+                                             chunked_prefill=False)
     with pytest.raises(vllm_plugin.ServeConfigError) as refused:
         vllm_plugin.check_supported_features(override, unsupported,
-                                             **{"speculative": False, "chunked_prefill": False, **settings})
+                                             **{"speculative": None, "chunked_prefill": False, **settings})
     assert str(refused.value).startswith("error: ") and wanted in str(refused.value)
 
 

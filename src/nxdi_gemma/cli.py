@@ -80,7 +80,8 @@ def check_draft_args(args: argparse.Namespace, plan: GemmaPlan) -> None:
             raise InputError("--num-speculative-tokens needs --draft DIR (the draft model's checkpoint)")
         return
     if args.backend != "cpu":
-        raise InputError("--draft runs on --backend cpu only (NxDI fused speculation is not wired up yet)")
+        raise InputError("--draft with --backend neuron is given at compile time: `nxdi-gemma compile --draft DIR "
+                         "[--num-speculative-tokens K]`, then run the compiled directory without --draft")
     if getattr(args, "temperature", 0.0):
         raise InputError("--draft decodes greedily; drop --temperature")
     check_draft_dir(plan, args.draft, speculative_tokens(args))
@@ -96,6 +97,14 @@ def neuron_greedy(model_path: str, compiled: str | None, dtype: torch.dtype):
     from .neuron.runtime import neuron_greedy as make  # imports NxDI, with a clear error when it is missing
 
     return make(model_path, compiled, dtype)
+
+
+def neuron_speculative(model_path: str, compiled: str | None):
+    if not compiled:
+        raise InputError("--backend neuron needs --compiled DIR (the output of `nxdi-gemma compile`)")
+    from .neuron.runtime import neuron_speculative as make  # imports NxDI, with a clear error when it is missing
+
+    return make(model_path, compiled)
 
 
 def load_prompts(args: argparse.Namespace, path: str) -> tuple[list, list[list[int]]]:
@@ -168,8 +177,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = prompts_to_ids(prompts, tokenizer, "--prompt")
         _check_lengths(ids, args.max_new_tokens, args.max_seq_len or plan.max_position_embeddings)
         if args.backend == "neuron":
-            continuations = neuron_greedy(path, args.compiled, DTYPES[args.dtype])(ids, args.max_new_tokens)
-            tokens_per_prompt = [cut_after_eos(c.tokens, plan.eos_token_ids) for c in continuations]
+            speculative = neuron_speculative(path, args.compiled)
+            if speculative is not None:  # compiled with --draft: NxDI fused speculation
+                g = speculative(ids, args.max_new_tokens)
+                tokens_per_prompt = [cut_after_eos(t, plan.eos_token_ids) for t in g.tokens]
+                print(f"speculation (NxDI fused): acceptance {g.acceptance_rate:.1%}, "
+                      f"{g.target_calls_per_token():.3f} fused calls per token", file=sys.stderr)
+            else:
+                continuations = neuron_greedy(path, args.compiled, DTYPES[args.dtype])(ids, args.max_new_tokens)
+                tokens_per_prompt = [cut_after_eos(c.tokens, plan.eos_token_ids) for c in continuations]
         elif args.draft:
             from . import speculation
 
@@ -231,7 +247,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     # The user's inputs (checkpoint, then compile config) are checked before NxDI is imported, so a bad checkpoint
     # is reported as such even on a machine without the Neuron SDK, and NxDI never opens a directory we refuse.
-    check_checkpoint(args.model, prequantized=True)
+    plan = check_checkpoint(args.model, prequantized=True)
     spec = read_compile_config(args.config)
     nc = spec["neuron_config"]
     if not nc.get("quantized"):
@@ -241,7 +257,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
         check_prequantized_scheme(args.model, nc.get("quantization_dtype", "int8"),
                                   nc.get("quantization_type", "per_channel_symmetric"))
-    print(compile_model(args.model, args.config, args.out))
+    if args.draft is not None:
+        from .speculation import check_draft
+
+        check_draft(plan, check_checkpoint(args.draft), speculative_tokens(args))
+    elif args.num_speculative_tokens is not None:
+        raise InputError("--num-speculative-tokens needs --draft DIR (the draft model's checkpoint)")
+    print(compile_model(args.model, args.config, args.out, args.draft, speculative_tokens(args)))
     return 0
 
 
@@ -386,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     comp.add_argument("--config", required=True, help="a compile config, e.g. compile_configs/gemma-3-1b__inf2.xlarge.json")
     comp.add_argument("--out", required=True, help="new directory for the compiled artifacts (written atomically)")
+    comp.add_argument("--draft", help="draft checkpoint (a Gemma of the same vocabulary): compile NxDI fused "
+                                      "speculation (greedy; continuous batching, one row per prompt)")
+    comp.add_argument("--num-speculative-tokens", type=int, help="draft tokens proposed per step, K (default 4)")
     comp.set_defaults(run=cmd_compile)
 
     pl = sub.add_parser("plan", help="per-core memory and roofline speed of a model on a Neuron instance")

@@ -604,3 +604,29 @@ def test_lora_over_http(sim, tmp_path):
     assert missing[0] == 404 and "r16" in missing[1], missing
     assert refused[0] == 400 and "LoRA adapter 'r16' is not served: rank 16, above --max-lora-rank 8" in refused[1]
     assert set(_dropped_lines((tmp_path / "serve.log").read_text())) == set(BAD_ADAPTERS)
+
+
+@pytest.mark.skipif(RELEASE != "sdk-2.29", reason="draft-model speculation needs vLLM 0.16 + vllm-neuron 0.5.0 "
+                                                  "(NXDI_GEMMA_SIM_VLLM_RELEASE=sdk-2.29 in their venv); vLLM 0.13 "
+                                                  "refuses it")
+@pytest.mark.parametrize(("target", "draft"), [("gemma3", "self"), ("gemma4moe", "gemma3")])
+def test_speculative_config_draft_model(sim, tmp_path, cases, sim_report, target, draft):
+    """`speculative_config={"method": "draft_model", "model": DRAFT, "num_speculative_tokens": 4}`: vllm-neuron 0.5
+    builds NxDI fused speculation with our class as target and draft (the draft's neuron config copied from the
+    target's). HF's greedy tokens on every prompt; the target as its own draft, four sequences decoding together:
+    <= 0.3 fused calls per generated token (1/(K+1) = 0.2 plus the step after each prefill). The other pair: a
+    Gemma 3 draft for a Gemma 4 K=V + MoE + PLE + KV-sharing target, six prompts through four slots."""
+    case = cases[target]
+    if draft == "self":  # four prompts, all in the batch from the start, 16 new tokens each
+        case = dict(case, prompts=case["prompts"][:4], tokens=case["tokens"][:4], max_tokens=[NEW_TOKENS] * 4)
+    model = case["ckpt"] if draft == "self" else cases[draft]["ckpt"]
+    report = _drive(sim, tmp_path, case, f"{target}-draft-{draft}",
+                    speculative_config={"method": "draft_model", "model": str(model), "num_speculative_tokens": 4},
+                    skip_tokenizer_init=True)
+    fused = report["model_calls"].get("fused_speculation_model", 0)
+    per_token = fused / max(case["max_tokens"])
+    sim_report(f"vllm 0.16 speculation {target} draft={draft} K=4",
+               f"model calls {report['model_calls']}, fused calls per generated token {per_token:.3f}")
+    assert fused > 0, "no fused speculation step ran"
+    if draft == "self":
+        assert per_token <= 0.3, f"{fused} fused calls for {max(case['max_tokens'])} tokens per sequence"

@@ -12,7 +12,7 @@ limit_images (bool: limit_mm_per_prompt image 0, for multimodal checkpoints serv
 lora ({max_loras, max_lora_rank, ckpt_json (vllm-neuron's lora_ckpt_json), adapters: one [name, path] per prompt}: LoRA
 on, each prompt sent with its adapter).
 OUT keys: versions, tokens (per prompt), texts (detokenized, when a tokenizer is loaded), events (stand-in uses),
-closed_calls_while_generating, rounds (per round: tokens, prefill_tokens = the prompt tokens that reached the
+closed_calls_while_generating, model_calls (forward calls per NxDI submodel while generating), rounds (per round: tokens, prefill_tokens = the prompt tokens that reached the
 NxDI context-encoding model, cached_tokens = vLLM's num_cached_tokens per request), neuron_config and final_norm_weight (of the loaded NxDI model), model_types (what the plugin registered),
 hf_config_class (what transformers parsed config.json into), seconds (start, generate).
 """
@@ -58,6 +58,8 @@ def main(spec_path: str, out_path: str) -> int:
     kwargs = {}
     if spec.get("hf_overrides"):
         kwargs["hf_overrides"] = checkpoint_hf_overrides(spec["ckpt"]) or None
+    if spec.get("speculative_config"):  # vLLM 0.16: {"method": "draft_model", "model": DIR, "num_speculative_tokens": K}
+        kwargs["speculative_config"] = spec["speculative_config"]
     if spec.get("limit_images"):
         kwargs["limit_mm_per_prompt"] = {"image": 0}
     lora = spec.get("lora")
@@ -95,6 +97,13 @@ def main(spec_path: str, out_path: str) -> int:
             return original(input_ids, attention_mask, position_ids, *args, **kwargs)
 
         inner.forward = counting
+    calls: dict[str, int] = {}  # NxDI submodel (model wrapper tag) -> forward calls while generating
+    for wrapper in (vllm_standins.MODELS[-1].models if vllm_standins.MODELS else []):
+        def counted(*args, _forward=wrapper.forward, _tag=wrapper.tag, **kwargs):
+            calls[_tag] = calls.get(_tag, 0) + 1
+            return _forward(*args, **kwargs)
+
+        wrapper.forward = counted
     before = standins.mark()
     rounds = []
     for _ in range(spec.get("rounds", 1)):
@@ -118,7 +127,8 @@ def main(spec_path: str, out_path: str) -> int:
         "rounds": rounds,
         "neuron_config": None if model is None else json.loads(model.config.to_json_string())["neuron_config"],
         # the final norm's weight as the CPU-mode model holds it: w, or 1 + w when fold_norm_offset folds the offset
-        "final_norm_weight": None if model is None else model.models[0].model.state_dict()["norm.weight"].tolist(),
+        "final_norm_weight": None if model is None else _norm_weight(model),
+        "model_calls": calls,
         "model_class": None if model is None else type(model).__module__ + "." + type(model).__qualname__,
         "model_types": {key: MODEL_TYPES[key]["causal-lm"].__name__ for key in ("gemma2", "gemma3", "gemma4")},
         "hf_config_class": type(hf_config).__name__,
@@ -126,6 +136,12 @@ def main(spec_path: str, out_path: str) -> int:
     }
     Path(out_path).write_text(json.dumps(report))
     return 0
+
+
+def _norm_weight(model) -> list[float]:
+    """The final norm's weight of the loaded model (the target's under fused speculation)."""
+    weights = model.models[0].model.state_dict()
+    return weights["norm.weight" if "norm.weight" in weights else "target_model.norm.weight"].tolist()
 
 
 if __name__ == "__main__":

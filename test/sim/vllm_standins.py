@@ -61,7 +61,17 @@ def _application_base(module: ModuleType) -> None:
 
     def load(self: Any, compiled_model_path: str, *args: Any, **kwargs: Any) -> None:
         _event(f"{type(self).__name__}.load({compiled_model_path}): to_cpu()")
-        self.to_cpu()
+        # NxDI's to_cpu() refuses speculation_length > 0 (CPU mode never ran speculation, 0.8 and 0.9); under
+        # continuous batching (vllm-neuron's) it builds every submodel from its wrapper's own config copy, which
+        # keeps it: lowered on the application's config around to_cpu only (as test/sim/spec_driver.py does).
+        spec = self.config.neuron_config.speculation_length
+        if spec and not self.config.neuron_config.is_continuous_batching:
+            raise RuntimeError("speculation in CPU mode needs continuous batching (see vllm_standins.load)")
+        self.config.neuron_config.speculation_length = 0
+        try:
+            self.to_cpu()
+        finally:
+            self.config.neuron_config.speculation_length = spec
         lora = self.neuron_config.lora_config
         if lora is not None and lora.dynamic_multi_lora:
             _dynamic_lora_on_cpu(self)

@@ -127,11 +127,13 @@ class NeuronGemmaAttention(NeuronAttentionBase):
         first = position_ids[:, :1].to(torch.int32)
         length = Q.shape[2]
         if self.gemma_window is not None:
-            window = self.gemma_window
-            # Slot (p0 + i) % W holds position p0 - W + i (if it exists): oldest first.
+            window, ring = self.gemma_window, prior[0].shape[2]  # ring: W slots, or W + S - 2 under speculation
+            # Slot (p0 - W + i) % R holds position p0 - W + i (if it exists): the last W, oldest first.
             # Positions are >= 0, so fmod is the modulo (one op; torch.remainder's sign handling is several).
-            order = torch.fmod(first + torch.arange(window, device=Q.device, dtype=torch.int32)[None, :], window)
-            index = order[:, None, :, None].to(torch.int64).expand(prior[0].shape)
+            order = torch.fmod(first + (ring - window) + torch.arange(window, device=Q.device, dtype=torch.int32)[None, :],
+                               ring)
+            batch, heads, _, dim = prior[0].shape
+            index = order[:, None, :, None].to(torch.int64).expand(batch, heads, window, dim)
             prior_k, prior_v = (torch.gather(t, 2, index) for t in prior)
             return ops.sliding_chunk_attention(Q, prior_k, prior_v, K, V, first, window, self.gemma_scale,
                                                self.gemma_softcap, self.fp32_accumulation)
@@ -148,17 +150,24 @@ class NeuronGemmaAttention(NeuronAttentionBase):
         k_prior, v_prior = past_key_value
         pos = position_ids[:, :1].to(torch.int32)
         slots = torch.arange(k_prior.shape[2], device=Q.device, dtype=torch.int32)[None, :]
-        if self.gemma_window is not None:
-            # Before this step's write, slot j holds position pos-1 - ((pos-1-j) mod W), in [pos-W, pos-1]
-            # (pos-1-j+W >= 0: fmod is the modulo): visible iff it exists and is inside the window (only slot
-            # pos % W, holding pos-W, is not), i.e. held >= max(0, pos-W+1). One compare, no boolean `and`.
-            window = self.gemma_window
-            held = pos - 1 - torch.fmod(pos - 1 - slots + window, window)
-            prior_visible = held >= torch.maximum(pos - window + 1, torch.zeros_like(pos))
-        else:
-            prior_visible = slots < pos
+        # Active token i (position pos + i: one token, or S = K + 1 verified by fused speculation) sees the active
+        # tokens j <= i within the window, and the cache slots holding positions before pos.
         i = torch.arange(Q.shape[2], device=Q.device, dtype=torch.int32)
-        segments = [(k_prior, v_prior, prior_visible[:, None, None, :]),
-                    (K, V, (i[None, :] <= i[:, None])[None, None])]
+        active = i[None, :] <= i[:, None]
+        if self.gemma_window is not None:
+            # Slot j holds position pos-1 - ((pos-1-j) mod R) of a ring of R slots, in [pos-R, pos-1] (pos-1-j+R
+            # >= 0: fmod is the modulo), if every position before pos was written in order. A slot holding a
+            # position >= pos instead (written by a verification whose tokens were rejected, at most S-1 past the
+            # last kept one) is taken for one R earlier, out of every query's window since R >= W + S - 2. Token i
+            # sees held >= max(0, pos+i-W+1). One compare per query, no boolean `and`.
+            window, ring = self.gemma_window, k_prior.shape[2]
+            held = pos - 1 - torch.fmod(pos - 1 - slots + ring, ring)
+            lowest = torch.maximum(pos + i[None, :] - window + 1, torch.zeros_like(pos))  # [B, Q]
+            prior_visible = (held[:, None, :] >= lowest[:, :, None])[:, None]  # [B, 1, Q, slots]
+            if Q.shape[2] > window:  # static: more active tokens than the window (never at S <= W)
+                active = active & (i[:, None] - i[None, :] < window)
+        else:
+            prior_visible = (slots < pos)[:, None, None, :]
+        segments = [(k_prior, v_prior, prior_visible), (K, V, active[None, None])]
         return ops.attention_over_segments(Q, segments, self.gemma_scale, self.gemma_softcap,
                                            self.fp32_accumulation)

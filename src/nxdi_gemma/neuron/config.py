@@ -22,7 +22,7 @@ from ..quantize import check_neuron_config as check_quantization
 # NeuronConfig features our classes do not implement: refused instead of silently producing wrong outputs.
 UNSUPPORTED_FLAGS = (
     "k_cache_transposed", "flash_decoding_enabled", "is_chunked_prefill", "is_medusa",
-    "enable_fused_speculation", "kv_cache_tiling", "qkv_kernel_enabled", "qkv_nki_kernel_enabled",
+    "enable_eagle_speculation", "enable_token_tree", "kv_cache_tiling", "qkv_kernel_enabled", "qkv_nki_kernel_enabled",
     "mlp_kernel_enabled", "attn_block_tkg_nki_kernel_enabled", "attn_tkg_nki_kernel_enabled",
     "attn_tkg_builtin_kernel_enabled", "attn_block_cte_nki_kernel_enabled", "sequence_parallel_enabled",
     "apply_seq_ids_mask",
@@ -56,8 +56,14 @@ class GemmaNeuronConfig(NeuronConfig):
 
     def __init__(self, **kwargs: Any):
         kwargs.setdefault("attn_kernel_enabled", False)
+        # NxDI turns KV cache tiling on by itself for fused speculation when max_length is a multiple of 128 > 128
+        # (0.8 and 0.9); our per-layer caches are not tiled (and kv_cache_tiling is refused below).
+        kwargs.setdefault("disable_kv_cache_tiling", True)
         fold = _pop_flag(kwargs, "fold_norm_offset")
         fp32_accumulation = _pop_flag(kwargs, "attention_fp32_accumulation")
+        spare = kwargs.pop("speculation_spare_slots", 0)
+        if isinstance(spare, bool) or not isinstance(spare, int) or spare < 0:
+            raise ConfigError(f"neuron config speculation_spare_slots={spare!r} must be an integer >= 0")
         chunk = kwargs.pop("prefill_chunk_size", None)
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 2):
             raise ConfigError(f"neuron config prefill_chunk_size={chunk!r} must be an integer >= 2 (or omitted)")
@@ -81,8 +87,18 @@ class GemmaNeuronConfig(NeuronConfig):
                               f"(got {self.pa_block_size}, {self.pa_num_blocks})")
         if self.padding_side != "right":
             raise ConfigError(f"neuron config padding_side={self.padding_side!r}; nxdi-gemma supports 'right'")
-        if getattr(self, "speculation_length", 0):
-            raise ConfigError("speculative decoding (speculation_length > 0) is not supported by nxdi-gemma yet")
+        speculation = getattr(self, "speculation_length", 0)
+        if speculation and not self.enable_fused_speculation:
+            raise ConfigError(f"neuron config speculation_length={speculation} without enable_fused_speculation: "
+                              "nxdi-gemma speculates only with NxDI's fused speculation (draft and target in one "
+                              "graph); set enable_fused_speculation and give a draft")
+        if self.enable_fused_speculation and speculation < 2:
+            raise ConfigError(f"neuron config enable_fused_speculation with speculation_length={speculation}: it "
+                              "must be K + 1 >= 2 (K draft proposals, K + 1 tokens verified per step)")
+        # Positions a step may write past the last one it keeps (a fused step writes speculation_length tokens, of
+        # which as few as one are kept). Copied with the neuron config into the draft's (NxDI and vllm-neuron
+        # deep-copy the target's), whose own speculation_length is 0: both models' caches get the spare slots.
+        self.speculation_spare_slots = max(spare, speculation - 1 if self.enable_fused_speculation else 0)
 
 
 def gemma_load_config(model_path: str | Path):
@@ -206,3 +222,60 @@ def plan_prefill_chunks(neuron_config: NeuronConfig, plan: GemmaPlan) -> None:
         neuron_config.token_generation_buckets = [neuron_config.seq_len]
         neuron_config.enable_bucketing = True
     neuron_config.context_encoding_buckets = buckets
+
+
+def check_speculation(config: InferenceConfig) -> None:
+    """NxDI fused speculation (`enable_fused_speculation`, `speculation_length` S = K + 1, the draft in
+    `config.fused_spec_config`): what our classes run exactly is refused otherwise, one line, before anything is
+    built or compiled. Greedy only; same vocabulary; the draft at the target's TP degree (NxDI's draft group);
+    flat caches (not the block layout of prefix caching). Gives the draft's caches the target's spare slots."""
+    neuron_config = config.neuron_config
+    if not getattr(neuron_config, "enable_fused_speculation", False):
+        return
+    spec = neuron_config.speculation_length
+    fused = getattr(config, "fused_spec_config", None)
+    draft = getattr(fused, "draft_config", None)
+    if draft is None:
+        raise ConfigError("enable_fused_speculation needs a draft model (fused_spec_config with a draft_config)")
+    sampling = neuron_config.on_device_sampling_config
+    if sampling is None:
+        raise ConfigError("fused speculation needs on-device sampling (NxDI's fused graph returns tokens): add "
+                          "on_device_sampling_config (greedy) to the neuron config")
+    # `dynamic` (per-request sampling parameters) stays allowed: vllm-neuron always sets it. NxDI's verification is
+    # an argmax whenever do_sample is off (0.8 and 0.9), so tokens after a prefill's are the target's greedy ones.
+    if sampling.do_sample:
+        raise ConfigError("fused speculation with sampling (on_device_sampling_config do_sample) is not supported by "
+                          "nxdi-gemma: NxDI's fused step verifies the draft's greedy proposals against the target's "
+                          "argmax; use greedy decoding")
+    if neuron_config.is_block_kv_layout:
+        raise ConfigError("fused speculation with the block KV layout (prefix caching) is not supported by "
+                          "nxdi-gemma; disable prefix caching")
+    draft_vocab = getattr(draft, "vocab_size", None)
+    if draft_vocab is not None and draft_vocab > config.vocab_size:
+        raise ConfigError(f"the draft's vocabulary ({draft_vocab} tokens) is larger than the target's "
+                          f"({config.vocab_size}); speculation needs a draft with the target's vocabulary")
+    if hasattr(draft, "gemma_plan"):
+        from ..speculation import check_draft
+
+        check_draft(config.gemma_plan, draft.gemma_plan, spec - 1)
+    elif draft_vocab != config.vocab_size:
+        raise ConfigError(f"the draft's vocabulary ({draft_vocab} tokens) differs from the target's "
+                          f"({config.vocab_size}); speculation needs a draft with the same vocabulary")
+    draft_tp = draft.neuron_config.tp_degree
+    if draft_tp != neuron_config.tp_degree:
+        raise ConfigError(f"the draft's tp_degree {draft_tp} differs from the target's {neuron_config.tp_degree}: "
+                          "nxdi-gemma runs the draft sharded at the target's TP; choose a draft that TP splits")
+    if draft.neuron_config.is_block_kv_layout or getattr(draft.neuron_config, "enable_fused_speculation", False):
+        raise ConfigError("the draft's neuron config must not enable fused speculation or the block KV layout")
+    lengths = neuron_config.token_generation_buckets if neuron_config.enable_bucketing else None
+    smallest = min(lengths or [neuron_config.seq_len])
+    if spec >= smallest:
+        raise ConfigError(f"speculation_length {spec} (K = {spec - 1} proposals + 1) does not fit the smallest "
+                          f"token-generation bucket ({smallest}); use a smaller K")
+    context = neuron_config.context_encoding_buckets if neuron_config.enable_bucketing else None
+    if spec in (context or [neuron_config.max_context_length]) or spec == neuron_config.prefill_chunk_size:
+        raise ConfigError(f"speculation_length {spec} equals a context-encoding length: NxDI tells a prompt chunk "
+                          "from a verification by its length; choose another K or other buckets")
+    if hasattr(draft.neuron_config, "speculation_spare_slots"):
+        draft.neuron_config.speculation_spare_slots = max(draft.neuron_config.speculation_spare_slots,
+                                                          neuron_config.speculation_spare_slots)

@@ -47,8 +47,9 @@ class LayerCaches:
 
 class GemmaKVCacheManager(LayerCaches, KVCacheManager):
     """Per-layer cache shapes: full layers hold max_length slots (position p at slot p; sliced to a smaller bucket
-    for token generation; plus prefill_chunk_size spare slots when prompts are prefilled in chunks), sliding layers a ring of W slots (position p at slot p % W), each with its own KV heads and
-    head dim; KV-shared Gemma 4 layers own none and read their source layer's.
+    for token generation; plus spare slots when prompts are prefilled in chunks or steps speculate), sliding layers
+    a ring of R slots (position p at slot p % R; R = W, or W + S - 2 under fused speculation of S tokens per step),
+    each with its own KV heads and head dim; KV-shared Gemma 4 layers own none and read their source layer's.
 
     Context encoding runs the prompt in chunks (one fixed-size graph per chunk, see `NeuronGemmaForCausalLM`):
     `prefill_prior` gives a chunk's attention the cache rows of its sequences, and the chunk's K/V are written at
@@ -68,9 +69,18 @@ class GemmaKVCacheManager(LayerCaches, KVCacheManager):
         self.full_length = config.neuron_config.max_length
         # Full layers under chunked prefill keep one chunk of spare slots after max_length: a chunk's write is one
         # dynamic-update-slice at its first position, which must fit whole (never clamped onto cached tokens).
-        spare = config.neuron_config.prefill_chunk_size if self.chunked_prefill else 0
+        # Fused speculation writes up to `speculation_spare_slots` positions past the last kept one (a verification
+        # of S = K + 1 tokens that keeps one): the same spare slots take them near max_length.
+        speculative = getattr(config.neuron_config, "speculation_spare_slots", 0)
+        spare = max(config.neuron_config.prefill_chunk_size if self.chunked_prefill else 0, speculative)
+        # Sliding rings: a step writes positions p .. p+S-1 and the next may start at p+1, whose window reaches back
+        # to p+2-W; slot p+S-1 of a W-slot ring held p+S-1-W, still needed when S > 2. W + S - 2 slots keep every
+        # position a later query can see (NxDI sizes its own spec-decode rings the same way). Masks hide the
+        # rejected positions (see attention.decode_attention).
+        self.rings = [None if layer.window is None else layer.window + max(speculative - 1, 0)
+                      for layer in plan.layers]
         self.init_layer_caches(plan, lambda i: (
-            batch, layers[i].self_attn.num_key_value_heads, plan.layers[i].window or self.full_length + spare,
+            batch, layers[i].self_attn.num_key_value_heads, self.rings[i] or self.full_length + spare,
             plan.layers[i].head_dim))
 
     def _fetch_cache(self, idx: int, kvcache_buffer=None):
@@ -143,7 +153,7 @@ class GemmaKVCacheManager(LayerCaches, KVCacheManager):
         # A full layer's spare slots are cut off: attending them too (masked) widens every chunk's scores by the
         # spare length, which costs more than the slice (Gemma 3 1B geometry at 16384: temp arena 590 vs 573.5 MiB).
         k_cache, v_cache = self._fetch_cache(idx, kvcache_buffer)
-        length = self.windows[idx] or self.full_length
+        length = self.rings[idx] or self.full_length
         rows = k_cache.shape[0] - self.kv_cache_padding_size
         if batch == rows and not self.is_continuous_batching:
             return self._read(k_cache[:rows, :, :length], v_cache[:rows, :, :length], idx)  # in place
@@ -173,7 +183,7 @@ class GemmaKVCacheManager(LayerCaches, KVCacheManager):
         # The chunk's last real position per sequence (-1: none); padding is False in `valid` ([B, C]).
         last = torch.where(self.state.valid, positions, -1).amax(dim=1, keepdim=True)
         zero = torch.zeros((), device=k_cache.device, dtype=torch.int32)
-        window = self.windows[idx]
+        window = self.rings[idx]  # the ring's size (the window, plus speculation's spare slots)
         if window is None:
             # Chunk token i goes to slot p0 + i. Padding after a sequence's last real token lands on slots no one
             # reads before they are written (attention sees slots < the query's position; decode writes its slot
@@ -211,7 +221,7 @@ class GemmaKVCacheManager(LayerCaches, KVCacheManager):
         return cache
 
     def _get_index_to_update_new_position(self, seq_ids, scatter_index, position_ids, full_k, transposed, layer_idx):
-        window = self.windows[layer_idx]
+        window = self.rings[layer_idx]
         if window is not None:
             position_ids = torch.fmod(position_ids, window)  # positions are >= 0: fmod is the modulo, one op
         return position_ids.view(-1, 1, position_ids.shape[-1], 1).expand_as(full_k)

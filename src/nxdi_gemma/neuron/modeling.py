@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from neuronx_distributed.parallel_layers import parallel_state
 from neuronx_distributed.parallel_layers.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+from neuronx_distributed.parallel_layers.mappings import _gather_along_dim
 from neuronx_distributed_inference.models.model_base import NeuronBaseForCausalLM, NeuronBaseModel
 from neuronx_distributed_inference.modules.generation.sampling import create_sampler
 from neuronx_distributed_inference.modules.lora_serving import is_lora_module
@@ -34,7 +35,7 @@ from . import quantized
 from . import state_dict as conversion
 from .attention import ForwardState, NeuronGemmaAttention
 from .block_kv import GemmaBlockKVCacheManager
-from .config import GemmaInferenceConfig, GemmaNeuronConfig
+from .config import GemmaInferenceConfig, GemmaNeuronConfig, check_speculation
 from .kv_cache import GemmaKVCacheManager
 from .lora import GemmaLoraModelManager
 from .moe import ParallelMoeExperts
@@ -219,6 +220,28 @@ class NeuronGemmaModel(NeuronBaseModel):
             tensor.data = new
         return outputs[: len(outputs) - len(tensors)]
 
+    def _sample_on_device(self, logits, sampling_params, is_for_speculation, is_for_context_encoding):
+        """NxDI's, except greedy sampling in CPU mode (`on_cpu`) on sharded logits: there NxDI's sampler takes each
+        rank's local argmax (a TP > 1 token is then wrong; 0.8 and 0.9) and the greedy verification of fused
+        speculation ([B, S, V/TP] logits) runs NxD's distributed argmax, a Neuron custom op. Both become
+        torch.argmax over the logits gathered across the TP group (first maximum, as HF's argmax): [B] tokens, or
+        [B, S] for a verification, as NxDI returns them. Device graphs are unchanged."""
+        sampling = self.neuron_config.on_device_sampling_config
+        group = self.lm_head.tensor_parallel_group
+        # NxDI's own conditions: a verification is an argmax unless do_sample; the sampler is greedy unless
+        # do_sample or dynamic (per-request parameters).
+        if is_for_speculation:
+            ours = not sampling.do_sample
+        else:
+            ours = not (sampling.do_sample or sampling.dynamic) and group.size() > 1
+        if not (self.neuron_config.on_cpu and ours):
+            return super()._sample_on_device(logits, sampling_params, is_for_speculation, is_for_context_encoding)
+        if group.size() > 1:
+            logits = _gather_along_dim(logits, partition_dim=2, process_group=group)
+        if is_for_speculation:
+            return torch.argmax(logits, dim=2).to(torch.int32)
+        return torch.argmax(logits[:, -1, :], dim=-1).to(torch.int32)
+
     def update_weights_for_lora(self, model_sd: dict) -> dict:
         """NxDI's LoRA weight loading (NeuronBaseModel.update_weights_for_lora, 0.8 and 0.9: each LoRA slot filled
         from the adapter weights of the same layer and projection), then K=V layers (Gemma 4): V is the K projection
@@ -255,10 +278,16 @@ class NeuronGemmaForCausalLM(NeuronBaseForCausalLM):
 
     _model_cls = NeuronGemmaModel
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model_path: str, config: GemmaInferenceConfig | None = None, neuron_config=None):
+        """NxDI's, after refusing fused-speculation setups we do not run exactly (`config.check_speculation`, which
+        also sizes the draft's caches: before NxDI copies the config into its submodels); with LoRA serving, NxDI's
+        adapter manager replaced by ours (naming the adapter and why when a request or vLLM asks for one it does not
+        serve)."""
+        if config is None:
+            config = self.get_config_cls().load(model_path)  # what NxDI's __init__ does without a config
+        check_speculation(config)
+        super().__init__(model_path, config, neuron_config)
         if self.neuron_config.lora_config is not None:
-            # NxDI's manager, naming the adapter and why when a request or vLLM asks for one it does not serve
             self.lora_model_manager = GemmaLoraModelManager(self.neuron_config.lora_config)
 
     @classmethod
@@ -278,7 +307,15 @@ class NeuronGemmaForCausalLM(NeuronBaseForCausalLM):
                                               config.neuron_config, plan)
         else:
             state = load_state_dict(Path(model_name_or_path), plan, expected_shapes(plan), dtype=None)
-        return cls.convert_hf_to_neuron_state_dict(state, config)
+        state = cls.convert_hf_to_neuron_state_dict(state, config)
+        # Fused speculation: NxDI's checkpoint loader sets the class's _FUSED_PREFIX to "draft_model" for the draft,
+        # then to "target_model" for the target, and never resets it (0.8 and 0.9); the names get that prefix, as
+        # in NxDI's own get_state_dict. A model of the same class built later without speculation keeps the stale
+        # "target_model": only a fused target (or the draft) gets a prefix.
+        fused = cls._FUSED_PREFIX == "draft_model" or config.neuron_config.enable_fused_speculation
+        if fused and cls._FUSED_PREFIX:
+            state = {f"{cls._FUSED_PREFIX}.{name}": value for name, value in state.items()}
+        return state
 
     @classmethod
     def save_quantized_state_dict(cls, model_path: str, config: GemmaInferenceConfig) -> None:
@@ -337,6 +374,55 @@ class NeuronGemmaForCausalLM(NeuronBaseForCausalLM):
             combined = out if combined is None else _select_rows(combined, out, mine)
         return combined
 
+    def _get_model_outputs(self, *args, **kwargs):
+        """NxDI's. In CPU mode (`on_cpu`, eager: nothing aliased) a fused-speculation model returns its four
+        outputs (accepted tokens [B, S] padded with -1, next input ids, next attention mask, next positions; then
+        draft and target logits with output_logits) followed by the caches of draft and target; NxDI's forward then
+        keeps only the first tensor where a device returns them all. Grouped here as [outputs] + caches, so the
+        result's `fused_outputs` holds what the device's would and `_copy_past_key_values` gets the caches. Device
+        runs are unchanged."""
+        fused_cpu = self.neuron_config.enable_fused_speculation and self.neuron_config.on_cpu
+        rows = None
+        if fused_cpu and args[0].shape[-1] == 1 and args[0].shape[0] < self.neuron_config.tkg_batch_size:
+            args, rows = self._pad_fused_rows(args)
+        outputs, on_neuron = super()._get_model_outputs(*args, **kwargs)
+        if self.neuron_config.enable_fused_speculation and not on_neuron:
+            count = 6 if self.neuron_config.output_logits else 4
+            head = outputs[:count] if rows is None else [t.index_select(0, rows) for t in outputs[:count]]
+            outputs = [list(head), *outputs[count:]]
+        return outputs, on_neuron
+
+    def _pad_fused_rows(self, args: tuple) -> tuple[tuple, torch.Tensor]:
+        """CPU mode, a fused step for fewer rows than the compiled batch (continuous batching): padded here as
+        NxDI's ModelWrapper pads on a device (the missing seq ids appended, rows sorted by seq id, inputs repeated
+        from the first row), since its CPU-mode padding path cannot take the fused model's outputs (0.8 and 0.9).
+        Returns the padded positional arguments and, per given row, its row in the padded batch."""
+        input_ids, attention_mask, position_ids, seq_ids, sampling_params = args[:5]
+        given = seq_ids.reshape(-1).tolist()
+        padded = torch.tensor(sorted(given + [i for i in range(self.neuron_config.tkg_batch_size) if i not in given]),
+                              dtype=seq_ids.dtype)
+        source = torch.tensor([given.index(i) if i in given else 0 for i in padded.tolist()])
+        rows = torch.tensor([padded.tolist().index(i) for i in given])
+        take = [t.index_select(0, source) for t in (input_ids, attention_mask, position_ids)]
+        sampling = sampling_params.index_select(0, source) if isinstance(sampling_params, torch.Tensor) else sampling_params
+        return (*take, padded, sampling, *args[5:]), rows
+
+    def _copy_past_key_values(self, outputs) -> None:
+        """CPU mode: the caches a call returned become every submodel's (what aliasing does on a device). NxDI's
+        own fused-speculation branch (0.8 and 0.9) reads attributes its model wrappers do not have and assumes two
+        caches per layer (ours: per KV producer), so fused speculation is handled here."""
+        if not self.neuron_config.enable_fused_speculation:
+            super()._copy_past_key_values(outputs)
+            return
+        caches = outputs[1:]
+        owners = [self.context_encoding_model.model, self.fused_spec_model.model]
+        draft_count = len(owners[0].draft_model.kv_mgr.past_key_values)
+        for owner in {id(o): o for o in owners}.values():  # one model serves both without continuous batching
+            for params, new in ((owner.draft_model.kv_mgr.past_key_values, caches[:draft_count]),
+                                (owner.target_model.kv_mgr.past_key_values, caches[draft_count:])):
+                for param, tensor in zip(params, new, strict=True):
+                    param.data = tensor
+
     @staticmethod
     def load_hf_model(model_path, **kwargs):
         from ..errors import CheckpointError
@@ -352,11 +438,16 @@ class NeuronGemmaForCausalLM(NeuronBaseForCausalLM):
 
 def _select_rows(previous, current, take_current: torch.Tensor):
     """NxDI's output object with rows of `current` where take_current, else `previous` (logits, tokens, hidden)."""
-    for name in ("logits", "tokens", "hidden_states"):
-        new, old = getattr(current, name, None), getattr(previous, name, None)
+    def pick(new, old):
+        if isinstance(new, list) and isinstance(old, list):  # fused speculation: [accepted tokens, next ids, ...]
+            return [pick(n, o) for n, o in zip(new, old, strict=True)]
         if isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor) and new.shape == old.shape:
-            mask = take_current.view(-1, *([1] * (new.dim() - 1)))
-            setattr(current, name, torch.where(mask, new, old))
+            return torch.where(take_current.view(-1, *([1] * (new.dim() - 1))), new, old)
+        return new
+
+    for name in ("logits", "tokens", "hidden_states", "fused_outputs"):
+        if getattr(current, name, None) is not None:
+            setattr(current, name, pick(getattr(current, name), getattr(previous, name, None)))
     return current
 
 

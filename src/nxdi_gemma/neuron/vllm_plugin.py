@@ -405,20 +405,26 @@ def supply_prefix_caching_defaults(cache_config: Any, override: Mapping[str, Any
     return supplied
 
 
-def check_supported_features(override: Mapping[str, Any], unsupported: Iterable[str], *, speculative: bool,
+def check_supported_features(override: Mapping[str, Any], unsupported: Iterable[str], *, speculative: str | None,
                              chunked_prefill: bool) -> None:
     """Refuse, before anything is built, what GemmaNeuronConfig would refuse in the engine process (`unsupported`:
     its UNSUPPORTED_FLAGS, passed from neuron/config.py so a feature that becomes supported is accepted here too):
-    flags set in override_neuron_config, vLLM speculation (vllm-neuron then sets enable_fused_speculation) and
-    chunked prefill (vllm-neuron's scheduler keeps it only with DISABLE_NEURON_CUSTOM_SCHEDULER=1)."""
+    flags set in override_neuron_config, vLLM speculation other than a draft model (`speculative`: the method of
+    --speculative-config, None without one; vllm-neuron turns it into NxDI fused speculation, which we run with a
+    draft model only) and chunked prefill (vllm-neuron's scheduler keeps it only with
+    DISABLE_NEURON_CUSTOM_SCHEDULER=1)."""
     UNSUPPORTED_FLAGS = tuple(unsupported)  # noqa: N806 (the name it has in neuron/config.py)
     given = [flag for flag in (*UNSUPPORTED_FLAGS, "attn_kernel_enabled") if override.get(flag)]
     if given:
         raise ServeConfigError(f"override_neuron_config sets {', '.join(given)}, which nxdi-gemma does not support: "
                                "remove them from --additional-config")
-    if speculative and "enable_fused_speculation" in UNSUPPORTED_FLAGS:
+    if speculative is not None and "enable_fused_speculation" in UNSUPPORTED_FLAGS:
         raise ServeConfigError("speculative decoding through vllm-neuron (fused speculation) is not supported by "
                                "nxdi-gemma: leave out --speculative-config")
+    if speculative is not None and speculative != "draft_model":
+        raise ServeConfigError(f"--speculative-config method {speculative!r}: nxdi-gemma serves speculation with a "
+                               "draft model only (NxDI fused speculation): pass \"method\": \"draft_model\" with "
+                               "\"model\": DRAFT_DIR, or leave out --speculative-config")
     if chunked_prefill and "is_chunked_prefill" in UNSUPPORTED_FLAGS:
         raise ServeConfigError("DISABLE_NEURON_CUSTOM_SCHEDULER=1 makes vllm-neuron run chunked prefill, which "
                                "nxdi-gemma does not support: unset DISABLE_NEURON_CUSTOM_SCHEDULER")
@@ -622,7 +628,9 @@ def serving_check(vllm_config: Any) -> None:
     override = (vllm_config.additional_config or {}).get("override_neuron_config") or {}
     dtype = override.get("torch_dtype", model_config.dtype)
     cache = vllm_config.cache_config
-    check_supported_features(override, UNSUPPORTED_FLAGS, speculative=vllm_config.speculative_config is not None,
+    speculative = vllm_config.speculative_config
+    check_supported_features(override, UNSUPPORTED_FLAGS,
+                             speculative=None if speculative is None else str(speculative.method),
                              chunked_prefill=os.environ.get("DISABLE_NEURON_CUSTOM_SCHEDULER", "0") == "1")
     batch = int(override.get("batch_size", vllm_config.scheduler_config.max_num_seqs))
     max_model_len = int(override.get("seq_len", model_config.max_model_len))
@@ -633,6 +641,11 @@ def serving_check(vllm_config: Any) -> None:
                        "(0.8 and 0.9) applies the active adapter weights by batch row, which match the sequences "
                        "only in the contiguous KV layout (its batch is sorted by sequence; the block layout's is "
                        "not)")
+    if speculative is not None and cache.enable_prefix_caching:
+        cache.enable_prefix_caching = False
+        logger.warning("nxdi_gemma: prefix caching turned off with --speculative-config: nxdi-gemma's fused "
+                       "speculation runs on the contiguous KV layout only (ring caches sized for the verified "
+                       "tokens)")
     supplied = supply_prefix_caching_defaults(cache, override, max_model_len, batch)
     if supplied:
         logger.info("nxdi_gemma: prefix caching on (vLLM's default): supplied %s for vllm-neuron's block KV layout "
@@ -673,8 +686,9 @@ class GemmaServingConfig:
     @staticmethod
     def verify_and_update_model_config(model_config: Any) -> None:
         """vLLM 0.16's per-ModelConfig hook (`ModelConfig._try_verify_and_update_model_config`, called on every
-        MODELS_CONFIG_MAP entry; vLLM 0.13 has none): the previous entry's, if it has one. Our check needs the whole
-        VllmConfig, so it runs in `verify_and_update_config` only."""
+        MODELS_CONFIG_MAP entry, e.g. for a draft's ModelConfig with `--speculative-config`; vLLM 0.13 has none): the
+        previous entry's, if it has one. Our check needs the whole VllmConfig, so it runs in `verify_and_update_config`
+        only."""
         previous = GemmaServingConfig.previous.get(model_config.architecture)
         hook = getattr(previous, "verify_and_update_model_config", None)
         if hook is not None:

@@ -37,6 +37,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nxdi", help="trace NxDI's own model class MODULE:CLASS (e.g. neuronx_distributed_inference."
                                   "models.llama.modeling_llama:NeuronLlamaForCausalLM) instead of ours, from --ckpt "
                                   "(its config.json, read by NxDI's load_pretrained_config); --mode trace only")
+    p.add_argument("--draft", help="NxDI fused speculation with this draft: 'self' (the target's own checkpoint) or a "
+                                   "checkpoint directory; with --speculation-length S = K + 1")
+    p.add_argument("--speculation-length", type=int, default=0)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--set", default="{}", help="JSON fields overriding the geometry's text config")
@@ -135,6 +138,14 @@ def run(args: argparse.Namespace, standins) -> dict:
         if args.mode != "trace":
             raise SystemExit("--nxdi traces NxDI's own classes for their HLO: use --mode trace")
         model = nxdi_model(args.nxdi, ckpt, neuron_config)
+    elif args.draft:
+        # Fused speculation: greedy on-device sampling (NxDI's fused graph returns tokens), as vllm-neuron asks.
+        from neuronx_distributed_inference.models.config import OnDeviceSamplingConfig
+
+        neuron_config.update(enable_fused_speculation=True, speculation_length=args.speculation_length,
+                             on_device_sampling_config=OnDeviceSamplingConfig(do_sample=False, top_k=1))
+        report["neuron_config"] = {k: str(v) for k, v in neuron_config.items()}
+        model = runtime.build(str(ckpt), neuron_config, draft=str(ckpt) if args.draft == "self" else args.draft)
     else:
         model = runtime.build(str(ckpt), neuron_config)
     wanted = [w for w in args.graphs.split(",") if w]

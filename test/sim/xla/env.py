@@ -43,6 +43,9 @@ def install(xla_dump: str | None = None) -> ModuleType:
     # lowers itself; for tracing NxDI's own models (`python -m xla --nxdi`) it is plain torch here. Our classes
     # never call it.
     module.provide("torch_neuronx.xla_impl.ops", "RmsNorm", RmsNormStandIn)
+    # NxD's distributed argmax (greedy verification of NxDI's fused speculation) ends in torch-neuronx's Argmax
+    # custom op: torch.argmax here (an XLA reduce over value and index, first maximum).
+    module.provide("torch_neuronx.xla_impl.ops", "Argmax", ArgmaxStandIn)
     # NxDI's layer-boundary markers (Qwen3-MoE's decoder layers) are identity custom calls, hints for neuronx-cc's
     # module flow, built with this decorator: identity here.
     module.provide("torch_neuronx.xla_impl.base", "xla_hlo_call", marker_hlo_call)
@@ -67,3 +70,13 @@ class RmsNormStandIn:
         import torch
 
         return x * torch.rsqrt(x.pow(2).mean(dim, keepdim=True) + eps) * weight
+
+
+class ArgmaxStandIn:
+    """`torch_neuronx.xla_impl.ops.Argmax` as plain torch: torch.argmax(x, dim, keepdim)."""
+
+    @staticmethod
+    def apply(x, dim, keepdim=False):
+        import torch
+
+        return torch.argmax(x, dim=dim, keepdim=keepdim)
