@@ -155,6 +155,14 @@ def hf_resave(ckpt: Path, architecture: str) -> None:
     fresh.rmdir()
 
 
+def remove_checkpoint_dir(path: Path) -> None:
+    """Remove a checkpoint folder this script wrote before (flat: files only), so a remade case starts empty."""
+    if path.exists():
+        for f in sorted(path.iterdir()):
+            f.unlink()
+        path.rmdir()
+
+
 def make_case(name: str, spec: dict, out: Path) -> None:
     case = out / name
     golden = case / "golden.json"
@@ -164,20 +172,14 @@ def make_case(name: str, spec: dict, out: Path) -> None:
     config = spec["config"]
     text = config.get("text_config", config)
     ckpt = case / "ckpt"
-    if ckpt.exists():
-        for f in sorted(ckpt.iterdir()):
-            f.unlink()
-        ckpt.rmdir()
+    remove_checkpoint_dir(ckpt)
     weights = random_weights(config, spec["seed"])
     reference = ckpt
     if spec.get("weights") == "fp8_compressed_tensors":
         # The case's checkpoint is an FP8 compressed-tensors one (as llm-compressor writes it); HF runs its
         # dequantized weights (q * weight_scale, float32) from a plain checkpoint beside it.
         reference = case / "fp8_reference"
-        if reference.exists():
-            for f in sorted(reference.iterdir()):
-                f.unlink()
-            reference.rmdir()
+        remove_checkpoint_dir(reference)
         hub_config, hub, dequantized = fp8_compressed_tensors(config, weights)
         save_checkpoint(ckpt, hub_config, hub)
         save_checkpoint(reference, config, dequantized)
@@ -189,10 +191,7 @@ def make_case(name: str, spec: dict, out: Path) -> None:
         # HF runs an int8-rounded copy (per output channel, per expert; nxdi_gemma.quantize.int8_rounded_reference,
         # torch's own quantizer) as float32; the case's checkpoint stays the original, which NxDI quantizes itself.
         reference = case / "int8_reference"
-        if reference.exists():
-            for f in sorted(reference.iterdir()):
-                f.unlink()
-            reference.rmdir()
+        remove_checkpoint_dir(reference)
         plan = load_plan(ckpt)
         state = load_state_dict(ckpt, plan, expected_shapes(plan), dtype=None, progress=False)
         save_checkpoint(reference, config, int8_rounded_reference(state, plan))
