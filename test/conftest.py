@@ -87,20 +87,10 @@ GEMMA4_TINY_MOE = dict(
 # Gemma 4 12B (gemma4_unified) in miniature: its geometry's ratios (global layers: 1 KV head, K=V, head dim twice
 # the sliding layers'; sliding layers GQA 2:1), 5:1 cut to two periods of 3, final softcap, no PLE / MoE / KV sharing.
 GEMMA4_UNIFIED_TINY = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-    global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
-    layer_types=["sliding_attention", "sliding_attention", "full_attention",
-                 "sliding_attention", "sliding_attention", "full_attention"],
-    sliding_window=8,
-    rope_parameters={
-        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
-                           "rope_theta": 1000000.0},
-    },
-    num_kv_shared_layers=0, use_double_wide_mlp=False, final_logit_softcapping=1.0,
-    max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.2,
-    pad_token_id=0, bos_token_id=2, eos_token_id=1, tie_word_embeddings=True,
+    {key: value for key, value in GEMMA4_TINY_ALL.items() if key not in (
+        "hidden_size_per_layer_input", "vocab_size_per_layer_input",  # the 12B config refuses PLE keys ...
+        "enable_moe_block", "num_experts", "top_k_experts", "moe_intermediate_size")},  # ... and MoE keys
+    num_kv_shared_layers=0, use_double_wide_mlp=False,
 )  # fmt: skip
 
 # fixture name -> (HF model_type, config kwargs)

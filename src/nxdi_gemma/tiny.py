@@ -22,6 +22,18 @@ _COMMON = dict(
     pad_token_id=0, bos_token_id=2, eos_token_id=1, tie_word_embeddings=True,
     hidden_activation="gelu_pytorch_tanh",
 )
+# Gemma 4's attention geometry, shared by the E/MoE-style tiny model and the 12B-like one: global layers with one KV
+# head of twice the head dim and K=V, sliding layers GQA 2:1, a 5:1-style schedule cut to two periods of 3.
+_GEMMA4_ATTENTION = dict(
+    num_hidden_layers=6, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+    layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                 "sliding_attention", "sliding_attention", "full_attention"],
+    rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
+    },
+    intermediate_size=96, final_logit_softcapping=1.0,
+)
 TINY_CONFIGS: dict[str, dict] = {
     "gemma2": dict(
         _COMMON, model_type="gemma2", architectures=["Gemma2ForCausalLM"], query_pre_attn_scalar=24,
@@ -38,30 +50,14 @@ TINY_CONFIGS: dict[str, dict] = {
         final_logit_softcapping=None, attn_logit_softcapping=None,
     ),
     "gemma4": dict(
-        _COMMON, model_type="gemma4_text", architectures=["Gemma4ForCausalLM"], intermediate_size=96,
-        num_hidden_layers=6, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention",
-                     "sliding_attention", "sliding_attention", "full_attention"],
-        rope_parameters={
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
-        },
+        _COMMON, **_GEMMA4_ATTENTION, model_type="gemma4_text", architectures=["Gemma4ForCausalLM"],
         hidden_size_per_layer_input=8, vocab_size_per_layer_input=264, num_kv_shared_layers=2,
         use_double_wide_mlp=True, enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
-        final_logit_softcapping=1.0,
     ),
-    # Gemma 4 12B-like (gemma4_unified_text, Gemma4UnifiedForCausalLM): global layers with one KV head of twice the
-    # head dim and K=V, sliding layers GQA 2:1, final softcap; no PLE, MoE or KV sharing.
+    # Gemma 4 12B-like (gemma4_unified_text, Gemma4UnifiedForCausalLM): the same attention; no PLE, MoE or KV sharing.
     "gemma4_unified": dict(
-        _COMMON, model_type="gemma4_unified_text", architectures=["Gemma4UnifiedForCausalLM"], intermediate_size=96,
-        num_hidden_layers=6, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention",
-                     "sliding_attention", "sliding_attention", "full_attention"],
-        rope_parameters={
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
-        },
-        num_kv_shared_layers=0, use_double_wide_mlp=False, final_logit_softcapping=1.0,
+        _COMMON, **_GEMMA4_ATTENTION, model_type="gemma4_unified_text", architectures=["Gemma4UnifiedForCausalLM"],
+        num_kv_shared_layers=0, use_double_wide_mlp=False,
     ),
 }
 TOKENIZER_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]

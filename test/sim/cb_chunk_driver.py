@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import standins  # installed by test/sim/standins/sitecustomize.py
 import torch
-from nxdi_cpu_driver import BUCKET, free_port
+from nxdi_cpu_driver import BUCKET, prepare_process
 from sim_golden import compare, load_golden
 
 
@@ -70,8 +69,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("cases", nargs="+")
     args = parser.parse_args()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    prepare_process()
     from neuronx_distributed.parallel_layers import parallel_state
 
     records = []

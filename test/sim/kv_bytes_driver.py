@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import standins  # noqa: F401  (installed by test/sim/standins/sitecustomize.py)
 import torch
-from nxdi_cpu_driver import free_port
+from nxdi_cpu_driver import prepare_process
 from sim_golden import load_golden
 
 BATCH, SEQ, CHUNK, BLOCK = 2, 64, 8, 8
@@ -61,8 +60,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("cases", nargs="+")
     args = parser.parse_args()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    prepare_process()
     records = [measure(str(load_golden(case).ckpt), name, extra) for case in args.cases
                for name, extra in SETTINGS.items()]
     Path(args.out).write_text(json.dumps(records, indent=1) + "\n")

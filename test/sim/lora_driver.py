@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import sys
 from pathlib import Path
 
 import torch
+from nxdi_cpu_driver import prepare_process
 from sim_golden import compare, load_golden
 
 BUCKET = 64
@@ -53,10 +52,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("case")
     args = parser.parse_args()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(sock.getsockname()[1]))
+    prepare_process()
     import standins  # installed by test/sim/standins/sitecustomize.py
 
     from nxdi_gemma.neuron import runtime

@@ -54,6 +54,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def prepare_process() -> int:
+    """Every NxDI CPU-mode driver's start: NxDI starts a gloo process group even at TP 1 (torchrun sets MASTER_ADDR/
+    PORT for TP > 1); under torchrun NxDI's to_cpu() starts the group on every call, which fails for the second
+    model of a process (and re-creating it hangs), so it is started once here and to_cpu() reuses it. Returns the
+    rank."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if "WORLD_SIZE" in os.environ:
+        torch.distributed.init_process_group("gloo")
+        del os.environ["WORLD_SIZE"]
+    return int(os.environ.get("RANK", "0"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, default=1)
@@ -62,15 +75,7 @@ def main() -> None:
     parser.add_argument("--quantized-dir", help="quantized weights: quantized_checkpoints_path = DIR/<case name>")
     parser.add_argument("cases", nargs="+")
     args = parser.parse_args()
-    # NxDI starts a gloo process group even at TP 1; torchrun sets these for TP > 1.
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    rank = int(os.environ.get("RANK", "0"))
-    if "WORLD_SIZE" in os.environ:
-        # Under torchrun NxDI's to_cpu() starts the gloo process group on every call, which fails for the second
-        # model of a process (and re-creating it hangs): start it once here; to_cpu() then reuses it.
-        torch.distributed.init_process_group("gloo")
-        del os.environ["WORLD_SIZE"]
+    rank = prepare_process()
 
     records: list[dict] = []
     for case_dir in args.cases:

@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import standins  # installed by test/sim/standins/sitecustomize.py
 import torch
-from nxdi_cpu_driver import BUCKET, free_port
+from nxdi_cpu_driver import BUCKET, prepare_process
 from sim_golden import compare, load_golden
 
 BLOCK = 8
@@ -156,12 +155,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("cases", nargs="+")
     args = parser.parse_args()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    rank = int(os.environ.get("RANK", "0"))
-    if "WORLD_SIZE" in os.environ:  # as nxdi_cpu_driver.py: one gloo group for every model of the process
-        torch.distributed.init_process_group("gloo")
-        del os.environ["WORLD_SIZE"]
+    rank = prepare_process()
     from neuronx_distributed.parallel_layers import parallel_state
 
     records = []

@@ -6,9 +6,7 @@ NxDI in CPU mode, greedy generation of token-id prompts; writes what happened as
 Run by test_vllm.py in the tier's environment with vllm_site/ first on PYTHONPATH, NxD and NxDI sources after it,
 and NXDI_GEMMA_SIM_VLLM=1 (so the stand-ins of vllm_standins.py and `standins` are installed at start-up).
 SPEC keys: ckpt, prompts (token-id lists), max_tokens (one per prompt), max_model_len, max_num_seqs, dtype,
-skip_tokenizer_init, hf_overrides (bool: pass the plugin's checkpoint_hf_overrides), override_neuron_config,
-limit_images (bool: limit_mm_per_prompt image 0, for multimodal checkpoints served text-only), enable_prefix_caching
-(bool, default false) with block_size, rounds (default 1: how many times all prompts are sent, one generate each),
+skip_tokenizer_init, override_neuron_config, enable_prefix_caching (bool, default false) with block_size, rounds (default 1: how many times all prompts are sent, one generate each),
 lora ({max_loras, max_lora_rank, ckpt_json (vllm-neuron's lora_ckpt_json), adapters: one [name, path] per prompt}: LoRA
 on, each prompt sent with its adapter).
 OUT keys: versions, tokens (per prompt), texts (detokenized, when a tokenizer is loaded), events (stand-in uses),
@@ -52,16 +50,10 @@ def main(spec_path: str, out_path: str) -> int:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from nxdi_gemma.neuron.vllm_plugin import checkpoint_hf_overrides
-
     override = {"on_cpu": True, **spec.get("override_neuron_config", {})}
     kwargs = {}
-    if spec.get("hf_overrides"):
-        kwargs["hf_overrides"] = checkpoint_hf_overrides(spec["ckpt"]) or None
     if spec.get("speculative_config"):  # vLLM 0.16: {"method": "draft_model", "model": DIR, "num_speculative_tokens": K}
         kwargs["speculative_config"] = spec["speculative_config"]
-    if spec.get("limit_images"):
-        kwargs["limit_mm_per_prompt"] = {"image": 0}
     lora = spec.get("lora")
     requests = None
     if lora:
