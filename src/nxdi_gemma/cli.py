@@ -270,7 +270,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .quantize import Scheme, quantize_checkpoint
 
-    scheme = Scheme(args.dtype, args.scheme, tuple(args.modules_to_not_convert or ()))
+    scheme = Scheme(args.dtype, args.scheme, tuple(args.modules_to_not_convert or ()), args.lm_head)
     print(quantize_checkpoint(args.model, args.out, scheme))
     return 0
 
@@ -437,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--scheme", default="per_channel", choices=["per_channel", "per_tensor"])
     qz.add_argument("--modules-to-not-convert", nargs="*", metavar="PATH",
                     help="module paths kept in the model dtype (NxD's substring match, e.g. layers.0.mlp)")
+    qz.add_argument("--lm-head", action="store_true",
+                    help="quantize the LM head too (a tied head gets its own quantized copy; the embedding table "
+                         "stays in the model dtype); serve with neuron config quantize_lm_head=true")
     qz.set_defaults(run=cmd_quantize)
 
     tiny = sub.add_parser("make-tiny", help="write a small random-weight Gemma checkpoint")
