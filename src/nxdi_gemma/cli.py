@@ -312,14 +312,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         check_draft(plan, draft, args.num_speculative_tokens or 1)
         spec = planning.speculation_plan(plan, draft, args.instance, args.acceptance, args.num_speculative_tokens,
                                          args.tp, args.seq_len, args.dtype, weights=args.weights,
-                                         kv_cache=args.kv_cache)
+                                         kv_cache=args.kv_cache, quantize_lm_head=args.quantize_lm_head)
         print(json.dumps(dataclasses.asdict(spec) | {"speedup": spec.speedup}, indent=2) if args.json else
               f"{args.model} with draft {args.draft} on {args.instance}: K={spec.num_speculative_tokens}, "
               f"{spec.tokens_per_step:.2f} tokens per step at acceptance {spec.acceptance}, "
               f"{spec.speculative_tokens_per_s:.1f} tokens/s vs {spec.target_tokens_per_s:.1f} without "
               f"({spec.speedup:.2f}x, batch-1 roofline){'' if spec.fits else '; target + draft do NOT fit'}")
         return 0
-    schemes = {"weights": args.weights, "kv_cache": args.kv_cache}
+    schemes = {"weights": args.weights, "kv_cache": args.kv_cache, "quantize_lm_head": args.quantize_lm_head}
     result = planning.memory_plan(plan, args.instance, args.tp, args.batch, args.seq_len, args.dtype, **schemes)
     context, batch = planning.largest_fit(plan, args.instance, result.tp, args.dtype, result.seq_len, **schemes)
     if args.json:
@@ -423,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--weights", default="model", choices=["model", "int8", "fp8"],
                     help="quantized weights (neuron config quantized=true); default: the model dtype")
     pl.add_argument("--kv-cache", default="model", choices=["model", "fp8"], help="fp8: kv_cache_quant=true")
+    pl.add_argument("--quantize-lm-head", action="store_true",
+                    help="with --weights int8/fp8: the LM head quantized too (neuron config quantize_lm_head=true)")
     pl.add_argument("--json", action="store_true")
     pl.add_argument("--table", action="store_true", help="print the README's instance table for all public models")
     pl.add_argument("--draft", help="draft checkpoint or public name: expected tokens/s with speculation")
