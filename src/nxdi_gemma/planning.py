@@ -373,22 +373,24 @@ def scheme_table() -> str:
     """Markdown table, public checkpoints: parameters as NxDI stores them (the LM head's own copy of a tied
     embedding counted), weight bytes with bf16 and with int8/fp8 weights (`weight_bytes`), the average bytes per
     parameter of the int8/fp8 checkpoint, and the bytes a batch-1 decode step reads at 4096 tokens
-    (active weights + bf16 KV cache, TP 1)."""
+    (active weights + bf16 KV cache, TP 1), also with the LM head quantized (`quantize_lm_head`)."""
     from .public_models import PUBLIC_CONFIGS, public_plan
 
     rows = ["| model | parameters stored | bf16 weights | int8 / fp8 weights | bytes per parameter (int8 / fp8) | decode read "
-            "per token at 4K, bf16 -> int8 |", "|---|---|---|---|---|---|"]
+            "per token at 4K, bf16 -> int8 | int8 + LM head |", "|---|---|---|---|---|---|---|"]
     for name in PUBLIC_CONFIGS:
         plan = public_plan(name)
         counts = parameter_counts(plan)
         total = counts["sharded"] + counts["tables"] + counts["replicated"]
         plain, plain_read = weight_bytes(counts, 2, "model")
         quant, quant_read = weight_bytes(counts, 2, "int8")
+        _, head_read = weight_bytes(counts, 2, "int8", quantize_lm_head=True)
         extra = 2 * counts["replicated"]
         kv = kv_cache_bytes(plan, 1, 1, min(4096, plan.max_position_embeddings), 2)
         rows.append(f"| {name} | {total / 1e9:.2f} B | {(plain + extra) / GIB:.1f} GiB | {(quant + extra) / GIB:.1f} "
                     f"GiB | {(quant + extra) / total:.2f} | {(plain_read + kv) / GIB:.2f} -> "
-                    f"{(quant_read + kv) / GIB:.2f} GiB ({(quant_read + kv) / (plain_read + kv):.2f}x) |")
+                    f"{(quant_read + kv) / GIB:.2f} GiB ({(quant_read + kv) / (plain_read + kv):.2f}x) | "
+                    f"{(head_read + kv) / GIB:.2f} GiB ({(head_read + kv) / (plain_read + kv):.2f}x) |")
     return "\n".join(rows)
 
 
