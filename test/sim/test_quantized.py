@@ -194,3 +194,23 @@ def test_quantized_lm_head_matches_int8_rounded_head_hf(sim, head_goldens, sim_r
     for r in records:
         assert "QuantizedSoftcapColumnParallel:int8" in r["quantized_layers"], r["quantized_layers"]
         assert r["left_for_nxdi_convert"] == [], "NxDI's swap on device would convert these too"
+
+
+@pytest.mark.slow  # one more torchrun (about 1 min); the gathered layout above is the CI case
+def test_quantized_lm_head_sharded_logits(sim, head_goldens, sim_report, tmp_path):
+    """The quantized head with on-device sampling at TP 2 (logits kept sharded: NxD's `pad=True`, the per-row
+    scale padded with the weight, NxDI's mask on the pad column; test_tp_wide's driver): Gemma 2 (softcap), vocab
+    263 -> 264 columns, the pad column at finfo.min, every real column within the bound of HF's rounded head."""
+    release, tp, case = "sdk-2.28", 2, head_goldens["gemma2_int8head"]
+    sim.need(release)
+    out = tmp_path / "records.json"
+    config = {**HEAD_NEURON_CONFIG, "quantized_checkpoints_path": str(tmp_path / "quantized")}
+    sim.run([*sim.torchrun(tp), str(SIM / "test_tp_wide.py"), "--ods", "--tp", str(tp), "--out", str(out),
+             "--neuron-config", json.dumps(config), str(case)], release, timeout=1800)
+    records = json.loads(out.read_text())
+    for r in records:
+        assert r["width"] == HEAD_VOCAB + 1 and r["pad_columns_all_min"], (r["width"], r["pad_max"])
+    check_records([dict(r, quantized_layers=[]) for r in records], "gemma2", release, tp)
+    sim_report(f"int8 + LM head {release} tp{tp} gemma2 sharded logits",
+               f"match {min(r['match'] for r in records):.3f}  max|dlogit| "
+               f"{max(r['max_abs_logit_diff'] for r in records):.1e} (bound {records[0]['bound']:.0e})")
