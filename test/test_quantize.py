@@ -298,6 +298,17 @@ def test_fp8_hub_checkpoint_converted_to_the_same_values(fmt, per_tensor, tmp_pa
         assert ((q2.double() * s2.double() - q.double() * s.double()).abs() <= 2**-9 * s.double()).all(), name
         halved += int((s2 != s).any())
     assert halved > 0  # the 448 -> 240 range change was exercised
+    if fmt == "compressed-tensors" and not per_tensor:
+        # --lm-head: the Hub checkpoint's unquantized (tied) head quantized by our scheme; the embedding as stored
+        head = tmp_path / "q_head"
+        assert main(["quantize", "--model", str(hub), "--out", str(head), "--dtype", "fp8", "--lm-head"]) == 0
+        check_quantized_checkpoint(head, hub, plan, Scheme("fp8", "per_channel", lm_head=True))
+        with safe_open(str(head / "model.safetensors"), "pt") as f:
+            q, s = f.get_tensor("lm_head.weight"), f.get_tensor("lm_head.scale")
+            assert torch.equal(f.get_tensor("model.embed_tokens.weight"), source["model.embed_tokens.weight"])
+        assert q.dtype == torch.float8_e4m3fn and s.shape == (plan.vocab_size, 1)
+        assert torch.equal(q.float(), quantize_tensor(source["model.embed_tokens.weight"],
+                                                      Scheme("fp8", "per_channel"))[0].float())
     for name, tensor in converted.items():  # the rest is the source's, unchanged
         if not name.endswith(("_proj.weight", "_proj.scale")):
             assert torch.equal(tensor, source[name]), name

@@ -6,7 +6,10 @@ checkpoint is written by the model itself on first use (quantized_checkpoints_pa
 case and shared by the TP runs; the test also checks that the reference differs from the unquantized model by far
 more than the bound (the check can fail). KV cache (`kv_cache_quant: true`, fp8 e4m3): against HF whose cache rounds
 what it stores to fp8 (quantize on write, dequantize on read; make_goldens.round_on_write_cache).
-CI runs NxDI 0.8 (int8 at TP 1 and 2, the KV cache at TP 1); the other combinations are marked slow (`-m slow`).
+The opt-in quantized LM head (`quantize_lm_head: true`): against HF whose untied lm_head is the int8-rounded head
+(make_goldens `int8_rounded_head`), vocab 263 so that TP 2 pads the head, gathered and (slow) sharded logits.
+CI runs NxDI 0.8 (int8 at TP 1 and 2, the KV cache at TP 1, the quantized head at TP 2); the other combinations are
+marked slow (`-m slow`).
 """
 
 from __future__ import annotations
