@@ -298,7 +298,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from . import planning
 
     if args.table:
-        print(planning.instance_table(weights=args.weights, kv_cache=args.kv_cache))
+        print(planning.instance_table(weights=args.weights, kv_cache=args.kv_cache,
+                                      quantize_lm_head=args.quantize_lm_head))
         return 0
     if not args.model or not args.instance:
         raise InputError("plan needs --model DIR|NAME and --instance NAME (or --table)")

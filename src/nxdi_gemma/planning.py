@@ -345,14 +345,15 @@ def format_plan(p: MemoryPlan) -> str:
     ])
 
 
-def instance_table(dtype: str = "bfloat16", weights: str = "model", kv_cache: str = "model") -> str:
+def instance_table(dtype: str = "bfloat16", weights: str = "model", kv_cache: str = "model",
+                   quantize_lm_head: bool = False) -> str:
     """Markdown matrix, public checkpoints x instances: for each pair that fits at 4096 tokens, the TP degree
     (the largest valid one the instance allows), the largest context that fits at batch 1, and the batch-1 decode
     roofline at 4096 tokens; "-" where the weights do not fit. `weights` / `kv_cache`: the quantization schemes
     (see memory_plan)."""
     from .public_models import PUBLIC_CONFIGS, public_plan
 
-    schemes = {"weights": weights, "kv_cache": kv_cache}
+    schemes = {"weights": weights, "kv_cache": kv_cache, "quantize_lm_head": quantize_lm_head}
 
     rows = ["| model | " + " | ".join(INSTANCES) + " |", "|---|" + "---|" * len(INSTANCES)]
     for name in PUBLIC_CONFIGS:
