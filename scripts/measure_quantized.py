@@ -51,15 +51,17 @@ def checkpoint(root: Path, name: str, layers: int, overrides: dict) -> Path:
     return save_checkpoint(root / name, config, random_weights(config, SEED))
 
 
-def dequantized(src: Path, out: Path, dtype: str) -> Path:
-    """The checkpoint with our quantize step's weights dequantized (q * scale) to float32."""
+def dequantized(src: Path, out: Path, dtype: str, lm_head: bool = False) -> Path:
+    """The checkpoint with our quantize step's weights dequantized (q * scale) to float32; `lm_head`: the LM head
+    quantized too (`quantize --lm-head`), saved as an untied lm_head.weight beside the unquantized embedding."""
     from safetensors import safe_open
 
     from nxdi_gemma.checkpoint import save_checkpoint
     from nxdi_gemma.config import read_config_json
     from nxdi_gemma.quantize import Scheme, quantize_checkpoint, scale_name
 
-    qdir = quantize_checkpoint(src, out / f"q-{dtype}", Scheme(dtype, "per_channel"))
+    tag = f"{dtype}-head" if lm_head else dtype
+    qdir = quantize_checkpoint(src, out / f"q-{tag}", Scheme(dtype, "per_channel", lm_head=lm_head))
     tensors = {}
     with safe_open(str(qdir / "model.safetensors"), "pt") as f:
         quantized = [n for n in f.keys() if f.get_slice(n).get_dtype() in ("I8", "F8_E4M3")]  # noqa: SIM118
@@ -69,7 +71,9 @@ def dequantized(src: Path, out: Path, dtype: str) -> Path:
                 tensors[name] = f.get_tensor(name).float() * f.get_tensor(scale_name(name))
             elif name not in scales:
                 tensors[name] = f.get_tensor(name)
-    return save_checkpoint(out / f"deq-{dtype}", read_config_json(src), tensors)
+    config = read_config_json(src)
+    return save_checkpoint(out / f"deq-{tag}", dict(config, tie_word_embeddings=False) if lm_head else config,
+                           tensors)
 
 
 def score(ref, other) -> tuple[float, float]:
@@ -101,6 +105,9 @@ def measure() -> dict:
             for dtype in ("int8", "fp8"):
                 row[f"{dtype} weights"] = score(base, hf_greedy(dequantized(ckpt, root / name, dtype), prompts,
                                                                 NEW_TOKENS, torch.float32))
+            for dtype in ("int8", "fp8"):
+                row[f"{dtype} + LM head"] = score(base, hf_greedy(dequantized(ckpt, root / name, dtype, True),
+                                                                  prompts, NEW_TOKENS, torch.float32))
             row["fp8 KV cache"] = score(base, hf_greedy(ckpt, prompts, NEW_TOKENS, torch.float32,
                                                         cache_class=round_on_write_cache(torch.float8_e4m3fn)))
             results[label] = row
@@ -109,7 +116,7 @@ def measure() -> dict:
 
 
 def table(results: dict) -> str:
-    columns = ["int8 weights", "fp8 weights", "fp8 KV cache"]
+    columns = ["int8 weights", "fp8 weights", "int8 + LM head", "fp8 + LM head", "fp8 KV cache"]
     rows = ["| geometry (random weights) | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for label, row in results.items():
         rows.append(f"| {label} | " + " | ".join(f"{row[c][0]:.0%} tokens, {row[c][1]:.2g}" for c in columns) + " |")

@@ -130,14 +130,16 @@ def test_prequantized_hub_checkpoint_refused_by_format(tiny4, tmp_path, capsys):
     assert "compressed-tensors checkpoint (no weight quantization in config_groups" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("lm_head", [False, True], ids=["bf16-head", "quantized-head"])
 @pytest.mark.parametrize("kind", ["gemma3", "gemma4"])
-def test_planner_counts_the_quantized_checkpoint(kind, tmp_path):
-    """The planner's quantized parameters and scales equal what `nxdi-gemma quantize` writes (int8, per channel)."""
+def test_planner_counts_the_quantized_checkpoint(kind, lm_head, tmp_path):
+    """The planner's quantized parameters and scales equal what `nxdi-gemma quantize` writes (int8, per channel),
+    with the LM head quantized (--lm-head) or not."""
     from nxdi_gemma.planning import parameter_counts
 
     model = write_tiny_checkpoint(tmp_path / kind, kind)
     out = tmp_path / "q"
-    assert main(["quantize", "--model", str(model), "--out", str(out)]) == 0
+    assert main(["quantize", "--model", str(model), "--out", str(out), *(["--lm-head"] if lm_head else [])]) == 0
     quantized = scales = 0
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         for name in f.keys():  # noqa: SIM118
@@ -147,7 +149,46 @@ def test_planner_counts_the_quantized_checkpoint(kind, tmp_path):
             elif name.endswith(("scale", "_scale")) and "router" not in name:
                 scales += t.numel()
     counts = parameter_counts(load_plan(model))
-    assert (counts["quantized"], counts["scales"]) == (quantized, scales)
+    head, head_scales = (counts["head"], counts["head_scales"]) if lm_head else (0, 0)
+    assert (counts["quantized"] + head, counts["scales"] + head_scales) == (quantized, scales)
+
+
+def test_quantized_lm_head_is_opt_in(tmp_path):
+    """`quantize --lm-head`: the tied head's own int8 copy ([vocab, hidden]) with one scale per vocab row, equal to
+    the independent reference's rounding; the embedding table stays as stored. Loading refuses a checkpoint
+    quantized the other way in one line, in both directions; the switch alone (no quantized weights) is refused."""
+    from nxdi_gemma.quantize import check_neuron_config
+
+    model = write_tiny_checkpoint(tmp_path / "g2", "gemma2")
+    plan = load_plan(model)
+    assert plan.tie_word_embeddings
+    with_head, plain = tmp_path / "with_head", tmp_path / "plain"
+    assert main(["quantize", "--model", str(model), "--out", str(with_head), "--lm-head"]) == 0
+    head_scheme = Scheme("int8", "per_channel", lm_head=True)
+    check_quantized_checkpoint(with_head, model, plan, head_scheme)
+    state = load_state_dict(model, plan, expected_shapes(plan), dtype=None)
+    ref = int8_rounded_reference(state, plan, lm_head=True)
+    with safe_open(str(with_head / "model.safetensors"), "pt") as f:
+        q, s = f.get_tensor("lm_head.weight"), f.get_tensor("lm_head.scale")
+        assert q.dtype == torch.int8 and q.shape == (plan.vocab_size, plan.hidden_size) and s.shape == (q.shape[0], 1)
+        assert torch.equal(f.get_tensor("model.embed_tokens.weight"), state["model.embed_tokens.weight"])
+    assert torch.allclose(q.float() * s, ref["lm_head.weight"], rtol=0, atol=1e-7)
+    assert not torch.equal(ref["lm_head.weight"], state["model.embed_tokens.weight"].float())  # it was rounded
+    ensure_quantized(model, plain, Scheme("int8", "per_channel"))  # first use, without the head
+    for qdir, scheme, message in ((with_head, Scheme("int8", "per_channel"), "quantized with the LM head, but the "
+                                   "neuron config has quantize_lm_head=false; set quantize_lm_head=true"),
+                                  (plain, head_scheme, "quantized without the LM head, but the neuron config has "
+                                   "quantize_lm_head=true; set quantize_lm_head=false")):
+        with pytest.raises(CheckpointError, match=message) as err:
+            check_quantized_checkpoint(qdir, model, plan, scheme)
+        assert "\n" not in str(err.value)
+    # fp8 per tensor: the head's scale is one value
+    fp8 = tmp_path / "fp8"
+    ensure_quantized(model, fp8, Scheme("fp8", "per_tensor", lm_head=True))
+    with safe_open(str(fp8 / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("lm_head.weight").dtype == torch.float8_e4m3fn and f.get_tensor("lm_head.scale").shape == (1,)
+    with pytest.raises(ConfigError, match="quantize_lm_head=true without quantized=true"):
+        check_neuron_config({}, quantize_lm_head=True)
 
 
 def test_neuron_config_quantization_switches():
@@ -257,6 +298,17 @@ def test_fp8_hub_checkpoint_converted_to_the_same_values(fmt, per_tensor, tmp_pa
         assert ((q2.double() * s2.double() - q.double() * s.double()).abs() <= 2**-9 * s.double()).all(), name
         halved += int((s2 != s).any())
     assert halved > 0  # the 448 -> 240 range change was exercised
+    if fmt == "compressed-tensors" and not per_tensor:
+        # --lm-head: the Hub checkpoint's unquantized (tied) head quantized by our scheme; the embedding as stored
+        head = tmp_path / "q_head"
+        assert main(["quantize", "--model", str(hub), "--out", str(head), "--dtype", "fp8", "--lm-head"]) == 0
+        check_quantized_checkpoint(head, hub, plan, Scheme("fp8", "per_channel", lm_head=True))
+        with safe_open(str(head / "model.safetensors"), "pt") as f:
+            q, s = f.get_tensor("lm_head.weight"), f.get_tensor("lm_head.scale")
+            assert torch.equal(f.get_tensor("model.embed_tokens.weight"), source["model.embed_tokens.weight"])
+        assert q.dtype == torch.float8_e4m3fn and s.shape == (plan.vocab_size, 1)
+        assert torch.equal(q.float(), quantize_tensor(source["model.embed_tokens.weight"],
+                                                      Scheme("fp8", "per_channel"))[0].float())
     for name, tensor in converted.items():  # the rest is the source's, unchanged
         if not name.endswith(("_proj.weight", "_proj.scale")):
             assert torch.equal(tensor, source[name]), name

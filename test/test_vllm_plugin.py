@@ -442,9 +442,16 @@ def test_serving_check_counts_quantized_weights():
 
     override = {"quantized": True, "quantization_dtype": "int8", "kv_cache_quant": True}
     schemes = vllm_plugin.quantization_schemes(override)
-    assert schemes == {"weights": "int8", "kv_cache": "fp8"}
+    assert schemes == {"weights": "int8", "kv_cache": "fp8", "quantize_lm_head": False}
     assert vllm_plugin.quantization_schemes({"quantized": True, "quantization_dtype": "f8e4m3"})["weights"] == "fp8"
     plan = plan_from_config(public_config("gemma-3-12b"))
+    # quantize_lm_head: the decode read drops by the head's bytes (2 -> 1 per parameter) minus its float32 scales
+    head = vllm_plugin.quantization_schemes({**override, "quantize_lm_head": True})
+    assert head["quantize_lm_head"]
+    plain, quantized = memory_plan(plan, "inf2.xlarge", 2, 1, 4096, **schemes), memory_plan(
+        plan, "inf2.xlarge", 2, 1, 4096, **head)
+    saved = plan.vocab_size * plan.hidden_size - 4 * plan.vocab_size
+    assert plain.weights_per_core - quantized.weights_per_core == saved // 2
     # Gemma 3 12B on inf2.xlarge (TP 2) at 32768 x batch 4: only with int8 weights
     assert not memory_plan(plan, "inf2.xlarge", 2, 4, 32768).fits
     assert memory_plan(plan, "inf2.xlarge", 2, 4, 32768, weights="int8").fits

@@ -270,7 +270,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .quantize import Scheme, quantize_checkpoint
 
-    scheme = Scheme(args.dtype, args.scheme, tuple(args.modules_to_not_convert or ()))
+    scheme = Scheme(args.dtype, args.scheme, tuple(args.modules_to_not_convert or ()), args.lm_head)
     print(quantize_checkpoint(args.model, args.out, scheme))
     return 0
 
@@ -298,7 +298,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from . import planning
 
     if args.table:
-        print(planning.instance_table(weights=args.weights, kv_cache=args.kv_cache))
+        print(planning.instance_table(weights=args.weights, kv_cache=args.kv_cache,
+                                      quantize_lm_head=args.quantize_lm_head))
         return 0
     if not args.model or not args.instance:
         raise InputError("plan needs --model DIR|NAME and --instance NAME (or --table)")
@@ -312,14 +313,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         check_draft(plan, draft, args.num_speculative_tokens or 1)
         spec = planning.speculation_plan(plan, draft, args.instance, args.acceptance, args.num_speculative_tokens,
                                          args.tp, args.seq_len, args.dtype, weights=args.weights,
-                                         kv_cache=args.kv_cache)
+                                         kv_cache=args.kv_cache, quantize_lm_head=args.quantize_lm_head)
         print(json.dumps(dataclasses.asdict(spec) | {"speedup": spec.speedup}, indent=2) if args.json else
               f"{args.model} with draft {args.draft} on {args.instance}: K={spec.num_speculative_tokens}, "
               f"{spec.tokens_per_step:.2f} tokens per step at acceptance {spec.acceptance}, "
               f"{spec.speculative_tokens_per_s:.1f} tokens/s vs {spec.target_tokens_per_s:.1f} without "
               f"({spec.speedup:.2f}x, batch-1 roofline){'' if spec.fits else '; target + draft do NOT fit'}")
         return 0
-    schemes = {"weights": args.weights, "kv_cache": args.kv_cache}
+    schemes = {"weights": args.weights, "kv_cache": args.kv_cache, "quantize_lm_head": args.quantize_lm_head}
     result = planning.memory_plan(plan, args.instance, args.tp, args.batch, args.seq_len, args.dtype, **schemes)
     context, batch = planning.largest_fit(plan, args.instance, result.tp, args.dtype, result.seq_len, **schemes)
     if args.json:
@@ -423,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--weights", default="model", choices=["model", "int8", "fp8"],
                     help="quantized weights (neuron config quantized=true); default: the model dtype")
     pl.add_argument("--kv-cache", default="model", choices=["model", "fp8"], help="fp8: kv_cache_quant=true")
+    pl.add_argument("--quantize-lm-head", action="store_true",
+                    help="with --weights int8/fp8: the LM head quantized too (neuron config quantize_lm_head=true)")
     pl.add_argument("--json", action="store_true")
     pl.add_argument("--table", action="store_true", help="print the README's instance table for all public models")
     pl.add_argument("--draft", help="draft checkpoint or public name: expected tokens/s with speculation")
@@ -437,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--scheme", default="per_channel", choices=["per_channel", "per_tensor"])
     qz.add_argument("--modules-to-not-convert", nargs="*", metavar="PATH",
                     help="module paths kept in the model dtype (NxD's substring match, e.g. layers.0.mlp)")
+    qz.add_argument("--lm-head", action="store_true",
+                    help="quantize the LM head too (a tied head gets its own quantized copy; the embedding table "
+                         "stays in the model dtype); serve with neuron config quantize_lm_head=true")
     qz.set_defaults(run=cmd_quantize)
 
     tiny = sub.add_parser("make-tiny", help="write a small random-weight Gemma checkpoint")

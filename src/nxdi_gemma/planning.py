@@ -199,19 +199,29 @@ def parameter_counts(plan: GemmaPlan) -> dict[str, int]:
         "quantized": linears + experts_total,
         "quantized_active": linears + experts_active,
         "scales": channels,
+        # the LM head's weight (in 'sharded' and 'active'), quantized only on request (`quantize_lm_head`), with one
+        # scale per vocab row
+        "head": head,
+        "head_scales": plan.vocab_size,
     }
 
 
-def weight_bytes(counts: dict[str, int], dtype_bytes: int, weights: str) -> tuple[float, float]:
+def weight_bytes(counts: dict[str, int], dtype_bytes: int, weights: str,
+                 quantize_lm_head: bool = False) -> tuple[float, float]:
     """(bytes of the TP-sharded tensors, bytes read per decoded token) with `weights` = "model" (the model dtype),
     "int8" or "fp8" (`quantized: true`: attention/MLP/experts at 1 byte per parameter plus a float32 scale per
-    output channel (per channel scheme); embeddings, LM head, norms, router, PLE stay in the model dtype)."""
+    output channel (per channel scheme); embeddings, LM head, norms, router, PLE stay in the model dtype), and with
+    `quantize_lm_head` (neuron config quantize_lm_head: true) the LM head too, one scale per vocab row."""
     if weights not in WEIGHT_SCHEMES:
         raise InputError(f"--weights {weights!r}: choose one of {', '.join(WEIGHT_SCHEMES)}")
     if weights == "model":
+        if quantize_lm_head:
+            raise InputError("--quantize-lm-head needs --weights int8 or fp8 (quantized: true)")
         return (counts["sharded"] + counts["tables"]) * dtype_bytes, counts["active"] * dtype_bytes
     q, qa = counts["quantized"], counts["quantized_active"]
     scales = 4 * counts["scales"]
+    if quantize_lm_head:
+        q, qa, scales = q + counts["head"], qa + counts["head"], scales + 4 * counts["head_scales"]
     stored = (counts["sharded"] - q + counts["tables"]) * dtype_bytes + q + scales
     read = (counts["active"] - qa) * dtype_bytes + qa + scales
     return stored, read
@@ -222,12 +232,12 @@ WEIGHT_SCHEMES = ("model", "int8", "fp8")
 
 def memory_plan(plan: GemmaPlan, instance: str, tp: int | None = None, batch: int = 1, seq_len: int | None = None,
                 dtype: str = "bfloat16", block_size: int | None = None, num_blocks: int | None = None,
-                weights: str = "model", kv_cache: str = "model") -> MemoryPlan:
+                weights: str = "model", kv_cache: str = "model", quantize_lm_head: bool = False) -> MemoryPlan:
     """Per-core HBM plan and rooflines. `block_size`: the block KV layout of prefix caching (what vLLM's default
     makes vllm-neuron ask for), whose cache holds `num_blocks` blocks of every producer layer, sliding ones included
     (default ceil(seq_len / block_size) x batch, what vllm-neuron allocates); None: the contiguous layout (ring
     caches). weights: "model" | "int8" | "fp8" (quantized weights, see weight_bytes); kv_cache: "model" | "fp8"
-    (`kv_cache_quant`: one byte per cached value)."""
+    (`kv_cache_quant`: one byte per cached value); quantize_lm_head: the LM head quantized too (weight_bytes)."""
     if instance not in INSTANCES:
         raise InputError(f"unknown instance {instance!r}; known: {', '.join(INSTANCES)}")
     inst = INSTANCES[instance]
@@ -246,7 +256,7 @@ def memory_plan(plan: GemmaPlan, instance: str, tp: int | None = None, batch: in
     if kv_cache not in ("model", "fp8"):
         raise InputError(f"--kv-cache {kv_cache!r}: choose model or fp8")
     counts = parameter_counts(plan)
-    stored, read = weight_bytes(counts, nbytes, weights)
+    stored, read = weight_bytes(counts, nbytes, weights, quantize_lm_head)
     weights_per_core = stored // tp + counts["replicated"] * nbytes
     kv_bytes = 1 if kv_cache == "fp8" else nbytes
     if block_size is None:
@@ -264,7 +274,7 @@ def memory_plan(plan: GemmaPlan, instance: str, tp: int | None = None, batch: in
 
 
 def largest_fit(plan: GemmaPlan, instance: str, tp: int | None = None, dtype: str = "bfloat16",
-                seq_len: int | None = None, block_size: int | None = None, **schemes: str) -> tuple[int, int]:
+                seq_len: int | None = None, block_size: int | None = None, **schemes: str | bool) -> tuple[int, int]:
     """(largest power-of-two context at batch 1, largest batch at `seq_len`, the requested context (default: the
     plan's default)) that fit; 0 if none. `block_size`: as memory_plan's (its default block count)."""
     context = 0
@@ -335,14 +345,15 @@ def format_plan(p: MemoryPlan) -> str:
     ])
 
 
-def instance_table(dtype: str = "bfloat16", weights: str = "model", kv_cache: str = "model") -> str:
+def instance_table(dtype: str = "bfloat16", weights: str = "model", kv_cache: str = "model",
+                   quantize_lm_head: bool = False) -> str:
     """Markdown matrix, public checkpoints x instances: for each pair that fits at 4096 tokens, the TP degree
     (the largest valid one the instance allows), the largest context that fits at batch 1, and the batch-1 decode
     roofline at 4096 tokens; "-" where the weights do not fit. `weights` / `kv_cache`: the quantization schemes
     (see memory_plan)."""
     from .public_models import PUBLIC_CONFIGS, public_plan
 
-    schemes = {"weights": weights, "kv_cache": kv_cache}
+    schemes = {"weights": weights, "kv_cache": kv_cache, "quantize_lm_head": quantize_lm_head}
 
     rows = ["| model | " + " | ".join(INSTANCES) + " |", "|---|" + "---|" * len(INSTANCES)]
     for name in PUBLIC_CONFIGS:
@@ -363,22 +374,24 @@ def scheme_table() -> str:
     """Markdown table, public checkpoints: parameters as NxDI stores them (the LM head's own copy of a tied
     embedding counted), weight bytes with bf16 and with int8/fp8 weights (`weight_bytes`), the average bytes per
     parameter of the int8/fp8 checkpoint, and the bytes a batch-1 decode step reads at 4096 tokens
-    (active weights + bf16 KV cache, TP 1)."""
+    (active weights + bf16 KV cache, TP 1), also with the LM head quantized (`quantize_lm_head`)."""
     from .public_models import PUBLIC_CONFIGS, public_plan
 
     rows = ["| model | parameters stored | bf16 weights | int8 / fp8 weights | bytes per parameter (int8 / fp8) | decode read "
-            "per token at 4K, bf16 -> int8 |", "|---|---|---|---|---|---|"]
+            "per token at 4K, bf16 -> int8 | int8 + LM head |", "|---|---|---|---|---|---|---|"]
     for name in PUBLIC_CONFIGS:
         plan = public_plan(name)
         counts = parameter_counts(plan)
         total = counts["sharded"] + counts["tables"] + counts["replicated"]
         plain, plain_read = weight_bytes(counts, 2, "model")
         quant, quant_read = weight_bytes(counts, 2, "int8")
+        _, head_read = weight_bytes(counts, 2, "int8", quantize_lm_head=True)
         extra = 2 * counts["replicated"]
         kv = kv_cache_bytes(plan, 1, 1, min(4096, plan.max_position_embeddings), 2)
         rows.append(f"| {name} | {total / 1e9:.2f} B | {(plain + extra) / GIB:.1f} GiB | {(quant + extra) / GIB:.1f} "
                     f"GiB | {(quant + extra) / total:.2f} | {(plain_read + kv) / GIB:.2f} -> "
-                    f"{(quant_read + kv) / GIB:.2f} GiB ({(quant_read + kv) / (plain_read + kv):.2f}x) |")
+                    f"{(quant_read + kv) / GIB:.2f} GiB ({(quant_read + kv) / (plain_read + kv):.2f}x) | "
+                    f"{(head_read + kv) / GIB:.2f} GiB ({(head_read + kv) / (plain_read + kv):.2f}x) |")
     return "\n".join(rows)
 
 
@@ -439,7 +452,7 @@ def expected_tokens_per_step(acceptance: float, k: int) -> float:
 
 def speculation_plan(target: GemmaPlan, draft: GemmaPlan, instance: str, acceptance: float, k: int | None = None,
                      tp: int | None = None, seq_len: int | None = None, dtype: str = "bfloat16",
-                     **schemes: str) -> SpeculationPlan:
+                     **schemes: str | bool) -> SpeculationPlan:
     """Batch-1 decode roofline with a draft on the same cores (NxDI fused speculation: one graph per step): a step
     reads the target once for the K + 1 verified tokens and the draft K times (both weights and KV cache in use),
     and yields `expected_tokens_per_step`. k None: the K in 1..8 with the most tokens/s. acceptance: the

@@ -7,6 +7,11 @@ the Gemma 4 routed experts `model.layers.N.experts.{gate_up_proj,down_proj}`. Em
 MoE router and the PLE tables/projections stay in the model dtype. `modules_to_not_convert` (NxD's semantics: a
 module whose path below `model.` contains one of the strings, e.g. `layers.0.mlp`) moves more out.
 
+The LM head is quantized on request only (`Scheme.lm_head`; neuron config `quantize_lm_head: true`, `nxdi-gemma
+quantize --lm-head`): the checkpoint then holds `lm_head.weight` (int8/fp8, [vocab, hidden]) and `lm_head.scale`
+(one scale per vocab row, or [1] per tensor), quantized from the embedding table when the head is tied; the
+embedding table itself stays in the model dtype (a step gathers one row of it, the head reads all of it).
+
 Scheme (symmetric, zero point 0), per tensor `w` in float32:
 - per_channel (default): one scale per output channel (row of a linear weight [out, in]; per expert and output
   channel for the experts): `scale = max(amax / QMAX, eps)`, shape [out, 1] (NxD's per-channel scale, axis 0);
@@ -62,6 +67,7 @@ class Scheme:
     dtype: str  # "int8" | "fp8"
     scheme: str  # "per_channel" | "per_tensor"
     modules_to_not_convert: tuple[str, ...] = ()
+    lm_head: bool = False  # the LM head quantized too (opt-in; the embedding table stays in the model dtype)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -74,7 +80,8 @@ class Scheme:
         return DTYPES[self.dtype][1]
 
     def to_json(self) -> dict:
-        return {"dtype": self.dtype, "scheme": self.scheme, "modules_to_not_convert": list(self.modules_to_not_convert)}
+        return {"dtype": self.dtype, "scheme": self.scheme, "modules_to_not_convert": list(self.modules_to_not_convert),
+                "lm_head": self.lm_head}
 
     @classmethod
     def from_neuron_config(cls, neuron_config) -> Scheme:
@@ -88,19 +95,25 @@ class Scheme:
             raise ConfigError(f"neuron config quantization_type={kind!r} is not supported; choose "
                               f"{' or '.join(NXDI_SCHEMES)}")
         skip = getattr(neuron_config, "modules_to_not_convert", None) or []
-        return cls(NXDI_DTYPES[dtype], NXDI_SCHEMES[kind], tuple(user_modules_to_not_convert(skip)))
+        return cls(NXDI_DTYPES[dtype], NXDI_SCHEMES[kind], tuple(user_modules_to_not_convert(skip)),
+                   bool(getattr(neuron_config, "quantize_lm_head", False)))
 
 
-# Paths of our NxDI modules that always stay in the model dtype (NxD's substring match): the PLE projection lives
-# under embed_tokens, the routed experts are quantized by our own module (moe.py), never by NxD's converter.
+# Paths of our NxDI modules that NxD's converter never swaps (NxD's substring match): the PLE projection lives
+# under embed_tokens, the routed experts are quantized by our own module (moe.py) and the LM head, when quantized
+# (`quantize_lm_head`), by our own head class (neuron/lm_head.py), never by NxD's converter.
 ALWAYS_NOT_CONVERTED = ("embed_tokens", "lm_head", "experts")
+LM_HEAD = "lm_head.weight"  # the quantized checkpoint's name of the head (HF's, also for a tied head)
 
 
-def check_neuron_config(kwargs: dict) -> None:
+def check_neuron_config(kwargs: dict, quantize_lm_head: bool = False) -> None:
     """Refuse, before NxDI's asserts, quantization settings our classes cannot run; extend modules_to_not_convert
-    with what always stays in the model dtype; turn `kv_cache_quant` into NxDI's kv_quant_config. Runs on the raw
-    NeuronConfig kwargs."""
+    with what NxD's converter must not swap; turn `kv_cache_quant` into NxDI's kv_quant_config. Runs on the raw
+    NeuronConfig kwargs; `quantize_lm_head` is our neuron-config field (taken out of them by GemmaNeuronConfig)."""
     check_kv_cache_quant(kwargs)
+    if quantize_lm_head and not kwargs.get("quantized", False):
+        raise ConfigError("neuron config quantize_lm_head=true without quantized=true; set quantized (and "
+                          "quantized_checkpoints_path) too")
     if kwargs.get("kv_cache_quant") and (kwargs.get("is_block_kv_layout") or kwargs.get("is_prefix_caching")):
         raise ConfigError("neuron config kv_cache_quant with the block KV layout (prefix caching) is not supported: "
                           "the fp8 cache is implemented for the contiguous layout only; turn one off (vLLM: "
@@ -215,7 +228,20 @@ def quantize_state_dict(state: dict[str, torch.Tensor], plan: GemmaPlan, scheme:
             out[name], out[scale_name(name)] = quantize_tensor(tensor, scheme)
         else:
             out[name] = tensor
-    return out
+    return with_quantized_head(out, scheme)
+
+
+def head_weight(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The LM head's weight [vocab, hidden] in the model dtype: its own, or the embedding table it is tied to."""
+    return state[LM_HEAD] if LM_HEAD in state else state["model.embed_tokens.weight"]
+
+
+def with_quantized_head(state: dict[str, torch.Tensor], scheme: Scheme) -> dict[str, torch.Tensor]:
+    """`state` (HF names) plus, when the scheme quantizes the LM head, `lm_head.weight` quantized and its scale
+    (per vocab row): a tied head gets its own quantized copy, the embedding table stays as it is."""
+    if scheme.lm_head:
+        state[LM_HEAD], state[scale_name(LM_HEAD)] = quantize_tensor(head_weight(state), scheme)
+    return state
 
 
 def expected_quantized(plan: GemmaPlan, scheme: Scheme) -> dict[str, tuple[str | None, tuple[int, ...]]]:
@@ -228,6 +254,10 @@ def expected_quantized(plan: GemmaPlan, scheme: Scheme) -> dict[str, tuple[str |
             out[scale_name(name)] = ("F32", scale_shape(tuple(shape), scheme.scheme))
         else:
             out[name] = (None, tuple(shape))
+    if scheme.lm_head:
+        shape = (plan.vocab_size, plan.hidden_size)
+        out[LM_HEAD] = (qdtype, shape)
+        out[scale_name(LM_HEAD)] = ("F32", scale_shape(shape, scheme.scheme))
     return out
 
 
@@ -404,7 +434,7 @@ def convert_prequantized(model_dir: str | Path, plan: GemmaPlan, scheme: Scheme,
         halve = tensor.float().abs().amax(dim=1, keepdim=True) > F8E4M3_NEURON_MAX
         out[name] = torch.where(halve, tensor.float() / 2, tensor.float()).to(torch.float8_e4m3fn)
         out[scale_name(name)] = torch.where(halve, 2 * scale, scale).contiguous()
-    return out
+    return with_quantized_head(out, scheme)  # Hub FP8 checkpoints keep the head unquantized ("ignore": lm_head)
 
 
 def read_scheme(qdir: str | Path) -> Scheme:
@@ -418,7 +448,8 @@ def read_scheme(qdir: str | Path) -> Scheme:
                               f"{METADATA_KEY} metadata); delete it to have it written again, or run the command")
     try:
         doc = json.loads(raw)
-        return Scheme(doc["dtype"], doc["scheme"], tuple(doc["modules_to_not_convert"]))
+        # "lm_head" absent: written before the head could be quantized, i.e. a model-dtype head
+        return Scheme(doc["dtype"], doc["scheme"], tuple(doc["modules_to_not_convert"]), bool(doc.get("lm_head")))
     except (json.JSONDecodeError, KeyError, TypeError):
         raise CheckpointError(f"{qdir}: unreadable {METADATA_KEY} metadata; re-run `nxdi-gemma quantize`") from None
 
@@ -433,6 +464,11 @@ def check_quantized_checkpoint(qdir: str | Path, model_dir: str | Path | None, p
     for path in safetensors_files(qdir):
         headers.update({name: (path, *info) for name, info in read_header(path).items()})  # truncation refused here
     stored = read_scheme(qdir)
+    if stored.lm_head != scheme.lm_head:
+        raise CheckpointError(
+            f"{qdir}: quantized {'with' if stored.lm_head else 'without'} the LM head, but the neuron config has "
+            f"quantize_lm_head={'true' if scheme.lm_head else 'false'}; set quantize_lm_head="
+            f"{'true' if stored.lm_head else 'false'} or point quantized_checkpoints_path at a new directory")
     if stored != scheme:
         raise CheckpointError(f"{qdir}: quantized as {stored.to_json()}, but the neuron config asks for "
                               f"{scheme.to_json()}; point quantized_checkpoints_path at a new directory")
@@ -486,19 +522,22 @@ def ensure_quantized(model_dir: str | Path, qdir: str | Path, scheme: Scheme) ->
     return plan
 
 
-def int8_rounded_reference(state: dict[str, torch.Tensor], plan: GemmaPlan) -> dict[str, torch.Tensor]:
+def int8_rounded_reference(state: dict[str, torch.Tensor], plan: GemmaPlan,
+                           lm_head: bool = False) -> dict[str, torch.Tensor]:
     """The HF checkpoint with every weight the default scheme quantizes replaced by its int8-rounded value, as
     float32: the reference HF transformers runs to check the quantized NxDI classes. Written independently of
     `quantize_tensor`: torch's own per-channel quantizer (`torch.quantize_per_channel`, qint8, zero point 0) with
-    the scale max|w| / 127 of each output channel (per expert for the experts)."""
-    out = {}
-    for name, w in state.items():
-        if not is_quantized_name(name, plan):
-            out[name] = w.float()
-            continue
+    the scale max|w| / 127 of each output channel (per expert for the experts). `lm_head`: the LM head rounded too
+    (one scale per vocab row), as an untied `lm_head.weight` (a tied head rounded from the embedding table, which
+    stays unrounded): the checkpoint's config must then say tie_word_embeddings false."""
+    def rounded(w: torch.Tensor) -> torch.Tensor:
         rows = w.float().reshape(-1, w.shape[-1])  # one output channel per row (experts: expert-major)
         scales = (rows.abs().max(dim=1).values / 127.0).clamp(min=EPS)
         q = torch.quantize_per_channel(rows, scales.double(), torch.zeros(len(scales), dtype=torch.int64), 0,
                                        torch.qint8)
-        out[name] = (q.int_repr().float() * scales[:, None]).reshape(w.shape)
+        return (q.int_repr().float() * scales[:, None]).reshape(w.shape)
+
+    out = {name: rounded(w) if is_quantized_name(name, plan) else w.float() for name, w in state.items()}
+    if lm_head:
+        out[LM_HEAD] = rounded(head_weight(state))
     return out

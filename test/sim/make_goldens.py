@@ -9,7 +9,8 @@ optional "hf_saved": true (the checkpoint re-saved by HF's own class `architectu
 the vision / audio tensors HF initializes, under the names HF saves them),
 "new_tokens": int, optionally "dtype": "bfloat16", "adapters": {name: {"rank": int, "seed": int, "targets": [module
 names]}}, "weights": "int8_rounded" (HF runs an int8-rounded copy of the checkpoint: the reference of quantized
-weights; or "fp8_compressed_tensors": the checkpoint is an FP8 compressed-tensors one and HF runs its dequantized
+weights; "int8_rounded_head": the same with the LM head rounded too, one scale per vocab row, as an untied head
+beside the unrounded embedding table: the reference of `quantize_lm_head`; or "fp8_compressed_tensors": the checkpoint is an FP8 compressed-tensors one and HF runs its dequantized
 weights) and "kv_cache": "f8e4m3" (HF's cache rounds what it stores to fp8: the reference of a quantized KV
 cache)}. For each case, OUT_DIR/<name>/ckpt is a checkpoint (our writer,
 `nxdi_gemma.tiny.random_weights`) and OUT_DIR/<name>/golden.json holds, per prompt, HF's greedy tokens and logits at
@@ -155,6 +156,14 @@ def hf_resave(ckpt: Path, architecture: str) -> None:
     fresh.rmdir()
 
 
+def untied(config: dict) -> dict:
+    """config.json with tie_word_embeddings false (top level and text_config, where HF's classes read it)."""
+    out = dict(config, tie_word_embeddings=False)
+    if isinstance(config.get("text_config"), dict):
+        out["text_config"] = dict(config["text_config"], tie_word_embeddings=False)
+    return out
+
+
 def remove_checkpoint_dir(path: Path) -> None:
     """Remove a checkpoint folder this script wrote before (flat: files only), so a remade case starts empty."""
     if path.exists():
@@ -187,17 +196,21 @@ def make_case(name: str, spec: dict, out: Path) -> None:
         save_checkpoint(ckpt, config, weights)
         if spec.get("hf_saved"):
             hf_resave(ckpt, config["architectures"][0])
-    if spec.get("weights") == "int8_rounded":
+    if spec.get("weights") in ("int8_rounded", "int8_rounded_head"):
         # HF runs an int8-rounded copy (per output channel, per expert; nxdi_gemma.quantize.int8_rounded_reference,
         # torch's own quantizer) as float32; the case's checkpoint stays the original, which NxDI quantizes itself.
+        # With the head: the rounded head is its own lm_head.weight (the embedding stays unrounded), so the
+        # reference's config unties them.
+        head = spec["weights"] == "int8_rounded_head"
         reference = case / "int8_reference"
         remove_checkpoint_dir(reference)
         plan = load_plan(ckpt)
         state = load_state_dict(ckpt, plan, expected_shapes(plan), dtype=None, progress=False)
-        save_checkpoint(reference, config, int8_rounded_reference(state, plan))
+        ref_config = untied(config) if head else config
+        save_checkpoint(reference, ref_config, int8_rounded_reference(state, plan, lm_head=head))
     elif spec.get("weights") not in (None, "fp8_compressed_tensors"):
-        raise SystemExit(f"make_goldens.py: case {name}: weights {spec['weights']!r}; only 'int8_rounded' or "
-                         "'fp8_compressed_tensors'")
+        raise SystemExit(f"make_goldens.py: case {name}: weights {spec['weights']!r}; only 'int8_rounded', "
+                         "'int8_rounded_head' or 'fp8_compressed_tensors'")
     prompts = prompts_of(spec, text["vocab_size"])
     dtype = spec.get("dtype", "float32")
     if dtype not in ("float32", "bfloat16"):

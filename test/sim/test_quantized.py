@@ -6,7 +6,10 @@ checkpoint is written by the model itself on first use (quantized_checkpoints_pa
 case and shared by the TP runs; the test also checks that the reference differs from the unquantized model by far
 more than the bound (the check can fail). KV cache (`kv_cache_quant: true`, fp8 e4m3): against HF whose cache rounds
 what it stores to fp8 (quantize on write, dequantize on read; make_goldens.round_on_write_cache).
-CI runs NxDI 0.8 (int8 at TP 1 and 2, the KV cache at TP 1); the other combinations are marked slow (`-m slow`).
+The opt-in quantized LM head (`quantize_lm_head: true`): against HF whose untied lm_head is the int8-rounded head
+(make_goldens `int8_rounded_head`), vocab 263 so that TP 2 pads the head, gathered and (slow) sharded logits.
+CI runs NxDI 0.8 (int8 at TP 1 and 2, the KV cache at TP 1, the quantized head at TP 2); the other combinations are
+marked slow (`-m slow`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,14 @@ FP8_NEURON_CONFIG = {"quantized": True, "quantization_dtype": "f8e4m3", "quantiz
 # FP8 Hub checkpoints: dense families (compressed-tensors quantizes Linear modules; our routed experts are 3-D
 # parameters, which such checkpoints keep unquantized and our converter would quantize, away from HF's reference).
 HUB_FAMILIES = [f for f in FAMILIES if f != "gemma4_moe"]
-SCHEME_CONFIGS = {"int8": NEURON_CONFIG, "kvfp8": KV_NEURON_CONFIG, "fp8hub": FP8_NEURON_CONFIG}
+# The opt-in quantized LM head (`quantize_lm_head`) on a vocabulary TP 2 does not divide (the head is padded by a
+# row), Gemma 2 (final softcap after the dequantized matmul), Gemma 3 and Gemma 4 (PLE: the PLE table keeps the
+# vocabulary too).
+HEAD_FAMILIES = ("gemma2", "gemma3", "gemma4_ple")
+HEAD_VOCAB = 263
+HEAD_NEURON_CONFIG = {**NEURON_CONFIG, "quantize_lm_head": True}
+SCHEME_CONFIGS = {"int8": NEURON_CONFIG, "kvfp8": KV_NEURON_CONFIG, "fp8hub": FP8_NEURON_CONFIG,
+                  "int8head": HEAD_NEURON_CONFIG}
 _RUNS: dict[tuple[str, int, str], list[dict] | str] = {}
 
 
@@ -149,3 +159,61 @@ def test_fp8_hub_checkpoint(sim, goldens, hub_goldens, sim_report, tmp_path_fact
     for r in records:
         assert {"QuantizedColumnParallel:float8_e4m3fn", "QuantizedRowParallel:float8_e4m3fn"} <= set(
             r["quantized_layers"]), r["quantized_layers"]
+
+
+@pytest.fixture(scope="session")
+def head_goldens(sim) -> dict[str, object]:
+    """Per family at vocab 263: HF on the int8-rounded copy with the LM head rounded too (`<family>_int8head`, the
+    reference) and without (`<family>_int8body`, to show the head's rounding moves the logits)."""
+    specs = {}
+    for name, spec in family_specs().items():
+        if name not in HEAD_FAMILIES:
+            continue
+        config = dict(spec["config"], vocab_size=HEAD_VOCAB)
+        if config.get("vocab_size_per_layer_input"):
+            config["vocab_size_per_layer_input"] = HEAD_VOCAB
+        specs[f"{name}_int8head"] = dict(spec, config=config, weights="int8_rounded_head")
+        specs[f"{name}_int8body"] = dict(spec, config=config, weights="int8_rounded")
+    return sim.goldens(specs)
+
+
+@pytest.mark.parametrize("family", HEAD_FAMILIES)
+@pytest.mark.parametrize(("release", "tp"), runs({("sdk-2.28", 2)}))
+def test_quantized_lm_head_matches_int8_rounded_head_hf(sim, head_goldens, sim_report, tmp_path_factory, release,
+                                                        tp, family):
+    """`quantize_lm_head: true`: the tied head's int8 copy (one scale per vocab row, written on first use into the
+    quantized checkpoint) in our QuantizedSoftcapColumnParallel, against HF whose untied lm_head is that rounded
+    copy while the embedding stays unrounded: every greedy token, float32 logits within the family's bound. Vocab
+    263 at TP 2: the head and its scale are padded by a row and the pad column cut before the softcap."""
+    records = [r for r in driver_records(sim, head_goldens, "int8head", release, tp, tmp_path_factory)
+               if r["case"] == f"{family}_int8head"]
+    check_records(records, family, release, tp)
+    effect = reference_effect(head_goldens[f"{family}_int8head"], head_goldens[f"{family}_int8body"])
+    sim_report(f"int8 + LM head {release} tp{tp} {family}",
+               f"match {min(r['match'] for r in records):.3f}  max|dlogit| "
+               f"{max(r['max_abs_logit_diff'] for r in records):.1e} vs HF with the int8-rounded head (bound "
+               f"{records[0]['bound']:.0e}; the head's rounding moves HF's logits by {effect:.1e})")
+    assert effect > 10 * records[0]["bound"], f"{family}: rounding the head barely moves HF's logits; proves little"
+    for r in records:
+        assert "QuantizedSoftcapColumnParallel:int8" in r["quantized_layers"], r["quantized_layers"]
+        assert r["left_for_nxdi_convert"] == [], "NxDI's swap on device would convert these too"
+
+
+@pytest.mark.slow  # one more torchrun (about 1 min); the gathered layout above is the CI case
+def test_quantized_lm_head_sharded_logits(sim, head_goldens, sim_report, tmp_path):
+    """The quantized head with on-device sampling at TP 2 (logits kept sharded: NxD's `pad=True`, the per-row
+    scale padded with the weight, NxDI's mask on the pad column; test_tp_wide's driver): Gemma 2 (softcap), vocab
+    263 -> 264 columns, the pad column at finfo.min, every real column within the bound of HF's rounded head."""
+    release, tp, case = "sdk-2.28", 2, head_goldens["gemma2_int8head"]
+    sim.need(release)
+    out = tmp_path / "records.json"
+    config = {**HEAD_NEURON_CONFIG, "quantized_checkpoints_path": str(tmp_path / "quantized")}
+    sim.run([*sim.torchrun(tp), str(SIM / "test_tp_wide.py"), "--ods", "--tp", str(tp), "--out", str(out),
+             "--neuron-config", json.dumps(config), str(case)], release, timeout=1800)
+    records = json.loads(out.read_text())
+    for r in records:
+        assert r["width"] == HEAD_VOCAB + 1 and r["pad_columns_all_min"], (r["width"], r["pad_max"])
+    check_records([dict(r, quantized_layers=[]) for r in records], "gemma2", release, tp)
+    sim_report(f"int8 + LM head {release} tp{tp} gemma2 sharded logits",
+               f"match {min(r['match'] for r in records):.3f}  max|dlogit| "
+               f"{max(r['max_abs_logit_diff'] for r in records):.1e} (bound {records[0]['bound']:.0e})")

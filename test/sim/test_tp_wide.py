@@ -117,6 +117,7 @@ def ods_main(argv: list[str]) -> None:
     parser.add_argument("--ods", action="store_true")
     parser.add_argument("--tp", type=int, required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--neuron-config", default="{}", help="extra NeuronConfig fields, JSON")
     parser.add_argument("case")
     args = parser.parse_args(argv)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -126,7 +127,8 @@ def ods_main(argv: list[str]) -> None:
     vocab = golden.logits[0].shape[-1]
     seq_len = -(-(max(map(len, golden.prompts)) + golden.new_tokens) // 64) * 64
     settings = dict(tp_degree=args.tp, batch_size=1, seq_len=seq_len, max_context_length=seq_len,
-                    torch_dtype="float32", output_logits=True, on_device_sampling_config={"do_sample": False, "top_k": 1})
+                    torch_dtype="float32", output_logits=True, on_device_sampling_config={"do_sample": False, "top_k": 1},
+                    **json.loads(args.neuron_config))
     model = runtime.build(str(golden.ckpt), settings, on_cpu=True)
     model.to_cpu()
     for i, prompt in enumerate(golden.prompts):

@@ -52,7 +52,14 @@ class GemmaNeuronConfig(NeuronConfig):
     over all keys once (about one bf16 ulp per attention output; the measured bf16 logit gap of the NxDI path). True
     sums the products in float32 and rounds once, as HF does (NxDI CPU mode: HF's bf16 tokens on every tier fixture,
     logits equal or about an ulp apart), at the cost of float32 operands: the decode graph converts the V cache to
-    float32 every step. A bf16 validation mode, not for serving; no effect in float32. Untested on hardware."""
+    float32 every step. A bf16 validation mode, not for serving; no effect in float32. Untested on hardware.
+
+    `quantize_lm_head` (ours, default False; needs `quantized: true`): the LM head's weight quantized too, with the
+    decoder layers' dtype and scheme (one scale per vocab row by default; neuron/lm_head.py), the embedding table
+    staying in the model dtype. The head is read in full every decode step (Gemma 3 1B: 302M of its 1B parameters),
+    so this is the largest remaining decode-bandwidth saving; off by default, as in the issue's scheme, because the
+    logits then move by the head's rounding too. The quantized checkpoint records whether it holds the quantized
+    head, and loading refuses a checkpoint written the other way."""
 
     def __init__(self, **kwargs: Any):
         kwargs.setdefault("attn_kernel_enabled", False)
@@ -67,9 +74,11 @@ class GemmaNeuronConfig(NeuronConfig):
         chunk = kwargs.pop("prefill_chunk_size", None)
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 2):
             raise ConfigError(f"neuron config prefill_chunk_size={chunk!r} must be an integer >= 2 (or omitted)")
-        check_quantization(kwargs)  # quantized weights / KV cache: quantize.py, neuron/quantized.py
+        quantize_lm_head = _pop_flag(kwargs, "quantize_lm_head")
+        check_quantization(kwargs, quantize_lm_head)  # quantized weights / KV cache: quantize.py, neuron/quantized.py
         super().__init__(**kwargs)
         self.fold_norm_offset = fold
+        self.quantize_lm_head = quantize_lm_head
         self.attention_fp32_accumulation = fp32_accumulation
         # Prompt tokens per context-encoding call (None: chosen from the model in GemmaInferenceConfig).
         self.prefill_chunk_size = chunk

@@ -18,7 +18,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from neuronx_distributed.parallel_layers import parallel_state
 from neuronx_distributed.parallel_layers.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from neuronx_distributed.parallel_layers.mappings import _gather_along_dim
 from neuronx_distributed_inference.models.model_base import NeuronBaseForCausalLM, NeuronBaseModel
@@ -29,7 +28,6 @@ from torch import nn
 from .. import ops
 from ..checkpoint import expected_shapes, load_state_dict
 from ..config import GemmaPlan, LayerPlan
-from ..errors import ConfigError
 from ..layers import GemmaBlock, GemmaMLP, make_norm, per_layer_inputs
 from . import quantized
 from . import state_dict as conversion
@@ -37,6 +35,7 @@ from .attention import ForwardState, NeuronGemmaAttention
 from .block_kv import GemmaBlockKVCacheManager
 from .config import GemmaInferenceConfig, GemmaNeuronConfig, check_speculation
 from .kv_cache import GemmaKVCacheManager
+from .lm_head import QuantizedSoftcapColumnParallel, SoftcapColumnParallelLinear
 from .lora import GemmaLoraModelManager
 from .moe import ParallelMoeExperts
 from .quantized import quantized_dtype
@@ -79,49 +78,6 @@ class GemmaEmbedding(ParallelEmbedding):
             self.state.ple = per_layer_inputs(self.plan, input_, out, self.embed_tokens_per_layer,
                                               self.per_layer_model_projection, self.per_layer_projection_norm)
         return out
-
-
-class SoftcapColumnParallelLinear(ColumnParallelLinear):
-    """LM head with the final logit softcap (elementwise, so correct on a vocab shard and on gathered logits), for a
-    vocabulary the TP degree need not divide: the weight is zero-padded to a multiple of TP rows at sharding.
-
-    NxD's `pad=True` strips the padding when it gathers, yet NxDI's model forward (0.8 cd3abf3 and 0.9 c63afe0:
-    `mask_padded_logits` after `lm_head` whenever it has a `pad_size`) then sets the last `pad_size` columns of those
-    already unpadded logits to finfo.min: the last real tokens could never be generated. So:
-    - gathered logits (no on-device sampling): the padding is ours (`vocab_pad`, no `pad_size` attribute, so NxDI
-      masks nothing) and the pad columns are cut after the gather: exactly the vocabulary's columns leave the graph;
-    - sharded logits (on-device sampling): NxD's own `pad=True`; NxDI's mask is right there (the last rank's last
-      `pad_size` columns are the padding) and keeps the sampler off them. Logits gathered for `output_logits` keep
-      the padded width, the pad columns at finfo.min."""
-
-    def __init__(self, hidden_size: int, vocab_size: int, *, gather_output: bool, dtype: torch.dtype,
-                 softcap: float | None):
-        tp = parallel_state.get_tensor_model_parallel_size()
-        pad = -vocab_size % tp
-        if gather_output:
-            super().__init__(hidden_size, vocab_size + pad, bias=False, gather_output=True, dtype=dtype)
-        else:
-            super().__init__(hidden_size, vocab_size, bias=False, gather_output=False, pad=True, dtype=dtype)
-            if pad > self.output_size_per_partition:  # NxDI masks pad columns on the last rank only
-                raise ConfigError(f"vocab_size {vocab_size} is too small to shard over {tp} ranks with on-device "
-                                  "sampling; use a smaller tp_degree")
-        self.vocab_size, self.softcap = vocab_size, softcap
-        self.vocab_pad = pad if gather_output else 0  # sharded: NxD's pad_size holds it
-
-    def preshard_hook(self, model_state_dict: dict, prefix: str) -> None:
-        if not self.vocab_pad:
-            super().preshard_hook(model_state_dict, prefix)
-            return
-        weight = model_state_dict[prefix]
-        if weight.shape[0] != self.vocab_size:
-            raise ConfigError(f"{prefix} has {weight.shape[0]} rows, expected the vocab_size {self.vocab_size}")
-        model_state_dict[prefix] = nn.functional.pad(weight, (0, 0, 0, self.vocab_pad))
-
-    def forward(self, input_: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        logits = super().forward(input_, *args, **kwargs)
-        if self.vocab_pad:
-            logits = logits[..., : self.vocab_size]
-        return ops.softcap(logits, self.softcap)
 
 
 class AdapterMLP(GemmaMLP):
@@ -191,12 +147,15 @@ class NeuronGemmaModel(NeuronBaseModel):
         self.embed_tokens = GemmaEmbedding(plan, self.state, dtype)
         self.layers = nn.ModuleList(NeuronGemmaDecoderLayer(config, plan, layer, self.state) for layer in plan.layers)
         self.norm = make_norm(plan, plan.hidden_size, folded=config.fold_norm_offset)
-        self.lm_head = SoftcapColumnParallelLinear(
-            plan.hidden_size, plan.vocab_size, gather_output=not self.on_device_sampling, dtype=dtype,
-            softcap=plan.final_logit_softcap,
-        )
+        head = dict(gather_output=not self.on_device_sampling, dtype=dtype, softcap=plan.final_logit_softcap)
         if config.neuron_config.quantized:
             quantized.convert_model(self, config.neuron_config)  # NxD's swap, here so that CPU mode runs it too
+        if getattr(config.neuron_config, "quantize_lm_head", False):  # opt-in; NxD's swap never touches the head
+            with quantized.no_weight_init():
+                self.lm_head = QuantizedSoftcapColumnParallel(plan.hidden_size, plan.vocab_size, **head,
+                                                              q_config=quantized.q_config(config.neuron_config))
+        else:
+            self.lm_head = SoftcapColumnParallelLinear(plan.hidden_size, plan.vocab_size, **head)
 
     def init_inference_optimization(self, config: GemmaInferenceConfig) -> None:
         if self.on_device_sampling:

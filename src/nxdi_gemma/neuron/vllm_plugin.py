@@ -433,7 +433,7 @@ def check_supported_features(override: Mapping[str, Any], unsupported: Iterable[
 def check_serving_settings(config: dict[str, Any], source: str, *, tp: int, batch: int, max_model_len: int,
                            dtype: str, prefix_caching: bool, block_size: int | None, instance: str | None,
                            num_blocks: int | None = None, weights: str = "model",
-                           kv_cache: str = "model") -> dict[str, Any]:
+                           kv_cache: str = "model", quantize_lm_head: bool = False) -> dict[str, Any]:
     """What `serving_check` decides, from plain values: the top-level hf_config fields to set (`hf_overrides_for`),
     or ServeConfigError naming the flag to pass. `batch`, `tp`, `max_model_len`: what vllm-neuron will give NxDI
     (batch_size, tp_degree, seq_len); `block_size` / `num_blocks`: the block KV layout of prefix caching (HBM is
@@ -462,7 +462,7 @@ def check_serving_settings(config: dict[str, Any], source: str, *, tp: int, batc
         if tp > INSTANCES[instance].cores:
             raise ServeConfigError(f"--tensor-parallel-size {tp} exceeds the {INSTANCES[instance].cores} "
                                    f"NeuronCores of {instance}")
-        schemes = {"weights": weights, "kv_cache": kv_cache}
+        schemes = {"weights": weights, "kv_cache": kv_cache, "quantize_lm_head": quantize_lm_head}
         need = memory_plan(plan, instance, tp, batch, max_model_len, dtype, block_size, num_blocks, **schemes)
         if not need.fits:
             layout = "" if block_size is None else f" (block KV layout: {num_blocks} blocks of {block_size})"
@@ -480,13 +480,15 @@ def check_serving_settings(config: dict[str, Any], source: str, *, tp: int, batc
     return hf_overrides_for(config, source)
 
 
-def quantization_schemes(override: dict[str, Any]) -> dict[str, str]:
+def quantization_schemes(override: dict[str, Any]) -> dict[str, Any]:
     """The planner's weights / kv_cache schemes of an override_neuron_config (quantized, quantization_dtype,
-    kv_cache_quant: NxDI's fields; the fp8 KV cache is the only one served, see quantize.check_kv_cache_quant)."""
+    kv_cache_quant: NxDI's fields; the fp8 KV cache is the only one served, see quantize.check_kv_cache_quant; and
+    our quantize_lm_head, which counts only with quantized weights: GemmaNeuronConfig refuses it alone)."""
     weights = "model"
     if override.get("quantized"):
         weights = "fp8" if override.get("quantization_dtype") == "f8e4m3" else "int8"
-    return {"weights": weights, "kv_cache": "fp8" if override.get("kv_cache_quant") else "model"}
+    return {"weights": weights, "kv_cache": "fp8" if override.get("kv_cache_quant") else "model",
+            "quantize_lm_head": bool(override.get("quantize_lm_head")) and weights != "model"}
 
 
 def text_only_inputs(multimodal_config: Any) -> None:
