@@ -174,6 +174,30 @@ def goldens(sim) -> dict[str, Path]:
     return sim.goldens(family_specs())
 
 
+# FP8 Hub checkpoints: dense families (compressed-tensors quantizes Linear modules; our routed experts are 3-D
+# parameters, which such checkpoints keep unquantized and our converter would quantize, away from HF's reference).
+HUB_FAMILIES = [f for f in FAMILIES if f != "gemma4_moe"]
+
+
+@pytest.fixture(scope="session")
+def int8_goldens(sim) -> dict[str, Path]:
+    """{family}_int8: HF run on an int8-rounded copy of the checkpoint (the reference of `quantized` int8 weights)."""
+    return sim.goldens({f"{name}_int8": dict(spec, weights="int8_rounded") for name, spec in family_specs().items()})
+
+
+@pytest.fixture(scope="session")
+def kv_goldens(sim) -> dict[str, Path]:
+    """{family}_kvfp8: HF whose cache rounds what it stores to fp8 (the reference of `kv_cache_quant`)."""
+    return sim.goldens({f"{name}_kvfp8": dict(spec, kv_cache="f8e4m3") for name, spec in family_specs().items()})
+
+
+@pytest.fixture(scope="session")
+def hub_goldens(sim) -> dict[str, Path]:
+    """{family}_fp8hub: an FP8 compressed-tensors checkpoint, HF run on its dequantized weights (HUB_FAMILIES)."""
+    return sim.goldens({f"{name}_fp8hub": dict(spec, weights="fp8_compressed_tensors")
+                        for name, spec in family_specs().items() if name in HUB_FAMILIES})
+
+
 REPORT: list[tuple[str, str]] = []
 
 
