@@ -25,6 +25,9 @@ Helpers for the tier's tests (constants import as `from conftest import FAMILIES
   ALL_FAMILIES adds Gemma 4 12B-like (`gemma4_unified_text`: K=V global layers with one KV head of twice the head
   dim, no PLE / MoE / sharing); to keep the tier's time, only test_nxdi_cpu (also its multimodal layout,
   `multimodal_specs`), test_xla, test_hlo_budgets (its real geometry) and test_vllm run it.
+- `int8_goldens`, `kv_goldens`, `hub_goldens` (session fixtures) -> {family_int8 / family_kvfp8 / family_fp8hub: case
+  dir}: the references of quantized weights, the fp8 KV cache and FP8 Hub checkpoints (HUB_FAMILIES), shared by
+  test_quantized.py (NxDI CPU mode) and test_xla_quantized.py (XLA replay).
 - `sim_report` (fixture) -> report(key, text): a line in the "simulation tier measurements" summary at the end.
 """
 
