@@ -79,13 +79,6 @@ def replays(request, sim, release: str, ci: bool, tmp_path_factory) -> dict:
         tmp = tmp_path_factory.mktemp(f"xla_quantized_{release}_{'ci' if ci else 'slow'}")
         cases = [c for c in CASES if in_ci(release, c) == ci]
         jobs = []
-        if ci:  # the shipped int8 compile config, traced (TP 2 cannot run on PJRT CPU) in the same process
-            spec = json.loads(COMPILE_CONFIG.read_text())
-            config = dict(spec["neuron_config"], quantized_checkpoints_path=str(tmp / "quantized_config"))
-            jobs.append(["--geometry", spec["model"], "--layers", "2", "--tp", str(config["tp_degree"]),
-                         "--seq-len", str(config["seq_len"]), "--dtype", config["torch_dtype"], "--mode", "trace",
-                         "--neuron-config", json.dumps(config)])
-            cases = [("compile_config", "int8"), *cases]
         for family, scheme in cases:
             fixture, config, chunk = SCHEMES[scheme]
             case_dir = request.getfixturevalue(fixture)[f"{family}_{GOLDEN_SUFFIX[scheme]}"]
@@ -94,6 +87,13 @@ def replays(request, sim, release: str, ci: bool, tmp_path_factory) -> dict:
                 config["quantized_checkpoints_path"] = str(tmp / f"quantized_{family}_{scheme}")
             jobs.append(["--case", str(case_dir), "--seq-len", "64", "--ctx-len", str(CTX),
                          "--neuron-config", json.dumps(config)])
+        if ci:  # the shipped int8 compile config, traced (TP 2 cannot run on PJRT CPU) in the same process
+            spec = json.loads(COMPILE_CONFIG.read_text())
+            config = dict(spec["neuron_config"], quantized_checkpoints_path=str(tmp / "quantized_config"))
+            jobs.append(["--geometry", spec["model"], "--layers", "2", "--tp", str(config["tp_degree"]),
+                         "--seq-len", str(config["seq_len"]), "--dtype", config["torch_dtype"], "--mode", "trace",
+                         "--neuron-config", json.dumps(config)])
+            cases = [*cases, ("compile_config", "int8")]
         (tmp / "jobs.json").write_text(json.dumps(jobs))
         proc = sim.run([sys.executable, "-m", "xla", "--jobs", str(tmp / "jobs.json"), "--json", str(tmp / "out.json")],
                        release, mode="xla", timeout=2400, check=False)
