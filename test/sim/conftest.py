@@ -25,6 +25,9 @@ Helpers for the tier's tests (constants import as `from conftest import FAMILIES
   ALL_FAMILIES adds Gemma 4 12B-like (`gemma4_unified_text`: K=V global layers with one KV head of twice the head
   dim, no PLE / MoE / sharing); to keep the tier's time, only test_nxdi_cpu (also its multimodal layout,
   `multimodal_specs`), test_xla, test_hlo_budgets (its real geometry) and test_vllm run it.
+- `int8_goldens`, `kv_goldens`, `hub_goldens` (session fixtures) -> {family_int8 / family_kvfp8 / family_fp8hub: case
+  dir}: the references of quantized weights, the fp8 KV cache and FP8 Hub checkpoints (HUB_FAMILIES), shared by
+  test_quantized.py (NxDI CPU mode) and test_xla_quantized.py (XLA replay).
 - `sim_report` (fixture) -> report(key, text): a line in the "simulation tier measurements" summary at the end.
 """
 
@@ -172,6 +175,30 @@ def sim(tmp_path_factory) -> Sim:
 @pytest.fixture(scope="session")
 def goldens(sim) -> dict[str, Path]:
     return sim.goldens(family_specs())
+
+
+# FP8 Hub checkpoints: dense families (compressed-tensors quantizes Linear modules; our routed experts are 3-D
+# parameters, which such checkpoints keep unquantized and our converter would quantize, away from HF's reference).
+HUB_FAMILIES = [f for f in FAMILIES if f != "gemma4_moe"]
+
+
+@pytest.fixture(scope="session")
+def int8_goldens(sim) -> dict[str, Path]:
+    """{family}_int8: HF run on an int8-rounded copy of the checkpoint (the reference of `quantized` int8 weights)."""
+    return sim.goldens({f"{name}_int8": dict(spec, weights="int8_rounded") for name, spec in family_specs().items()})
+
+
+@pytest.fixture(scope="session")
+def kv_goldens(sim) -> dict[str, Path]:
+    """{family}_kvfp8: HF whose cache rounds what it stores to fp8 (the reference of `kv_cache_quant`)."""
+    return sim.goldens({f"{name}_kvfp8": dict(spec, kv_cache="f8e4m3") for name, spec in family_specs().items()})
+
+
+@pytest.fixture(scope="session")
+def hub_goldens(sim) -> dict[str, Path]:
+    """{family}_fp8hub: an FP8 compressed-tensors checkpoint, HF run on its dequantized weights (HUB_FAMILIES)."""
+    return sim.goldens({f"{name}_fp8hub": dict(spec, weights="fp8_compressed_tensors")
+                        for name, spec in family_specs().items() if name in HUB_FAMILIES})
 
 
 REPORT: list[tuple[str, str]] = []

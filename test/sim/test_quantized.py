@@ -18,16 +18,13 @@ import json
 import sys
 
 import pytest
-from conftest import FAMILIES, RELEASES, SIM, family_specs
+from conftest import FAMILIES, HUB_FAMILIES, RELEASES, SIM, family_specs
 from sim_golden import load_golden
 
 TP_DEGREES = (1, 2)
 NEURON_CONFIG = {"quantized": True, "quantization_dtype": "int8", "quantization_type": "per_channel_symmetric"}
 KV_NEURON_CONFIG = {"kv_cache_quant": True}  # f8e4m3, direct cast (NxDI's KVQuantizationConfig default)
 FP8_NEURON_CONFIG = {"quantized": True, "quantization_dtype": "f8e4m3", "quantization_type": "per_channel_symmetric"}
-# FP8 Hub checkpoints: dense families (compressed-tensors quantizes Linear modules; our routed experts are 3-D
-# parameters, which such checkpoints keep unquantized and our converter would quantize, away from HF's reference).
-HUB_FAMILIES = [f for f in FAMILIES if f != "gemma4_moe"]
 # The opt-in quantized LM head (`quantize_lm_head`) on a vocabulary TP 2 does not divide (the head is padded by a
 # row), Gemma 2 (final softcap after the dequantized matmul), Gemma 3 and Gemma 4 (PLE: the PLE table keeps the
 # vocabulary too).
@@ -37,16 +34,6 @@ HEAD_NEURON_CONFIG = {**NEURON_CONFIG, "quantize_lm_head": True}
 SCHEME_CONFIGS = {"int8": NEURON_CONFIG, "kvfp8": KV_NEURON_CONFIG, "fp8hub": FP8_NEURON_CONFIG,
                   "int8head": HEAD_NEURON_CONFIG}
 _RUNS: dict[tuple[str, int, str], list[dict] | str] = {}
-
-
-@pytest.fixture(scope="session")
-def int8_goldens(sim) -> dict[str, object]:
-    return sim.goldens({f"{name}_int8": dict(spec, weights="int8_rounded") for name, spec in family_specs().items()})
-
-
-@pytest.fixture(scope="session")
-def kv_goldens(sim) -> dict[str, object]:
-    return sim.goldens({f"{name}_kvfp8": dict(spec, kv_cache="f8e4m3") for name, spec in family_specs().items()})
 
 
 def driver_records(sim, cases: dict, suffix: str, release: str, tp: int, tmp_path_factory) -> list[dict]:
@@ -132,12 +119,6 @@ def test_fp8_kv_cache_matches_round_on_write_hf(sim, goldens, kv_goldens, sim_re
                f"{max(r['max_abs_logit_diff'] for r in records):.1e} vs round-on-write HF (bound "
                f"{records[0]['bound']:.0e}; vs unquantized-cache HF {effect:.1e})")
     assert effect > 10 * records[0]["bound"], f"{family}: fp8 rounding of the cache barely moves HF; proves little"
-
-
-@pytest.fixture(scope="session")
-def hub_goldens(sim) -> dict[str, object]:
-    return sim.goldens({f"{name}_fp8hub": dict(spec, weights="fp8_compressed_tensors")
-                        for name, spec in family_specs().items() if name in HUB_FAMILIES})
 
 
 @pytest.mark.parametrize("family", HUB_FAMILIES)

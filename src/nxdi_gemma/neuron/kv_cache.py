@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+from neuronx_distributed.utils import cpu_mode
 from neuronx_distributed_inference.modules.kvcache.kv_cache_manager import KVCacheManager
 from neuronx_distributed_inference.modules.kvcache.utils import dynamic_update_slice, fill_prefix
 from torch import nn
@@ -91,10 +92,12 @@ class GemmaKVCacheManager(LayerCaches, KVCacheManager):
 
     @property
     def _as_bytes(self) -> bool:
-        """An fp8 cache is moved (gathered, scattered, merged) as its bytes: the same data, and torch's CPU kernels
-        (NxDI's CPU mode) have no indexing for float8; a bitcast on device. Viewed back as fp8 where it is read
-        (`_dequantize_cache`) and where the updated cache leaves the graph (`update_cache`)."""
-        return self.cache_dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+        """In NxDI's CPU mode an fp8 cache is moved (gathered, scattered, merged) as its bytes: the same data, and
+        torch's CPU kernels have no indexing for float8. Viewed back as fp8 where it is read (`_dequantize_cache`)
+        and where the updated cache leaves the graph (`update_cache`). Never on device: torch-xla 2.9 has no lowering
+        for a dtype view (`aten::view_copy.dtype` falls back to the CPU), so a traced graph would copy the cache to
+        the host and freeze it as a constant instead of reading its aliased state (test/sim/test_xla_quantized.py)."""
+        return cpu_mode() and self.cache_dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
 
     def _quantize_cache(self, cache_tensor, layer_idx, is_key=True):
         quantized = super()._quantize_cache(cache_tensor, layer_idx, is_key)

@@ -218,7 +218,17 @@ class _Shaped:
         raise NotImplementedError(f"xla_hlo_call: scribe op {name!r} is not implemented by test/sim/xla/lower.py")
 
 
-_TYPES = {"pred", "s8", "u8", "s16", "u16", "s32", "u32", "s64", "u64", "bf16", "f16", "f32", "f64"}
+_TYPES = {"pred", "s8", "u8", "s16", "u16", "s32", "u32", "s64", "u64", "bf16", "f16", "f32", "f64", "f8e4m3fn",
+          "f8e5m2"}
+# An fp8 KV cache (`kv_cache_quant`) reaches fill_prefix / dynamic_update_slice as float8; torch-xla's builder has no
+# torch -> XLA mapping for it, though XLA's shapes and DynamicUpdateSlice take the type.
+_FLOAT8 = {torch.float8_e4m3fn: "f8e4m3fn", torch.float8_e5m2: "f8e5m2"}
+
+
+def _xla_type(dtype: torch.dtype) -> str:
+    import torch_xla.core.xla_builder as xb
+
+    return _FLOAT8[dtype] if dtype in _FLOAT8 else xb.Op.from_torch_type(dtype)
 
 
 class _Scribe:
@@ -248,7 +258,7 @@ def xla_hlo_call(fn=None, **_options):
         for i, t in enumerate(tensors):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"xla_hlo_call({fn.__name__}): argument {i} is {type(t).__name__}, not a tensor")
-            shape = xb.mkshape(xb.Op.from_torch_type(t.dtype), list(t.shape))
+            shape = xb.mkshape(_xla_type(t.dtype), list(t.shape))
             operands.append(_Operand(xb.mkparam(builder, i, shape), scribe))
         computation = fn(*operands).op.build(name)
         out = torch_xla._XLAC._xla_user_computation(f"xla::{name}", list(tensors), computation)

@@ -20,7 +20,8 @@ from .lower import HloGraph
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
           "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128)\[([\d,]*)\]")
+# float8 types (an fp8 KV cache, fp8 weights) are spelled f8e4m3fn, f8e5m2, ... in HLO text
+_ARRAY = re.compile(r"\b(pred|[suf]\d+(?:e\d+m\d+(?:b11)?(?:fnuz|fn)?)?|bf16|c64|c128)\[([\d,]*)\]")
 # name = shape opcode(operands), attributes   (shape may be a tuple)
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\(.*?\)|\S+)\s+([a-z][\w\-]*)\((.*)$")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
@@ -35,7 +36,7 @@ def array_bytes(shape_text: str) -> int:
     """Bytes of every array in a (possibly tuple) HLO shape."""
     total = 0
     for dtype, dims in _ARRAY.findall(shape_text):
-        n = _BYTES.get(dtype, 4)
+        n = 1 if dtype.startswith("f8") else _BYTES.get(dtype, 4)
         for d in _dims(dims):
             n *= d
         total += n
