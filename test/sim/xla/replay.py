@@ -8,7 +8,8 @@ host code, as a Neuron device runs the compiled NEFFs.
   and the state (KV cache) carried from call to call through the aliased outputs. Traced ONCE with NxDI's example
   inputs, so anything value-dependent the trace baked in shows up as wrong logits.
 - `Router`: stands where NxD's traced ScriptModule sits in `ModelWrapper.model` (it is a ScriptModule, so NxDI's
-  `is_neuron()` holds without touching NxDI), picks the bucket graph by input shapes, returns the logits.
+  `is_neuron()` holds without touching NxDI), picks the bucket graph by input shapes, returns the outputs that are
+  not aliased state (the logits; NxDI's fused speculation: its list of tokens and next inputs).
 - `greedy`: decoding through `NeuronBaseForCausalLM.forward` with the inputs `nxdi_gemma.neuron.runtime.greedy` and
   vllm-neuron pass.
 """
@@ -170,7 +171,7 @@ class Graph:
 
 
 class Router(torch.jit.ScriptModule):
-    """In ModelWrapper.model's place: NxDI sees a ScriptModule (a Neuron model) and gets logits only."""
+    """In ModelWrapper.model's place: NxDI sees a ScriptModule (a Neuron model) and gets the non-state outputs."""
 
     def __init__(self, tag: str, graphs: list[Graph], session: Session):
         super().__init__()
@@ -184,11 +185,14 @@ class Router(torch.jit.ScriptModule):
         if self.tag in self.session.observers:
             self.session.observers[self.tag](args)
         before = xla_compiles()
-        logits = graph(args, self.session.state)[0].cpu()
+        outs = graph(args, self.session.state)
         if xla_compiles() > before:  # a graph compiles on its first call only; more is a retrace
             self.session.compiled_at.append(f"{graph.name} call {self.session.calls[graph.name]}: "
                                             f"{xla_compiles() - before}")
-        return logits
+        # What NxD's traced model returns: the outputs that are not aliased state, one tensor (logits or tokens) or,
+        # for NxDI's fused speculation, a list (tokens, next input ids, next attention mask, next positions).
+        returned = [o.cpu() for i, o in enumerate(outs) if i not in graph.hlo.states]
+        return returned[0] if len(returned) == 1 else returned
 
 
 @dataclass
