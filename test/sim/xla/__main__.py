@@ -334,7 +334,8 @@ def replay_speculation(args: argparse.Namespace, model, traced, standins) -> dic
               "acceptance": out.acceptance_rate, "xla_compiles": replay.xla_compiles() - compiles0,
               "compiled_at": session.compiled_at, "calls": dict(session.calls),
               "standins_called": standins.calls(since=mark), "weight_problems": session.weight_problems,
-              "seconds": round(time.time() - t1, 1)}
+              "seconds": round(time.time() - t1, 1),
+              "compile_seconds": {g: round(t, 1) for g, t in session.compile_seconds.items()}}
     log("RESULT replay", json.dumps({k: v for k, v in result.items() if "tokens" not in k}))
     return result
 
