@@ -10,7 +10,8 @@
            --case or --golden: token match and max |logit diff| vs Hugging Face
   compile  + XLA compiles every graph without running it (--xla-dump: buffer assignment, bytes accessed)
 `--json OUT` writes everything printed. `python -m xla --jobs JOBS.json [--json OUT]` runs several argument lists
-(a JSON list of lists) in one process. Exit status 0 unless something could not run.
+(a JSON list of lists) in one process. `--fast-compile`: XLA:CPU's backend optimization level 0 for the process.
+Exit status 0 unless something could not run.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from pathlib import Path
 if not __package__:  # run as `python test/sim/xla`: import this folder as the package `xla`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "xla"  # noqa: A001
+
+
+FAST_COMPILE = ("XLA:CPU backend optimization level 0 for the whole process (about half the compile time of a "
+                "large graph; same HLO, slower execution): for replays of many small runs")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -60,6 +65,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--xla-dump", help="folder for XLA's dump (compile mode)")
     p.add_argument("--json", help="write the reports (a JSON list) here")
+    p.add_argument("--fast-compile", action="store_true", help=FAST_COMPILE)
     return p.parse_args(argv)
 
 
@@ -90,6 +96,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         outer = argparse.ArgumentParser(prog="python -m xla --jobs")
         outer.add_argument("--jobs", required=True)
         outer.add_argument("--json")
+        outer.add_argument("--fast-compile", action="store_true", help=FAST_COMPILE)
         out = outer.parse_args(argv)
         jobs = [parse(a) for a in json.loads(Path(out.jobs).read_text())]
     else:
@@ -102,7 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     for folder in dumps:
         Path(folder).mkdir(parents=True, exist_ok=True)
-    standins = env.install(next(iter(dumps), None))
+    standins = env.install(next(iter(dumps), None), fast_compile=out.fast_compile)
     reports = []
     for job in jobs:
         reports.append(run(job, standins))
