@@ -144,7 +144,14 @@ def run(args: argparse.Namespace, standins) -> dict:
     if args.nxdi:
         if args.mode != "trace":
             raise SystemExit("--nxdi traces NxDI's own classes for their HLO: use --mode trace")
-        model = nxdi_model(args.nxdi, ckpt, neuron_config)
+        if args.draft:
+            if args.draft != "self" or args.speculation_length < 2:
+                raise SystemExit("--nxdi with --draft: only 'self', with --speculation-length S = K + 1 >= 2")
+            from neuronx_distributed_inference.models.config import OnDeviceSamplingConfig
+
+            neuron_config.update(enable_fused_speculation=True, speculation_length=args.speculation_length,
+                                 on_device_sampling_config=OnDeviceSamplingConfig(do_sample=False, top_k=1))
+        model = nxdi_model(args.nxdi, ckpt, neuron_config, fused_self_draft=bool(args.draft))
     elif args.draft:
         if args.speculation_length < 2:
             raise SystemExit("--draft needs --speculation-length S = K + 1 >= 2")
@@ -222,12 +229,16 @@ def run(args: argparse.Namespace, standins) -> dict:
     return report
 
 
-def nxdi_model(spec: str, ckpt: Path, neuron_config: dict):
+def nxdi_model(spec: str, ckpt: Path, neuron_config: dict, fused_self_draft: bool = False):
     """NxDI's own causal LM MODULE:CLASS built as NxDI's examples build it: its NeuronConfig class, its
-    InferenceConfig class, and the checkpoint's config.json through NxDI's `load_pretrained_config`."""
+    InferenceConfig class, and the checkpoint's config.json through NxDI's `load_pretrained_config`;
+    `fused_self_draft`: fused speculation with the same checkpoint as draft, its config made as NxDI's
+    inference_demo makes it (the target's neuron config with speculation off)."""
+    import copy
     import importlib
 
     import torch
+    from neuronx_distributed_inference.models.config import FusedSpecNeuronConfig
     from neuronx_distributed_inference.utils.hf_adapter import load_pretrained_config
 
     module, name = spec.split(":")
@@ -235,6 +246,13 @@ def nxdi_model(spec: str, ckpt: Path, neuron_config: dict):
     settings = dict(neuron_config, torch_dtype=getattr(torch, neuron_config["torch_dtype"]))
     config = cls.get_config_cls()(cls.get_neuron_config_cls()(**settings),
                                   load_config=load_pretrained_config(str(ckpt)))
+    if fused_self_draft:
+        draft_neuron_config = copy.deepcopy(config.neuron_config)
+        draft_neuron_config.speculation_length = 0
+        draft_neuron_config.enable_fused_speculation = False
+        draft_config = cls.get_config_cls()(draft_neuron_config, load_config=load_pretrained_config(str(ckpt)))
+        config.fused_spec_config = FusedSpecNeuronConfig(cls._model_cls, draft_config=draft_config,
+                                                         draft_model_path=str(ckpt))
     return cls(str(ckpt), config)
 
 
