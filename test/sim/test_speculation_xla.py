@@ -12,8 +12,8 @@ model of the same configuration, (c) another family or feature set with window 5
 K in {2, 4, 7}. Per case:
 - every row's tokens equal HF's greedy golden of the target;
 - (a) acceptance 1.0 and fused calls per generated token <= 1/(K+1) + 0.02; (b) acceptance < 0.5;
-- exactly one XLA compile per graph over the four prefills and every fused step, every traced graph used, the
-  fused graph called once per step; no host sync or CPU fallback while tracing, no float64, no int64 S x S value,
+- exactly one XLA compile per graph over the four prefills and every fused step (at its first call; none for a
+  graph an earlier case of the process compiled), every traced graph used, the fused graph called once per step; no host sync or CPU fallback while tracing, no float64, no int64 S x S value,
   the caches of draft and target aliased, no closed-source stand-in called while generating.
 TP 2 is traced only (PJRT CPU cannot run cross-process collectives): its collectives are listed and the
 row-parallel all-reduces checked.
@@ -116,8 +116,14 @@ def test_one_compile_per_graph_static(sim, sim_report, tmp_path_factory, release
     result = report["replay"]
     assert set(report["graphs"]) == {"context_encoding_model_bk0", "fused_speculation_model_bk0"}, report["graphs"]
     assert set(result["calls"]) == set(report["graphs"]), "every traced graph is used, nothing else is called"
-    assert result["xla_compiles"] == len(report["graphs"]), (
-        f"{result['xla_compiles']} XLA compiles for {len(report['graphs'])} graphs: {result['compiled_at']}")
+    # One compile per graph over the whole run, at its first call: every XLA compile during generation happened in
+    # a graph's first call, one each. A graph identical to one an earlier case of the process compiled (a random
+    # draft of the target's configuration makes the self-draft's HLO: weights are parameters) comes from XLA's
+    # cache: no compile at all.
+    assert all(entry.endswith(" call 1: 1") for entry in result["compiled_at"]), result["compiled_at"]
+    assert result["xla_compiles"] == len(result["compiled_at"]) <= len(report["graphs"]), result["compiled_at"]
+    if not slow:  # the CI cases share no graph: each compiles both of its own
+        assert result["xla_compiles"] == len(report["graphs"]), result["compiled_at"]
     assert result["calls"]["context_encoding_model_bk0"] == len(result["prompt_lengths"])  # one prefill per row
     assert result["calls"]["fused_speculation_model_bk0"] == result["target_calls"]  # one graph call per step
     assert not result["weight_problems"]
