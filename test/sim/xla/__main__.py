@@ -7,7 +7,9 @@
 (`python test/sim/xla ...` works too.) Modes:
   trace    HLO statistics of every submodel and bucket only
   replay   + greedy generation through NxDI's host code with the graphs executed on PJRT CPU (default); with
-           --case or --golden: token match and max |logit diff| vs Hugging Face
+           --case or --golden: token match and max |logit diff| vs Hugging Face; with --case and --draft: NxDI
+           fused speculation (spec_driver.py's settings, one row per prompt) through runtime.speculative_greedy,
+           tokens vs the golden
   compile  + XLA compiles every graph without running it (--xla-dump: buffer assignment, bytes accessed)
 `--json OUT` writes everything printed. `python -m xla --jobs JOBS.json [--json OUT]` runs several argument lists
 (a JSON list of lists) in one process. `--fast-compile`: XLA:CPU's backend optimization level 0 for the process.
@@ -43,7 +45,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                                   "models.llama.modeling_llama:NeuronLlamaForCausalLM) instead of ours, from --ckpt "
                                   "(its config.json, read by NxDI's load_pretrained_config); --mode trace only")
     p.add_argument("--draft", help="NxDI fused speculation with this draft: 'self' (the target's own checkpoint) or a "
-                                   "checkpoint directory; with --speculation-length S = K + 1")
+                                   "checkpoint directory; with --speculation-length S = K + 1 (with --case: "
+                                   "spec_driver.py's continuous-batching settings; with --nxdi: 'self' only)")
     p.add_argument("--speculation-length", type=int, default=0)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=4096)
