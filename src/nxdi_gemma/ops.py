@@ -219,10 +219,11 @@ def sliding_chunk_attention(
     # Query r of a block (position p0 + bW + r) and key t (position p0 + bW - W + t): q - k = W + r - t.
     r = torch.arange(window, device=q.device, dtype=torch.int32)
     t = torch.arange(2 * window, device=q.device, dtype=torch.int32)
-    # Visible iff r < t <= r + W and the key's position exists (>= 0): t >= max(r + 1, -(p0 + bW - W)) and
-    # t <= r + W, combined with a select rather than a boolean `and` (the forms NxDI's masks use).
-    starts = torch.arange(blocks, device=q.device, dtype=torch.int32) * window - window
-    exists_from = -(first_position.to(torch.int32).view(batch, 1, 1) + starts[None, :, None])  # [B, blocks, 1]
+    # Visible iff r < t <= r + W and the key's position exists (>= 0): t >= max(r + 1, W - bW - p0) and
+    # t <= r + W, combined with a select rather than a boolean `and` (the forms NxDI's masks use). Subtractions
+    # only: an int32 negate is in none of NxDI's graphs (test_op_set.py).
+    first_free = window - torch.arange(blocks, device=q.device, dtype=torch.int32) * window  # W - bW
+    exists_from = first_free[None, :, None] - first_position.to(torch.int32).view(batch, 1, 1)  # [B, blocks, 1]
     lowest = torch.maximum(r[None, None, :, None] + 1, exists_from[:, :, :, None])  # [B, blocks, W, 1]
     in_band = (t[None, :] <= r[:, None] + window)[None, None]  # [1, 1, W, 2W]
     visible = torch.where(t[None, None, None, :] >= lowest, in_band, False)  # [B, blocks, W, 2W]

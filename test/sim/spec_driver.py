@@ -41,16 +41,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def build(target: str, draft: str, k: int, tp: int, rows: int, seq_len: int):
+def settings(k: int, tp: int, rows: int, seq_len: int) -> dict:
+    """The neuron config of a fused-speculation case: continuous batching with one row per prompt (prefilled one at a
+    time), greedy on-device sampling, K + 1 = speculation_length (also the XLA replay's, `python -m xla --draft`)."""
     from neuronx_distributed_inference.models.config import OnDeviceSamplingConfig
 
+    return {"tp_degree": tp, "batch_size": rows, "ctx_batch_size": 1, "tkg_batch_size": rows,
+            "is_continuous_batching": True, "seq_len": seq_len, "max_context_length": seq_len,
+            "torch_dtype": "float32", "enable_fused_speculation": True, "speculation_length": k + 1,
+            "on_device_sampling_config": OnDeviceSamplingConfig(do_sample=False, top_k=1)}
+
+
+def seq_len_for(golden, k: int) -> int:
+    """The one bucket that holds every prompt, its new tokens and the K proposals of the last step."""
+    return -(-(max(map(len, golden.prompts)) + golden.new_tokens + k) // BUCKET) * BUCKET
+
+
+def build(target: str, draft: str, k: int, tp: int, rows: int, seq_len: int):
     from nxdi_gemma.neuron import runtime
 
-    settings = {"tp_degree": tp, "batch_size": rows, "ctx_batch_size": 1, "tkg_batch_size": rows,
-                "is_continuous_batching": True, "seq_len": seq_len, "max_context_length": seq_len,
-                "torch_dtype": "float32", "enable_fused_speculation": True, "speculation_length": k + 1,
-                "on_device_sampling_config": OnDeviceSamplingConfig(do_sample=False, top_k=1)}
-    model = runtime.build(target, settings, on_cpu=True, draft=draft)
+    model = runtime.build(target, settings(k, tp, rows, seq_len), on_cpu=True, draft=draft)
     spec = model.config.neuron_config.speculation_length
     model.config.neuron_config.speculation_length = 0  # see the module docstring
     model.to_cpu()
@@ -63,7 +73,7 @@ def run_case(case: dict, tp: int) -> dict:
 
     golden = load_golden(case["target"])
     k = case["k"]
-    seq_len = -(-(max(map(len, golden.prompts)) + golden.new_tokens + k) // BUCKET) * BUCKET
+    seq_len = seq_len_for(golden, k)
     start = time.perf_counter()
     model = build(str(golden.ckpt), case["draft"], k, tp, len(golden.prompts), seq_len)
     built = time.perf_counter()

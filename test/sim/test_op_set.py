@@ -8,8 +8,8 @@ Tiny random configs (no weights: tracing needs none), one context-encoding and o
 float32, TP 1. Ours: the tier's four families (`conftest.FAMILIES`) with a prefill chunk shorter than the context,
 so the graphs hold the chunked-prefill paths (cache reads, ring merges, spare-slot writes), two of them with
 continuous batching and in the block KV layout of prefix caching (whose reference adds NxDI's Llama on NxDI's own
-block-KV path). The reference set is traced once per session (one process per release); its seconds are
-reported.
+block-KV path), two as target of NxDI fused speculation (whose reference adds NxDI's Llama as its own fused draft).
+The reference set is traced once per session (one process per release); its seconds are reported.
 """
 
 from __future__ import annotations
@@ -37,6 +37,11 @@ BLOCK_REFERENCE = ["--seq-len", "1024", "--batch", "3", "--mode", "trace", "--ne
     "is_block_kv_layout": True, "is_prefix_caching": True, "pa_block_size": 8, "pa_num_blocks": 3 * 128,
     "is_continuous_batching": True, "ctx_batch_size": 1, "tkg_batch_size": 3, "enable_bucketing": True,
     "context_encoding_buckets": [16], "prefix_buckets": [1024], "token_generation_buckets": [1024]})]
+# NxDI fused speculation (issue 17): ours with continuous batching as spec_driver.py builds it (target, draft, K + 1),
+# a PLE + KV-sharing target with a K=V + MoE draft and Gemma 2 as its own draft; the reference adds NxDI's Llama as
+# its own fused draft (as NxDI's inference_demo builds it).
+SPEC_CASES = (("gemma4_ple", "gemma4_moe", 5), ("gemma2", "self", 3))
+SPEC_REFERENCE = ["--draft", "self", "--speculation-length", "5"]
 M = "neuronx_distributed_inference.models."
 _DENSE = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
           "num_hidden_layers": 2, "vocab_size": 256, "max_position_embeddings": 128, "rms_norm_eps": 1e-6,
@@ -63,13 +68,12 @@ REFERENCES = {
                     sliding_window=8, hidden_act="gelu_pytorch_tanh", query_pre_attn_scalar=16,
                     layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)),
 }
-# (opcode, element type) our graphs may use although no reference graph does, with the reason. Integer index
-# arithmetic is int32 in ours: NxDI's contiguous-cache graphs do it in int64 (positions arrive as s64), its block-KV
-# path in int32 as ours (convert, multiply and remainder s32 are there); neuronx-cc 2.32's notes announce hard
-# errors for int64 on integer scatter paths, so ours narrows positions to int32 once and indexes in int32.
-ALLOWED: dict[str, str] = {
-    "subtract s32": "int32 slot arithmetic (ring slot held by a position, window band limits); NxDI: subtract s64",
-}
+# (opcode, element type) our graphs may use although no reference graph does, with the reason. None today. Integer
+# index arithmetic is int32 in ours: NxDI's contiguous-cache graphs do it in int64 (positions arrive as s64), its
+# block-KV path and its fused speculation in int32 as ours (convert, multiply, remainder and subtract s32 are there;
+# `subtract s32` was allowlisted until NxDI's fused speculation joined the references); neuronx-cc 2.32's notes
+# announce hard errors for int64 on integer scatter paths, so ours narrows positions to int32 once.
+ALLOWED: dict[str, str] = {}
 
 
 def op_types(report: dict) -> dict[str, set[str]]:
@@ -93,6 +97,9 @@ def traced(request, sim, goldens, tmp_path_factory, sim_report) -> dict:
     jobs += [["--case", str(goldens[f]), *SEQ, *CB] for f in CB_FAMILIES]
     jobs += [["--case", str(goldens[f]), "--prefix-caching", "--mode", "trace"] for f in BLOCK_FAMILIES]
     jobs.append(["--nxdi", REFERENCES["llama"][0], "--ckpt", str(tmp / "llama"), *BLOCK_REFERENCE])
+    jobs += [["--case", str(goldens[t]), "--draft", "self" if d == "self" else str(goldens[d] / "ckpt"),
+              "--speculation-length", str(s), "--mode", "trace"] for t, d, s in SPEC_CASES]
+    jobs.append(["--nxdi", REFERENCES["llama"][0], "--ckpt", str(tmp / "llama"), *SEQ, *SPEC_REFERENCE])
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     t0 = time.time()
     sim.run([sys.executable, "-m", "xla", "--jobs", str(tmp / "jobs.json"), "--json", str(tmp / "out.json")],
@@ -107,7 +114,11 @@ def traced(request, sim, goldens, tmp_path_factory, sim_report) -> dict:
     start += len(CB_FAMILIES)
     for f, r in zip(BLOCK_FAMILIES, reports[start:start + len(BLOCK_FAMILIES)], strict=True):
         ours[f] = {**ours[f], **{f"{name} (block KV)": ops for name, ops in op_types(r).items()}}
-    reference["llama (block KV)"] = op_types(reports[-1])
+    start += len(BLOCK_FAMILIES)
+    reference["llama (block KV)"] = op_types(reports[start])
+    for (t, d, _s), r in zip(SPEC_CASES, reports[start + 1:start + 1 + len(SPEC_CASES)], strict=True):
+        ours[t] = {**ours[t], **{f"{name} (fused speculation, {d} draft)": ops for name, ops in op_types(r).items()}}
+    reference["llama (fused speculation)"] = op_types(reports[-1])
     sim_report(f"op set {release}", f"{len(REFERENCES)} NxDI models + {len(FAMILIES)} families traced in "
                f"{seconds:.0f} s (reference traces {sum(r['trace_seconds'] for r in reports[:len(REFERENCES)]):.0f} s)")
     return {"release": release, "reference": reference, "ours": ours}
@@ -117,7 +128,8 @@ def test_references_traced(traced):
     """Every NxDI model gave a context-encoding and a token-generation graph (else the reference set is thin)."""
     for name, graphs in traced["reference"].items():
         assert any(g.startswith("context_encoding") for g in graphs), f"{name}: no context-encoding graph"
-        assert any(g.startswith("token_generation") for g in graphs), f"{name}: no token-generation graph"
+        assert any(g.startswith(("token_generation", "fused_speculation")) for g in graphs), (
+            f"{name}: no token-generation graph")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

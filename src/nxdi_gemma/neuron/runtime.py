@@ -232,8 +232,11 @@ def speculative_greedy(model, prompt_ids: list[list[int]], max_new_tokens: int):
     rows = len(prompt_ids)
     tokens: list[list[int]] = []
     for row, ids in enumerate(prompt_ids):
+        # The row's own sampling params: NxDI's default is one row per compiled batch row, and a Neuron model (NxD's
+        # shape router) takes only the [ctx_batch_size, 3] its context-encoding graph was traced with.
         out = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                    position_ids=torch.arange(len(ids))[None], seq_ids=torch.tensor([row]))
+                    position_ids=torch.arange(len(ids))[None], seq_ids=torch.tensor([row]),
+                    sampling_params=model.default_sampling_params[row : row + 1])
         tokens.append([int(out.fused_outputs[0].reshape(-1)[0])])  # the target's token after the prompt
     # Rows past `rows` (the compiled batch is larger) and rows done repeat their last step (outputs ignored).
     inputs = [t[-1] for t in tokens] + [tokens[0][-1]] * (batch - rows)

@@ -7,10 +7,13 @@
 (`python test/sim/xla ...` works too.) Modes:
   trace    HLO statistics of every submodel and bucket only
   replay   + greedy generation through NxDI's host code with the graphs executed on PJRT CPU (default); with
-           --case or --golden: token match and max |logit diff| vs Hugging Face
+           --case or --golden: token match and max |logit diff| vs Hugging Face; with --case and --draft: NxDI
+           fused speculation (spec_driver.py's settings, one row per prompt) through runtime.speculative_greedy,
+           tokens vs the golden
   compile  + XLA compiles every graph without running it (--xla-dump: buffer assignment, bytes accessed)
 `--json OUT` writes everything printed. `python -m xla --jobs JOBS.json [--json OUT]` runs several argument lists
-(a JSON list of lists) in one process. Exit status 0 unless something could not run.
+(a JSON list of lists) in one process. `--fast-compile`: XLA:CPU's backend optimization level 0 for the process.
+Exit status 0 unless something could not run.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ if not __package__:  # run as `python test/sim/xla`: import this folder as the p
     __package__ = "xla"  # noqa: A001
 
 
+FAST_COMPILE = ("XLA:CPU backend optimization level 0 for the whole process (about half the compile time of a "
+                "large graph; same HLO, slower execution): for replays of many small runs")
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m xla", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -38,7 +45,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                                   "models.llama.modeling_llama:NeuronLlamaForCausalLM) instead of ours, from --ckpt "
                                   "(its config.json, read by NxDI's load_pretrained_config); --mode trace only")
     p.add_argument("--draft", help="NxDI fused speculation with this draft: 'self' (the target's own checkpoint) or a "
-                                   "checkpoint directory; with --speculation-length S = K + 1")
+                                   "checkpoint directory; with --speculation-length S = K + 1 (with --case: "
+                                   "spec_driver.py's continuous-batching settings; with --nxdi: 'self' only)")
     p.add_argument("--speculation-length", type=int, default=0)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=4096)
@@ -60,6 +68,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--xla-dump", help="folder for XLA's dump (compile mode)")
     p.add_argument("--json", help="write the reports (a JSON list) here")
+    p.add_argument("--fast-compile", action="store_true", help=FAST_COMPILE)
     return p.parse_args(argv)
 
 
@@ -90,6 +99,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         outer = argparse.ArgumentParser(prog="python -m xla --jobs")
         outer.add_argument("--jobs", required=True)
         outer.add_argument("--json")
+        outer.add_argument("--fast-compile", action="store_true", help=FAST_COMPILE)
         out = outer.parse_args(argv)
         jobs = [parse(a) for a in json.loads(Path(out.jobs).read_text())]
     else:
@@ -102,7 +112,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     for folder in dumps:
         Path(folder).mkdir(parents=True, exist_ok=True)
-    standins = env.install(next(iter(dumps), None))
+    standins = env.install(next(iter(dumps), None), fast_compile=out.fast_compile)
     reports = []
     for job in jobs:
         reports.append(run(job, standins))
@@ -137,13 +147,33 @@ def run(args: argparse.Namespace, standins) -> dict:
     if args.nxdi:
         if args.mode != "trace":
             raise SystemExit("--nxdi traces NxDI's own classes for their HLO: use --mode trace")
-        model = nxdi_model(args.nxdi, ckpt, neuron_config)
-    elif args.draft:
-        # Fused speculation: greedy on-device sampling (NxDI's fused graph returns tokens), as vllm-neuron asks.
-        from neuronx_distributed_inference.models.config import OnDeviceSamplingConfig
+        if args.draft:
+            if args.draft != "self" or args.speculation_length < 2:
+                raise SystemExit("--nxdi with --draft: only 'self', with --speculation-length S = K + 1 >= 2")
+            from neuronx_distributed_inference.models.config import OnDeviceSamplingConfig
 
-        neuron_config.update(enable_fused_speculation=True, speculation_length=args.speculation_length,
-                             on_device_sampling_config=OnDeviceSamplingConfig(do_sample=False, top_k=1))
+            neuron_config.update(enable_fused_speculation=True, speculation_length=args.speculation_length,
+                                 on_device_sampling_config=OnDeviceSamplingConfig(do_sample=False, top_k=1))
+        model = nxdi_model(args.nxdi, ckpt, neuron_config, fused_self_draft=bool(args.draft))
+    elif args.draft:
+        if args.speculation_length < 2:
+            raise SystemExit("--draft needs --speculation-length S = K + 1 >= 2")
+        if args.case:
+            # The NxDI CPU-mode speculation test's settings (spec_driver.py): continuous batching, one row per golden
+            # prompt, each prefilled alone, one bucket holding prompt + new tokens + K.
+            import sim_golden
+            import spec_driver  # test/sim (the working directory of `python -m xla`)
+
+            golden = sim_golden.load_golden(args.case)
+            k = args.speculation_length - 1
+            args.seq_len = args.ctx_len = spec_driver.seq_len_for(golden, k)
+            neuron_config = spec_driver.settings(k, args.tp, len(golden.prompts), args.seq_len)
+        else:
+            # Fused speculation: greedy on-device sampling (NxDI's fused graph returns tokens), as vllm-neuron asks.
+            from neuronx_distributed_inference.models.config import OnDeviceSamplingConfig
+
+            neuron_config.update(enable_fused_speculation=True, speculation_length=args.speculation_length,
+                                 on_device_sampling_config=OnDeviceSamplingConfig(do_sample=False, top_k=1))
         report["neuron_config"] = {k: str(v) for k, v in neuron_config.items()}
         model = runtime.build(str(ckpt), neuron_config, draft=str(ckpt) if args.draft == "self" else args.draft)
     else:
@@ -193,17 +223,25 @@ def run(args: argparse.Namespace, standins) -> dict:
                     f"{xla.get('bytes_accessed', 0) / 2**20:.1f} MiB; largest temp {xla.get('largest_temp_values', [])[:2]}")
     elif args.mode == "replay" and args.prefix_caching:
         report["replay"] = replay_prefix_caching(args, model, traced, standins)
+    elif args.mode == "replay" and args.draft:
+        if not args.case:
+            raise SystemExit("--draft with --mode replay needs --case (the target's golden)")
+        report["replay"] = replay_speculation(args, model, traced, standins)
     elif args.mode == "replay":
         report["replay"] = replay_prompts(args, model, traced, standins)
     return report
 
 
-def nxdi_model(spec: str, ckpt: Path, neuron_config: dict):
+def nxdi_model(spec: str, ckpt: Path, neuron_config: dict, fused_self_draft: bool = False):
     """NxDI's own causal LM MODULE:CLASS built as NxDI's examples build it: its NeuronConfig class, its
-    InferenceConfig class, and the checkpoint's config.json through NxDI's `load_pretrained_config`."""
+    InferenceConfig class, and the checkpoint's config.json through NxDI's `load_pretrained_config`;
+    `fused_self_draft`: fused speculation with the same checkpoint as draft, its config made as NxDI's
+    inference_demo makes it (the target's neuron config with speculation off)."""
+    import copy
     import importlib
 
     import torch
+    from neuronx_distributed_inference.models.config import FusedSpecNeuronConfig
     from neuronx_distributed_inference.utils.hf_adapter import load_pretrained_config
 
     module, name = spec.split(":")
@@ -211,6 +249,13 @@ def nxdi_model(spec: str, ckpt: Path, neuron_config: dict):
     settings = dict(neuron_config, torch_dtype=getattr(torch, neuron_config["torch_dtype"]))
     config = cls.get_config_cls()(cls.get_neuron_config_cls()(**settings),
                                   load_config=load_pretrained_config(str(ckpt)))
+    if fused_self_draft:
+        draft_neuron_config = copy.deepcopy(config.neuron_config)
+        draft_neuron_config.speculation_length = 0
+        draft_neuron_config.enable_fused_speculation = False
+        draft_config = cls.get_config_cls()(draft_neuron_config, load_config=load_pretrained_config(str(ckpt)))
+        config.fused_spec_config = FusedSpecNeuronConfig(cls._model_cls, draft_config=draft_config,
+                                                         draft_model_path=str(ckpt))
     return cls(str(ckpt), config)
 
 
@@ -292,6 +337,34 @@ def replay_prefix_caching(args: argparse.Namespace, model, traced, standins) -> 
               "compiled_at": session.compiled_at, "calls": dict(session.calls),
               "weight_problems": session.weight_problems, "seconds": round(time.time() - t1, 1)}
     log("RESULT replay", json.dumps({k: v for k, v in result.items() if k != "records"}))
+    return result
+
+
+def replay_speculation(args: argparse.Namespace, model, traced, standins) -> dict:
+    """NxDI fused speculation with the traced context-encoding and fused-speculation graphs replayed: every golden
+    prompt in its own row of a continuously batched step, generated by `runtime.speculative_greedy` (what the CLI and
+    spec_driver.py run: prefill per row, then one fused call per step for the whole batch, rows at different
+    positions accepting different numbers of proposals). Tokens per row vs HF's greedy golden, fused calls,
+    acceptance, XLA compiles and stand-ins called over the whole generation."""
+    import sim_golden
+
+    from nxdi_gemma.neuron import runtime
+
+    from . import replay
+
+    golden = sim_golden.load_golden(args.case)
+    session = replay.attach(model, traced, replay.sharded_weights(model))
+    compiles0, mark, t1 = replay.xla_compiles(), standins.mark(), time.time()
+    out = runtime.speculative_greedy(model, golden.prompts, golden.new_tokens)  # under inference_mode
+    result = {"tokens": out.tokens, "golden_tokens": golden.tokens, "prompt_lengths": [len(p) for p in golden.prompts],
+              "identical": out.tokens == golden.tokens, "k": args.speculation_length - 1,
+              "target_calls": out.target_calls, "calls_per_token": out.target_calls / (golden.new_tokens - 1),
+              "acceptance": out.acceptance_rate, "xla_compiles": replay.xla_compiles() - compiles0,
+              "compiled_at": session.compiled_at, "calls": dict(session.calls),
+              "standins_called": standins.calls(since=mark), "weight_problems": session.weight_problems,
+              "seconds": round(time.time() - t1, 1),
+              "compile_seconds": {g: round(t, 1) for g, t in session.compile_seconds.items()}}
+    log("RESULT replay", json.dumps({k: v for k, v in result.items() if "tokens" not in k}))
     return result
 
 

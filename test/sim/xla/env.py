@@ -25,14 +25,20 @@ def standins() -> ModuleType:
     return sys.modules["standins"]
 
 
-def install(xla_dump: str | None = None) -> ModuleType:
+def install(xla_dump: str | None = None, fast_compile: bool = False) -> ModuleType:
     """Stand-ins in xla mode with our tracer; `xla_dump`: a folder for XLA's dumps (optimized HLO, buffer
-    assignment), which XLA reads from XLA_FLAGS once, so it must be given before torch_xla is first used."""
+    assignment); `fast_compile`: XLA:CPU's backend (LLVM) optimization level 0, which halves the compile of a large
+    graph (HLO passes and the graph's semantics unchanged; for replays whose run time is negligible). XLA reads
+    XLA_FLAGS once, so both must be given before torch_xla is first used."""
+    added = []
     if xla_dump:
+        added += [f"--xla_dump_to={xla_dump}", "--xla_dump_hlo_as_text"]
+    if fast_compile:
+        added.append("--xla_backend_optimization_level=0")
+    if added:
         if "torch_xla" in sys.modules:
-            raise RuntimeError("xla_dump must be set before torch_xla is imported (XLA reads XLA_FLAGS once)")
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_dump_to={xla_dump} --xla_dump_hlo_as_text".strip()
+            raise RuntimeError("XLA flags must be set before torch_xla is imported (XLA reads XLA_FLAGS once)")
+        os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *added]).strip()
     module = standins()
     module.install("xla")
     from .lower import generate_hlo, xla_hlo_call

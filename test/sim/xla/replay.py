@@ -8,7 +8,8 @@ host code, as a Neuron device runs the compiled NEFFs.
   and the state (KV cache) carried from call to call through the aliased outputs. Traced ONCE with NxDI's example
   inputs, so anything value-dependent the trace baked in shows up as wrong logits.
 - `Router`: stands where NxD's traced ScriptModule sits in `ModelWrapper.model` (it is a ScriptModule, so NxDI's
-  `is_neuron()` holds without touching NxDI), picks the bucket graph by input shapes, returns the logits.
+  `is_neuron()` holds without touching NxDI), picks the bucket graph by input shapes, returns the outputs that are
+  not aliased state (the logits; NxDI's fused speculation: its list of tokens and next inputs).
 - `greedy`: decoding through `NeuronBaseForCausalLM.forward` with the inputs `nxdi_gemma.neuron.runtime.greedy` and
   vllm-neuron pass.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -41,6 +43,12 @@ def parallel_stage(builder):
                 expert_model_parallel_size=builder.ep_degree, skip_collective_init=True,
                 lnc_size=builder.logical_nc_config)
             parallel_state.set_aot_mode(True)
+            # NxD never destroys the draft group of fused speculation (initialize_speculative_draft_group keeps the
+            # first size a process asked for, and NxD's shard_checkpoint leaves it set): each job of `python -m xla
+            # --jobs` is its own ModelBuilder run, as each compile is its own process on Neuron, so a TP 2 job may
+            # follow a TP 1 one.
+            for name in ("_SPECULATIVE_DRAFT_GROUP", "_SPECULATIVE_DRAFT_GROUP_SPMD", "_SPECULATIVE_DRAFT_GROUP_SIZE"):
+                setattr(parallel_state, name, None)
             if builder.init_custom_process_group_fn:
                 builder.init_custom_process_group_fn()
             try:
@@ -170,7 +178,7 @@ class Graph:
 
 
 class Router(torch.jit.ScriptModule):
-    """In ModelWrapper.model's place: NxDI sees a ScriptModule (a Neuron model) and gets logits only."""
+    """In ModelWrapper.model's place: NxDI sees a ScriptModule (a Neuron model) and gets the non-state outputs."""
 
     def __init__(self, tag: str, graphs: list[Graph], session: Session):
         super().__init__()
@@ -183,12 +191,16 @@ class Router(torch.jit.ScriptModule):
         self.session.calls[graph.name] += 1
         if self.tag in self.session.observers:
             self.session.observers[self.tag](args)
-        before = xla_compiles()
-        logits = graph(args, self.session.state)[0].cpu()
+        before, t0 = xla_compiles(), time.perf_counter()
+        outs = graph(args, self.session.state)
         if xla_compiles() > before:  # a graph compiles on its first call only; more is a retrace
             self.session.compiled_at.append(f"{graph.name} call {self.session.calls[graph.name]}: "
                                             f"{xla_compiles() - before}")
-        return logits
+            self.session.compile_seconds[graph.name] += time.perf_counter() - t0
+        # What NxD's traced model returns: the outputs that are not aliased state, one tensor (logits or tokens) or,
+        # for NxDI's fused speculation, a list (tokens, next input ids, next attention mask, next positions).
+        returned = [o.cpu() for i, o in enumerate(outs) if i not in graph.hlo.states]
+        return returned[0] if len(returned) == 1 else returned
 
 
 @dataclass
@@ -199,6 +211,7 @@ class Session:
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     calls: Counter = field(default_factory=Counter)
     compiled_at: list[str] = field(default_factory=list)  # "graph call n: compiles" for every call that compiled
+    compile_seconds: Counter = field(default_factory=Counter)  # graph -> seconds of its calls that compiled
     observers: dict = field(default_factory=dict)  # submodel tag -> callable(inputs) run on each of its calls
 
     @property
