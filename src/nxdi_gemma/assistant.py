@@ -96,6 +96,11 @@ class AssistantForCausalLM(nn.Module):
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """One draft token: x [B, 1, 2 * backbone H] -> (logits [B, V], next hidden [B, 1, backbone H]).
         positions [B, 1]; kv: layer type -> (target keys, values [B, KV, T, D], visible [B, 1, 1, T])."""
+        return self.draft_step(x, positions, kv)
+
+    def draft_step(self, x: torch.Tensor, positions: torch.Tensor, kv: dict[str, tuple[torch.Tensor, ...]]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`step` outside inference mode: the form a traced graph (neuron/assistant.py) calls."""
         h = self.pre_projection(x)
         for block in self.model.layers:
             attn = block.self_attn(block.attention_input(h), positions, kv[block.self_attn.layer.attention_type])

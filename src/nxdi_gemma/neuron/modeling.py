@@ -118,6 +118,9 @@ class SoftcapColumnParallelLinear(ColumnParallelLinear):
         model_state_dict[prefix] = nn.functional.pad(weight, (0, 0, 0, self.vocab_pad))
 
     def forward(self, input_: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # The final (normed) hidden states NxDI hands the head, kept for the fused assistant graph
+        # (neuron/assistant.py), which feeds the target's hidden state to a Gemma 4 assistant. A reference only.
+        self.hidden_in = input_
         logits = super().forward(input_, *args, **kwargs)
         if self.vocab_pad:
             logits = logits[..., : self.vocab_size]
@@ -289,6 +292,18 @@ class NeuronGemmaForCausalLM(NeuronBaseForCausalLM):
         super().__init__(model_path, config, neuron_config)
         if self.neuron_config.lora_config is not None:
             self.lora_model_manager = GemmaLoraModelManager(self.neuron_config.lora_config)
+
+    def enable_context_encoding(self, **model_init_kwargs):
+        """NxDI's (which builds the context-encoding model, then `enable_fused_spec` the fused one, both from
+        `self._model_cls`, set to NeuronFusedSpecModel by NxDI's __init__ just before; 0.8 and 0.9). With a Gemma 4
+        assistant as the draft, both are our GemmaAssistantSpecModel (neuron/assistant.py)."""
+        fused = getattr(self.config, "fused_spec_config", None)
+        if self.neuron_config.enable_fused_speculation and hasattr(getattr(fused, "draft_config", None),
+                                                                   "assistant_plan"):
+            from .assistant import GemmaAssistantSpecModel
+
+            self._model_cls = GemmaAssistantSpecModel
+        super().enable_context_encoding(**model_init_kwargs)
 
     @classmethod
     def get_config_cls(cls):
