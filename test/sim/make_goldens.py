@@ -180,7 +180,9 @@ def assistant_golden(ckpt: Path, folder: Path, prompts: list[list[int]], new_tok
     from nxdi_gemma.reference import load_hf_model
 
     target_config = json.loads((ckpt / "config.json").read_text())
+    # Half the target's query heads: the assistant groups its heads over the target's KV heads its own way.
     text = dict(target_config.get("text_config", target_config), hidden_size=32, intermediate_size=64,
+                num_attention_heads=target_config.get("text_config", target_config)["num_attention_heads"] // 2,
                 num_hidden_layers=2, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
                 hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, num_kv_shared_layers=2,
                 use_double_wide_mlp=False, enable_moe_block=False, num_experts=None, top_k_experts=None,

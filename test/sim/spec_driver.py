@@ -119,11 +119,35 @@ def refusals(target: str, tmp: Path) -> list[dict]:
     return records
 
 
+def assistant_refusals(target: str, assistant: str, other_target: str) -> list[dict]:
+    """A Gemma 4 assistant draft in combinations the fused assistant graph does not run: at TP 2 (asked in a TP 1
+    process: refused first), and for a target it was not made for (another family): class and message."""
+    from neuronx_distributed_inference.models.config import OnDeviceSamplingConfig
+
+    from nxdi_gemma.neuron import runtime
+
+    records = []
+    for name, tp, model in (("assistant_tp2", 2, target), ("assistant_other_target", 1, other_target)):
+        settings = {"tp_degree": tp, "batch_size": 4, "ctx_batch_size": 1, "tkg_batch_size": 4,
+                    "is_continuous_batching": True, "seq_len": BUCKET, "max_context_length": BUCKET,
+                    "torch_dtype": "float32", "enable_fused_speculation": True, "speculation_length": 3,
+                    "on_device_sampling_config": OnDeviceSamplingConfig(do_sample=False, top_k=1)}
+        try:
+            runtime.build(model, settings, on_cpu=True, draft=assistant)
+            records.append({"name": f"refuse-{name}", "refused": None})
+        except Exception as err:  # the record is the test's evidence: class, message
+            records.append({"name": f"refuse-{name}", "refused": type(err).__name__, "message": str(err),
+                            "gemma_error": type(err).__module__ == "nxdi_gemma.errors"})
+    return records
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--out", required=True)
     parser.add_argument("--refusals", help="a target checkpoint: also record the refusals of bad combinations")
+    parser.add_argument("--assistant-refusals", nargs=3, metavar=("TARGET", "ASSISTANT", "OTHER_TARGET"),
+                        help="also record the refusals of a Gemma 4 assistant draft (assistant_refusals)")
     parser.add_argument("cases")
     args = parser.parse_args()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -135,6 +159,9 @@ def main() -> None:
     records: list[dict] = []
     if args.refusals:
         records += refusals(args.refusals, Path(args.out).parent / "refusals")
+    if args.assistant_refusals:
+        records += assistant_refusals(*args.assistant_refusals)
+    if args.refusals or args.assistant_refusals:
         if rank == 0:
             Path(args.out).write_text(json.dumps(records, indent=1) + "\n")
     for case in json.loads(Path(args.cases).read_text()):

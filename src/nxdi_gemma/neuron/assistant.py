@@ -113,6 +113,12 @@ class NeuronAssistantModel(nn.Module):
             if k_cache.shape[0] != batch:
                 rows = seq_ids.reshape(-1).to(torch.long)
                 k_cache, v_cache = k_cache.index_select(0, rows), v_cache.index_select(0, rows)
+            # NxDI converts GQA to MHA when the TP degree is not a multiple of the KV heads (GQA.CONVERT_TO_MHA, even at
+            # TP 1): the cache then holds each KV head r times in a row (the target's query heads read cache head i
+            # for their KV head i // r). The assistant groups its own query heads: every r-th cache head.
+            repeat = k_cache.shape[1] // source.num_kv_heads
+            if repeat > 1:
+                k_cache, v_cache = k_cache[:, ::repeat], v_cache[:, ::repeat]
             ring = target_kv_mgr.rings[source.index]
             slots = torch.arange(k_cache.shape[2], device=k_cache.device, dtype=torch.int32)[None, :]
             if ring is None:

@@ -1,0 +1,128 @@
+"""Gemma 4 assistant drafters in NxDI fused speculation (neuron/assistant.py: the assistant reads the target's KV cache
+in place, the target verifies K + 1 in the same graph), NxDI CPU mode, TP 1, NxDI 0.8 and 0.9.
+
+The pair (make_goldens.py `assistant_golden`): a miniature random assistant built and saved by transformers'
+Gemma4AssistantForCausalLM (window 6, 2 layers, half the target's query heads, centroid-sparse head with a random
+token ordering) for a Gemma 4 target of the tier (window 8; prompts of 30, 5, 19 and 12 tokens, 24 new: past both
+windows, four rows of a continuously batched step at different positions). Per case:
+- the output equals the target's HF greedy golden on every row;
+- every row's proposals at every step equal the CPU runtime assistant's (`nxdi_gemma.assistant.AssistantDraft`, whose
+  proposals test/test_assistant.py checks equal to HF's `generate(assistant_model=...)` step by step) on the same
+  prompt; the CPU run goes K + 1 tokens further so that its steps propose K, as the fused graph always does;
+- the acceptance rate is reported next to HF's own assisted generation on the same pair (HF's last steps propose
+  fewer than K), and HF's assisted output is checked to be the golden too.
+CI runs gemma4_ple (PLE + KV sharing: the assistant reads the last unshared layers) at K = 4 on both releases; the
+other K and the K=V + MoE target are slow. One driver process per release (and selection) runs its cases.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from conftest import RELEASES, SIM, family_specs
+
+PROMPTS = [30, 5, 19, 12]
+CI_CASES = [("gemma4_ple", 4)]
+SLOW_CASES = [("gemma4_ple", 2), ("gemma4_ple", 7), ("gemma4_moe", 2), ("gemma4_moe", 4), ("gemma4_moe", 7)]
+
+
+def golden_name(target: str, k: int) -> str:
+    return f"assistant_{target}_k{k}"
+
+
+def assistant_goldens(cases: list[tuple[str, int]]) -> dict[str, dict]:
+    specs = family_specs()
+    out = {golden_name(t, k): dict(specs[t], prompt_lengths=PROMPTS, assistant={"seed": 5, "ks": [k]})
+           for t, k in cases}
+    # A target of another family: test_speculation_nxdi.py's spec_gemma3 (the same spec, so made once).
+    out["spec_gemma3"] = dict(specs["gemma3"], prompt_lengths=PROMPTS)
+    return out
+
+
+_RUNS: dict[tuple[str, bool], list[dict] | str] = {}
+
+
+def driver_records(sim, release: str, slow: bool, tmp_path_factory) -> dict[str, dict]:
+    if (release, slow) not in _RUNS:
+        sim.need(release)
+        cases = SLOW_CASES if slow else CI_CASES
+        goldens = sim.goldens(assistant_goldens(cases))
+        work = tmp_path_factory.mktemp(f"assistant_{release}{'_slow' if slow else ''}")
+        listed = [{"name": golden_name(t, k), "target": str(goldens[golden_name(t, k)]), "k": k, "rounds": True,
+                   "draft": str(goldens[golden_name(t, k)] / "assistant")} for t, k in cases]
+        (work / "cases.json").write_text(json.dumps(listed))
+        first = goldens[golden_name(*cases[0])]
+        refusals = [] if slow else ["--assistant-refusals", str(first / "ckpt"), str(first / "assistant"),
+                                    str(goldens["spec_gemma3"] / "ckpt")]
+        proc = sim.run([sys.executable, str(SIM / "spec_driver.py"), "--tp", "1", "--out", str(work / "out.json"),
+                        *refusals, str(work / "cases.json")], release, check=False, timeout=3000)
+        _RUNS[(release, slow)] = (json.loads((work / "out.json").read_text()) if proc.returncode == 0
+                                  else sim.failure(proc))
+    result = _RUNS[(release, slow)]
+    if isinstance(result, str):
+        pytest.fail(result, pytrace=False)
+    return {r["name"]: r for r in result}
+
+
+def hf_acceptance(golden: dict, k: int) -> tuple[int, int]:
+    """Accepted / proposed over HF's recorded steps (start length, proposals) against the target's greedy tokens."""
+    accepted = proposed = 0
+    for prompt, tokens, rounds in zip(golden["prompts"], golden["tokens"], golden["assistant"][str(k)]["hf_rounds"],
+                                      strict=True):
+        seq = prompt + tokens
+        for start, proposals in rounds:
+            proposed += len(proposals)
+            for i, token in enumerate(proposals):
+                if start + i >= len(seq) or seq[start + i] != token:
+                    break
+                accepted += 1
+    return accepted, proposed
+
+
+def params():
+    for release in RELEASES:
+        for slow, cases in ((False, CI_CASES), (True, SLOW_CASES)):
+            for target, k in cases:
+                yield pytest.param(release, slow, target, k, marks=[pytest.mark.slow] if slow else [],
+                                   id=f"{release}-{target}-k{k}")
+
+
+@pytest.mark.parametrize(("release", "slow", "target", "k"), list(params()))
+def test_assistant_fused_speculation(sim, sim_report, tmp_path_factory, release, slow, target, k):
+    record = driver_records(sim, release, slow, tmp_path_factory).get(golden_name(target, k))
+    assert record is not None, "the driver produced no record for this case"
+    assert "error" not in record, f"raised in NxDI CPU mode ({release}):\n{record['error']}"
+    golden = json.loads((sim.golden_root / golden_name(target, k) / "golden.json").read_text())
+    reference = golden["assistant"][str(k)]
+    assert reference["hf_tokens"] == golden["tokens"]  # HF's assisted generation keeps the target's greedy output
+    assert record["standins_called"] == [], "closed-source stand-ins called while generating"
+    for row, (tokens, expected) in enumerate(zip(record["tokens"], golden["tokens"], strict=True)):
+        assert len(set(expected)) >= 4, f"row {row}: HF's greedy tokens barely vary; the check proves little"
+        assert tokens == expected, f"row {row} (prompt {len(golden['prompts'][row])}): {tokens} vs HF {expected}"
+    for row, (ours, cpu) in enumerate(zip(record["rounds"], reference["cpu_rounds"], strict=True)):
+        assert all(len(step) == k for step in ours)
+        assert len(ours) <= len(cpu), f"row {row}: {len(ours)} steps, the CPU runtime took {len(cpu)}"
+        differ = [i for i, (a, b) in enumerate(zip(ours, cpu[: len(ours)], strict=True)) if a != b]
+        assert not differ, f"row {row}: step {differ[0]} proposed {ours[differ[0]]}, the CPU runtime {cpu[differ[0]]}"
+    hf_accepted, hf_proposed = hf_acceptance(golden, k)
+    sim_report(f"assistant fused-spec {release} {target} K={k}",
+               f"acceptance NxDI {record['accepted']}/{record['proposed']} (HF {hf_accepted}/{hf_proposed}); "
+               f"fused calls {record['target_calls']}; build {record['build_s']:.1f}s "
+               f"generate {record['generate_s']:.1f}s")
+
+
+REFUSALS = {  # bad combination -> words its one-line error must contain
+    "assistant_tp2": "tp_degree 1",
+    "assistant_other_target": "Gemma 4 targets only",
+}
+
+
+@pytest.mark.parametrize("what", list(REFUSALS))
+@pytest.mark.parametrize("release", RELEASES)
+def test_assistant_bad_combinations_refused_before_build(sim, tmp_path_factory, release, what):
+    record = driver_records(sim, release, False, tmp_path_factory)[f"refuse-{what}"]
+    assert record["refused"], f"{what}: built without an error"
+    assert record["gemma_error"], f"{what}: {record['refused']} (not nxdi-gemma's one-line error): {record['message']}"
+    assert "\n" not in record["message"] and REFUSALS[what] in record["message"], record["message"]
