@@ -126,3 +126,41 @@ def test_assistant_bad_combinations_refused_before_build(sim, tmp_path_factory, 
     assert record["refused"], f"{what}: built without an error"
     assert record["gemma_error"], f"{what}: {record['refused']} (not nxdi-gemma's one-line error): {record['message']}"
     assert "\n" not in record["message"] and REFUSALS[what] in record["message"], record["message"]
+
+
+@pytest.mark.slow  # 108 s on the shared 2-core machine (two CLI processes); the graph itself is CI's case above
+def test_cli_compile_with_assistant_then_generate(sim, tmp_path, sim_report):
+    """`nxdi-gemma compile --draft ASSISTANT --num-speculative-tokens 4` then `generate --backend neuron` on NxDI 0.8,
+    with the tier's Neuron-machine stand-ins (as test_speculation_nxdi.py's CLI test: compile saves neuron_config.json
+    only, load is NxDI's CPU mode): the four prompts' tokens are HF's greedy ones."""
+    import os
+    import shutil
+    import subprocess
+
+    from nxdi_gemma.tiny import byte_tokenizer_json
+
+    release = "sdk-2.28"
+    sim.need(release)
+    case = sim.goldens(assistant_goldens(CI_CASES))[golden_name(*CI_CASES[0])]
+    golden = json.loads((case / "golden.json").read_text())
+    target = tmp_path / "target"
+    shutil.copytree(case / "ckpt", target)
+    (target / "tokenizer.json").write_text(byte_tokenizer_json())  # generate detokenizes
+    config = tmp_path / "compile.json"
+    config.write_text(json.dumps({"neuron_config": {"tp_degree": 1, "batch_size": 4, "seq_len": 64,
+                                                    "max_context_length": 64, "torch_dtype": "float32",
+                                                    "on_cpu": True}}))
+    env = sim.env(release, "cpu")
+    env.update(PYTHONPATH=os.pathsep.join([str(SIM / "vllm_site"), env["PYTHONPATH"]]), NXDI_GEMMA_SIM_VLLM="1")
+    cli = [sys.executable, "-m", "nxdi_gemma.cli"]
+    for argv in (["compile", "--model", str(target), "--config", str(config), "--out", str(tmp_path / "compiled"),
+                  "--draft", str(case / "assistant"), "--num-speculative-tokens", "4"],
+                 ["generate", "--backend", "neuron", "--model", str(target), "--compiled", str(tmp_path / "compiled"),
+                  "--token-ids", "--max-new-tokens", str(golden["new_tokens"]),
+                  *[a for p in golden["prompts"] for a in ("--prompt", json.dumps(p))]]):
+        proc = subprocess.run([*cli, *argv], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"{argv[0]} failed:\n{proc.stderr[-4000:]}"
+    tokens = [json.loads(line)["tokens"] for line in proc.stdout.splitlines() if line.startswith('{"prompt"')]
+    assert tokens == golden["tokens"]
+    (summary,) = [line for line in proc.stderr.splitlines() if line.startswith("speculation (NxDI fused)")]
+    sim_report("cli compile --draft (assistant) + generate --backend neuron, NxDI 0.8", summary)
