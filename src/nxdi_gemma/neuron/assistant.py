@@ -93,6 +93,12 @@ class NeuronAssistantModel(nn.Module):
         self.target_plan: GemmaPlan = config.gemma_plan
         dtype = config.neuron_config.torch_dtype
         self.assistant = AssistantForCausalLM(self.plan).to(dtype)
+        embedder = self.assistant.masked_embedding
+        if embedder is not None:
+            # The token ordering is checkpoint data: a (frozen) parameter, so that NxDI loads it as a weight on a
+            # device too, where a buffer would be traced as the constant it held at build time.
+            ordering = embedder._buffers.pop("token_ordering")
+            embedder.token_ordering = nn.Parameter(ordering, requires_grad=False)
         rows = config.neuron_config.max_batch_size + config.neuron_config.kv_cache_padding_size
         self.kv_mgr = AssistantState(rows, self.plan.backbone_hidden_size, dtype)
         self.sources = target_kv_layers(self.target_plan)
