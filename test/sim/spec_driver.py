@@ -120,15 +120,15 @@ def refusals(target: str, tmp: Path) -> list[dict]:
 
 
 def assistant_refusals(target: str, assistant: str, other_target: str) -> list[dict]:
-    """A Gemma 4 assistant draft in combinations the fused assistant graph does not run: at TP 2 (asked in a TP 1
-    process: refused first), and for a target it was not made for (another family): class and message."""
+    """A Gemma 4 assistant draft in combinations the fused assistant graph does not run: with a quantized KV cache
+    (the target's, which it reads), and for a target it was not made for (another family): class and message."""
     from neuronx_distributed_inference.models.config import OnDeviceSamplingConfig
 
     from nxdi_gemma.neuron import runtime
 
     records = []
-    for name, tp, model in (("assistant_tp2", 2, target), ("assistant_other_target", 1, other_target)):
-        settings = {"tp_degree": tp, "batch_size": 4, "ctx_batch_size": 1, "tkg_batch_size": 4,
+    for name, quant, model in (("assistant_kv_quant", True, target), ("assistant_other_target", False, other_target)):
+        settings = {"tp_degree": 1, "batch_size": 4, "kv_cache_quant": quant, "ctx_batch_size": 1, "tkg_batch_size": 4,
                     "is_continuous_batching": True, "seq_len": BUCKET, "max_context_length": BUCKET,
                     "torch_dtype": "float32", "enable_fused_speculation": True, "speculation_length": 3,
                     "on_device_sampling_config": OnDeviceSamplingConfig(do_sample=False, top_k=1)}

@@ -1,5 +1,5 @@
 """Gemma 4 assistant drafters in NxDI fused speculation (neuron/assistant.py: the assistant reads the target's KV cache
-in place, the target verifies K + 1 in the same graph), NxDI CPU mode, TP 1, NxDI 0.8 and 0.9.
+in place, the target verifies K + 1 in the same graph), NxDI CPU mode, TP 1 and 2, NxDI 0.8 and 0.9.
 
 The pair (make_goldens.py `assistant_golden`): a miniature random assistant built and saved by transformers'
 Gemma4AssistantForCausalLM (window 6, 2 layers, half the target's query heads, centroid-sparse head with a random
@@ -11,8 +11,9 @@ windows, four rows of a continuously batched step at different positions). Per c
   prompt; the CPU run goes K + 1 tokens further so that its steps propose K, as the fused graph always does;
 - the acceptance rate is reported next to HF's own assisted generation on the same pair (HF's last steps propose
   fewer than K), and HF's assisted output is checked to be the golden too.
-CI runs gemma4_ple (PLE + KV sharing: the assistant reads the last unshared layers) at K = 4 on both releases; the
-other K and the K=V + MoE target are slow. One driver process per release (and selection) runs its cases.
+CI runs gemma4_ple (PLE + KV sharing: the assistant reads the last unshared layers) at K = 4, TP 1 on both releases
+and TP 2 on NxDI 0.8; the other K, the K=V + MoE target and 0.9's TP 2 are slow. One driver process per release, TP
+degree and selection runs its cases.
 """
 
 from __future__ import annotations
@@ -24,8 +25,19 @@ import pytest
 from conftest import RELEASES, SIM, family_specs
 
 PROMPTS = [30, 5, 19, 12]
-CI_CASES = [("gemma4_ple", 4)]
-SLOW_CASES = [("gemma4_ple", 2), ("gemma4_ple", 7), ("gemma4_moe", 2), ("gemma4_moe", 4), ("gemma4_moe", 7)]
+# (tp, target, K) per selection. TP 2 (gloo, two processes): the target's KV heads split over the ranks (gemma4_ple)
+# and its one global KV head replicated to both (gemma4_moe).
+CI_CASES = {1: [("gemma4_ple", 4)], 2: [("gemma4_ple", 4)]}
+SLOW_CASES = {1: [("gemma4_ple", 2), ("gemma4_ple", 7), ("gemma4_moe", 2), ("gemma4_moe", 4), ("gemma4_moe", 7)],
+              2: [("gemma4_moe", 4)]}
+TP2_CI_RELEASE = "sdk-2.28"  # CI runs TP 2 on one release (time); the other's TP 2 case is slow
+
+
+def selection(release: str, tp: int, slow: bool) -> list[tuple[str, int]]:
+    cases = (SLOW_CASES if slow else CI_CASES)[tp]
+    if tp == 2 and release != TP2_CI_RELEASE:
+        cases = [] if not slow else CI_CASES[2] + SLOW_CASES[2]
+    return cases
 
 
 def golden_name(target: str, k: int) -> str:
@@ -41,26 +53,27 @@ def assistant_goldens(cases: list[tuple[str, int]]) -> dict[str, dict]:
     return out
 
 
-_RUNS: dict[tuple[str, bool], list[dict] | str] = {}
+_RUNS: dict[tuple[str, int, bool], list[dict] | str] = {}
 
 
-def driver_records(sim, release: str, slow: bool, tmp_path_factory) -> dict[str, dict]:
-    if (release, slow) not in _RUNS:
+def driver_records(sim, release: str, tp: int, slow: bool, tmp_path_factory) -> dict[str, dict]:
+    if (release, tp, slow) not in _RUNS:
         sim.need(release)
-        cases = SLOW_CASES if slow else CI_CASES
-        goldens = sim.goldens(assistant_goldens(cases))
-        work = tmp_path_factory.mktemp(f"assistant_{release}{'_slow' if slow else ''}")
+        cases = selection(release, tp, slow)
+        goldens = sim.goldens(assistant_goldens(cases or CI_CASES[1]))
+        work = tmp_path_factory.mktemp(f"assistant_{release}_tp{tp}{'_slow' if slow else ''}")
         listed = [{"name": golden_name(t, k), "target": str(goldens[golden_name(t, k)]), "k": k, "rounds": True,
                    "draft": str(goldens[golden_name(t, k)] / "assistant")} for t, k in cases]
         (work / "cases.json").write_text(json.dumps(listed))
-        first = goldens[golden_name(*cases[0])]
-        refusals = [] if slow else ["--assistant-refusals", str(first / "ckpt"), str(first / "assistant"),
-                                    str(goldens["spec_gemma3"] / "ckpt")]
-        proc = sim.run([sys.executable, str(SIM / "spec_driver.py"), "--tp", "1", "--out", str(work / "out.json"),
+        first = goldens[golden_name(*CI_CASES[1][0])]
+        refusals = [] if slow or tp > 1 else ["--assistant-refusals", str(first / "ckpt"), str(first / "assistant"),
+                                              str(goldens["spec_gemma3"] / "ckpt")]
+        launcher = sim.torchrun(tp) if tp > 1 else [sys.executable]
+        proc = sim.run([*launcher, str(SIM / "spec_driver.py"), "--tp", str(tp), "--out", str(work / "out.json"),
                         *refusals, str(work / "cases.json")], release, check=False, timeout=3000)
-        _RUNS[(release, slow)] = (json.loads((work / "out.json").read_text()) if proc.returncode == 0
-                                  else sim.failure(proc))
-    result = _RUNS[(release, slow)]
+        _RUNS[(release, tp, slow)] = (json.loads((work / "out.json").read_text()) if proc.returncode == 0
+                                      else sim.failure(proc))
+    result = _RUNS[(release, tp, slow)]
     if isinstance(result, str):
         pytest.fail(result, pytrace=False)
     return {r["name"]: r for r in result}
@@ -83,17 +96,18 @@ def hf_acceptance(golden: dict, k: int) -> tuple[int, int]:
 
 def params():
     for release in RELEASES:
-        for slow, cases in ((False, CI_CASES), (True, SLOW_CASES)):
-            for target, k in cases:
-                yield pytest.param(release, slow, target, k, marks=[pytest.mark.slow] if slow else [],
-                                   id=f"{release}-{target}-k{k}")
+        for tp in (1, 2):
+            for slow in (False, True):
+                for target, k in selection(release, tp, slow):
+                    yield pytest.param(release, tp, slow, target, k, marks=[pytest.mark.slow] if slow else [],
+                                       id=f"{release}-tp{tp}-{target}-k{k}")
 
 
-@pytest.mark.parametrize(("release", "slow", "target", "k"), list(params()))
-def test_assistant_fused_speculation(sim, sim_report, tmp_path_factory, release, slow, target, k):
-    record = driver_records(sim, release, slow, tmp_path_factory).get(golden_name(target, k))
+@pytest.mark.parametrize(("release", "tp", "slow", "target", "k"), list(params()))
+def test_assistant_fused_speculation(sim, sim_report, tmp_path_factory, release, tp, slow, target, k):
+    record = driver_records(sim, release, tp, slow, tmp_path_factory).get(golden_name(target, k))
     assert record is not None, "the driver produced no record for this case"
-    assert "error" not in record, f"raised in NxDI CPU mode ({release}):\n{record['error']}"
+    assert "error" not in record, f"raised in NxDI CPU mode ({release}, TP {tp}):\n{record['error']}"
     golden = json.loads((sim.golden_root / golden_name(target, k) / "golden.json").read_text())
     reference = golden["assistant"][str(k)]
     assert reference["hf_tokens"] == golden["tokens"]  # HF's assisted generation keeps the target's greedy output
@@ -107,14 +121,14 @@ def test_assistant_fused_speculation(sim, sim_report, tmp_path_factory, release,
         differ = [i for i, (a, b) in enumerate(zip(ours, cpu[: len(ours)], strict=True)) if a != b]
         assert not differ, f"row {row}: step {differ[0]} proposed {ours[differ[0]]}, the CPU runtime {cpu[differ[0]]}"
     hf_accepted, hf_proposed = hf_acceptance(golden, k)
-    sim_report(f"assistant fused-spec {release} {target} K={k}",
+    sim_report(f"assistant fused-spec {release} tp{tp} {target} K={k}",
                f"acceptance NxDI {record['accepted']}/{record['proposed']} (HF {hf_accepted}/{hf_proposed}); "
                f"fused calls {record['target_calls']}; build {record['build_s']:.1f}s "
                f"generate {record['generate_s']:.1f}s")
 
 
 REFUSALS = {  # bad combination -> words its one-line error must contain
-    "assistant_tp2": "tp_degree 1",
+    "assistant_kv_quant": "kv_cache_quant",
     "assistant_other_target": "Gemma 4 targets only",
 }
 
@@ -122,7 +136,7 @@ REFUSALS = {  # bad combination -> words its one-line error must contain
 @pytest.mark.parametrize("what", list(REFUSALS))
 @pytest.mark.parametrize("release", RELEASES)
 def test_assistant_bad_combinations_refused_before_build(sim, tmp_path_factory, release, what):
-    record = driver_records(sim, release, False, tmp_path_factory)[f"refuse-{what}"]
+    record = driver_records(sim, release, 1, False, tmp_path_factory)[f"refuse-{what}"]
     assert record["refused"], f"{what}: built without an error"
     assert record["gemma_error"], f"{what}: {record['refused']} (not nxdi-gemma's one-line error): {record['message']}"
     assert "\n" not in record["message"] and REFUSALS[what] in record["message"], record["message"]
@@ -141,7 +155,7 @@ def test_cli_compile_with_assistant_then_generate(sim, tmp_path, sim_report):
 
     release = "sdk-2.28"
     sim.need(release)
-    case = sim.goldens(assistant_goldens(CI_CASES))[golden_name(*CI_CASES[0])]
+    case = sim.goldens(assistant_goldens(CI_CASES[1]))[golden_name(*CI_CASES[1][0])]
     golden = json.loads((case / "golden.json").read_text())
     target = tmp_path / "target"
     shutil.copytree(case / "ckpt", target)

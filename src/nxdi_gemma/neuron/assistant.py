@@ -4,7 +4,7 @@ graph.
 
 The math is the CPU runtime's (`nxdi_gemma.assistant`: which target K/V it sees, pre/post projection,
 centroid-sparse LM head); its module (`AssistantForCausalLM`, parameter names equal HF's) is the draft's weights
-here, unsharded (TP 1). What is NxDI-specific:
+here, replicated on every rank. What is NxDI-specific:
 
 - `GemmaAssistantSpecModel` is NxDI's `NeuronFusedSpecModel` with its two graph bodies replaced
   (`_context_encoding_forward`, `_token_gen_forward`; the signatures and output layouts of NxDI 0.8 cd3abf3 and
@@ -18,6 +18,9 @@ here, unsharded (TP 1). What is NxDI-specific:
   accepted count's position, computed in the graph as NxDI's post-processor does).
 - The target's final hidden states come from its LM head's input (`SoftcapColumnParallelLinear.hidden_in`: the
   normed hidden states NxDI hands the head: the last prompt token in context encoding, all S in a verification).
+- Over TP, each rank holds some of the target's KV heads (NxDI's GQA layout, `cache_heads`): a rank computes the
+  assistant's query heads whose KV head it holds first (`owner_tables`, constants of the graph) and the heads are
+  summed over TP (one all-reduce per layer and step); layouts with padded heads are refused.
 - The target's caches must keep what the assistant reads: the sliding rings get spare slots for the assistant's
   window (`assistant_spare_slots`, applied by `config.check_speculation`).
 """
@@ -25,6 +28,8 @@ here, unsharded (TP 1). What is NxDI-specific:
 from __future__ import annotations
 
 import torch
+from neuronx_distributed.parallel_layers.layers import ParallelEmbedding
+from neuronx_distributed.parallel_layers.mappings import reduce_from_tensor_model_parallel_region
 from neuronx_distributed_inference.models.model_base import NeuronFusedSpecModel
 from torch import nn
 
@@ -47,11 +52,51 @@ def assistant_spare_slots(target: GemmaPlan, assistant: AssistantPlan, k: int) -
     return max(k, max(windows) + k + 1 - sliding.window)
 
 
+def cache_heads(tp: int, num_heads: int, num_kv_heads: int) -> torch.Tensor | None:
+    """The target KV head each cache head holds, per rank: int [tp, cache heads per rank], as NxDI lays out a
+    layer's K/V over TP (modules/attention/gqa.py, 0.8 and 0.9: `determine_sharding_strategy`,
+    `get_shardable_head_counts`, KV heads repeated in place (`replicate_kv`: REPLICATE_TO_TP_DEGREE tp / KV times,
+    CONVERT_TO_MHA query / KV times), then split evenly over the ranks). None for a layout with padded heads."""
+    from neuronx_distributed_inference.modules.attention.gqa import (
+        GQA,
+        determine_sharding_strategy,
+        get_shardable_head_counts,
+    )
+
+    strategy = determine_sharding_strategy(tp, num_kv_heads)
+    padded_heads, cache_kv_heads = get_shardable_head_counts(tp, num_heads, num_kv_heads, strategy)
+    heads = torch.arange(num_kv_heads)
+    if cache_kv_heads != num_kv_heads:
+        repeats = tp // num_kv_heads if strategy == GQA.REPLICATE_TO_TP_DEGREE else num_heads // num_kv_heads
+        heads = heads.repeat_interleave(repeats)
+    if padded_heads != num_heads or len(heads) != cache_kv_heads or cache_kv_heads % tp:
+        return None
+    return heads.view(tp, -1)
+
+
+def owner_tables(plan: AssistantPlan, target: GemmaPlan, tp: int) -> dict[str, torch.Tensor]:
+    """layer type -> float [tp, assistant heads, cache heads per rank]: 1 where that rank computes that assistant
+    query head against that local cache head (the first rank, and its first cache head, holding the query head's
+    KV head), else 0. Every query head has exactly one 1 over all ranks, so a sum over TP assembles the output."""
+    out = {}
+    sources = target_kv_layers(target)
+    for layer in plan.text.layers:
+        source = sources[layer.attention_type]
+        held = cache_heads(tp, source.num_heads, source.num_kv_heads)
+        if held is None:
+            raise ConfigError(f"the assistant cannot read the target's layer {source.index} K/V at tp_degree {tp} "
+                              f"({source.num_heads} query heads over {tp} ranks are padded); choose another TP")
+        table = torch.zeros(tp, layer.num_heads, held.shape[1])
+        for head in range(layer.num_heads):
+            kv_head = head // (layer.num_heads // layer.num_kv_heads)
+            rank, local = next((r, j) for r in range(tp) for j in range(held.shape[1]) if held[r, j] == kv_head)
+            table[rank, head, local] = 1.0
+        out[layer.attention_type] = table
+    return out
+
+
 def check_assistant_neuron_config(neuron_config) -> None:
     """What the fused assistant graph does not implement, refused in one line before anything is built."""
-    if neuron_config.tp_degree != 1:
-        raise ConfigError(f"a Gemma 4 assistant draft runs at tp_degree 1 in nxdi-gemma (asked: "
-                          f"{neuron_config.tp_degree}); use tp_degree 1 or a Gemma draft model")
     if getattr(neuron_config, "kv_cache_quant", False):
         raise ConfigError("a Gemma 4 assistant draft reads the target's KV cache, which kv_cache_quant quantizes; "
                           "nxdi-gemma does not support the pair: turn kv_cache_quant off")
@@ -102,30 +147,28 @@ class NeuronAssistantModel(nn.Module):
         rows = config.neuron_config.max_batch_size + config.neuron_config.kv_cache_padding_size
         self.kv_mgr = AssistantState(rows, self.plan.backbone_hidden_size, dtype)
         self.sources = target_kv_layers(self.target_plan)
+        self.tp = config.neuron_config.tp_degree
+        # Constants of the graph (from the configs): which rank computes which query head on which cache head.
+        self.owners = owner_tables(self.plan, self.target_plan, self.tp)
 
-    def target_kv(self, target_kv_mgr, batch: int, seq_ids: torch.Tensor, position: torch.Tensor,
-                  forward_start: torch.Tensor, written: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
-        """layer type -> (target keys, values, visible [B, 1, 1, T]): the target cache slots the CPU runtime's
-        AssistantDraft sees (`nxdi_gemma.assistant`), on our cache layout (full layers: position p at slot p;
-        rings: slot p % R holds the latest position written there). position: [B, 1] (n - 1); forward_start,
-        written: [B, 1], the target's last forward. The caches are read in place when the batch is their rows in
-        order (token generation pads the batch so), else their rows are gathered."""
+    def target_kv(self, target, batch: int, seq_ids: torch.Tensor, position: torch.Tensor,
+                  forward_start: torch.Tensor, written: torch.Tensor) -> dict:
+        """layer type -> the attention over the target cache slots the CPU runtime's AssistantDraft sees
+        (`nxdi_gemma.assistant`), on our cache layout (full layers: position p at slot p; rings: slot p % R holds the
+        latest position written there): a function of the rotated queries (AssistantAttention.forward). position:
+        [B, 1] (n - 1); forward_start, written: [B, 1], the target's last forward. The caches are read in place
+        when the batch is their rows in order (token generation pads the batch so), else their rows are gathered."""
         out = {}
         n = position + 1
+        rank = target.rank_util.get_rank().reshape(-1)[:1].to(torch.long)
         for layer_type in {layer.attention_type for layer in self.plan.text.layers}:
             source = self.sources[layer_type]
-            slot = target_kv_mgr.slot_of[source.index]
-            k_cache, v_cache = target_kv_mgr.past_key_values[2 * slot], target_kv_mgr.past_key_values[2 * slot + 1]
+            slot = target.kv_mgr.slot_of[source.index]
+            k_cache, v_cache = target.kv_mgr.past_key_values[2 * slot], target.kv_mgr.past_key_values[2 * slot + 1]
             if k_cache.shape[0] != batch:
                 rows = seq_ids.reshape(-1).to(torch.long)
                 k_cache, v_cache = k_cache.index_select(0, rows), v_cache.index_select(0, rows)
-            # NxDI converts GQA to MHA when the TP degree is not a multiple of the KV heads (GQA.CONVERT_TO_MHA, even at
-            # TP 1): the cache then holds each KV head r times in a row (the target's query heads read cache head i
-            # for their KV head i // r). The assistant groups its own query heads: every r-th cache head.
-            repeat = k_cache.shape[1] // source.num_kv_heads
-            if repeat > 1:
-                k_cache, v_cache = k_cache[:, ::repeat], v_cache[:, ::repeat]
-            ring = target_kv_mgr.rings[source.index]
+            ring = target.kv_mgr.rings[source.index]
             slots = torch.arange(k_cache.shape[2], device=k_cache.device, dtype=torch.int32)[None, :]
             if ring is None:
                 held = slots.expand(batch, -1)
@@ -137,8 +180,25 @@ class NeuronAssistantModel(nn.Module):
                 window = next(layer.window for layer in self.plan.text.layers if layer.attention_type == layer_type)
                 lo = torch.maximum(first, top - window)
             visible = (held >= lo) & (held <= top) & (held >= 0)
-            out[layer_type] = (k_cache, v_cache, visible[:, None, None, :])
+            owners = self.owners[layer_type].to(k_cache.dtype).index_select(0, rank)[0]  # [heads, local]
+            out[layer_type] = self._attention(k_cache, v_cache, visible[:, None, None, :], owners)
         return out
+
+    def _attention(self, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, owners: torch.Tensor):
+        """ops.attention_heads' order (scores in the model dtype, scale 1, softmax in float32, probabilities
+        rounded), each query head against every local cache head, `owners` keeping the one this rank computes for
+        it; summed over TP. Nothing of the cache is copied or regrouped."""
+        def attend(q: torch.Tensor) -> torch.Tensor:
+            scores = torch.einsum("bqsd,bhtd->bqhst", q, keys)
+            scores = scores.masked_fill(~visible[:, :, None], torch.finfo(scores.dtype).min)
+            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+            heads = torch.einsum("bqhst,bhtd->bqhsd", probs, values)
+            heads = torch.einsum("bqhsd,qh->bqsd", heads, owners)
+            if self.tp > 1:
+                heads = reduce_from_tensor_model_parallel_region(heads)
+            return heads.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+        return attend
 
 
 class AssistantDraftModel:
@@ -203,12 +263,14 @@ class GemmaAssistantSpecModel(NeuronFusedSpecModel):
         position = position_ids[:, :1].to(torch.int32)
         rows = seq_ids.reshape(-1).to(torch.long)
         state_hidden, state_positions = (p.index_select(0, rows) for p in draft.kv_mgr.past_key_values)
-        kv = draft.target_kv(target.kv_mgr, batch, seq_ids, position, state_positions[:, :1], state_positions[:, 1:])
-        embed = target.embed_tokens.weight
+        kv = draft.target_kv(target, batch, seq_ids, position, state_positions[:, :1], state_positions[:, 1:])
         hidden_size = draft.target_plan.hidden_size
         token, hidden, proposals, logits_list = input_ids[:, -1:], state_hidden, [], []
         for _ in range(spec - 1):
-            x = torch.cat([ops.scaled_embedding(embed, token, hidden_size), hidden.to(embed.dtype)], dim=-1)
+            # The target's embedding table (sharded over its hidden dim: NxD's lookup gathers it), scaled as ours.
+            embedded = ParallelEmbedding.forward(target.embed_tokens, token)
+            embedded = embedded * ops.embed_scale(hidden_size, embedded.dtype)
+            x = torch.cat([embedded, hidden.to(embedded.dtype)], dim=-1)
             logits, hidden = draft.assistant.draft_step(x, position, kv)
             token = torch.argmax(logits, dim=-1, keepdim=True)
             proposals.append(token)

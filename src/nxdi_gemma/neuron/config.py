@@ -292,10 +292,11 @@ def check_speculation(config: InferenceConfig) -> None:
                           "from a verification by its length; choose another K or other buckets")
     if hasattr(draft, "assistant_plan"):
         from ..config import check_assistant_fits
-        from .assistant import assistant_spare_slots, check_assistant_neuron_config
+        from .assistant import assistant_spare_slots, check_assistant_neuron_config, owner_tables
 
         check_assistant_fits(config.gemma_plan, draft.assistant_plan, "the assistant draft")
         check_assistant_neuron_config(neuron_config)
+        owner_tables(draft.assistant_plan, config.gemma_plan, neuron_config.tp_degree)  # refuses a padded layout
         # The target's rings keep the assistant's window too (it reads them in place).
         neuron_config.speculation_spare_slots = max(
             neuron_config.speculation_spare_slots,
