@@ -65,9 +65,11 @@ def driver_records(sim, release: str, tp: int, slow: bool, tmp_path_factory) -> 
         listed = [{"name": golden_name(t, k), "target": str(goldens[golden_name(t, k)]), "k": k, "rounds": True,
                    "draft": str(goldens[golden_name(t, k)] / "assistant")} for t, k in cases]
         (work / "cases.json").write_text(json.dumps(listed))
-        first = goldens[golden_name(*CI_CASES[1][0])]
-        refusals = [] if slow or tp > 1 else ["--assistant-refusals", str(first / "ckpt"), str(first / "assistant"),
-                                              str(goldens["spec_gemma3"] / "ckpt")]
+        refusals = []
+        if tp == 1 and not slow:  # the refusals, once per release, with the CI case's pair
+            first = goldens[golden_name(*CI_CASES[1][0])]
+            refusals = ["--assistant-refusals", str(first / "ckpt"), str(first / "assistant"),
+                        str(goldens["spec_gemma3"] / "ckpt")]
         launcher = sim.torchrun(tp) if tp > 1 else [sys.executable]
         proc = sim.run([*launcher, str(SIM / "spec_driver.py"), "--tp", str(tp), "--out", str(work / "out.json"),
                         *refusals, str(work / "cases.json")], release, check=False, timeout=3000)
