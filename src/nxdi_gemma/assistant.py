@@ -33,11 +33,16 @@ class AssistantAttention(AttentionWeights):
         self.layer = layer
         self.register_buffer("inv_freq", layer.rope.inv_freq(), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        keys, values, visible = kv
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv) -> torch.Tensor:
+        """kv: (target keys, values [B, KV, T, D], visible [B, 1, S, T]), or a function of the rotated queries
+        [B, heads, S, D] returning the attention output [B, S, heads * D] (the NxDI graph's sharded target caches,
+        neuron/assistant.py)."""
         cos, sin = ops.rope_cos_sin(self.inv_freq, positions, x.dtype)
         q = self.q_norm(self.q_proj(x).view(*x.shape[:2], self.layer.num_heads, self.layer.head_dim))
         q = ops.apply_rope(q.transpose(1, 2), cos, sin)
+        if callable(kv):
+            return self.o_proj(kv(q))
+        keys, values, visible = kv
         return self.o_proj(ops.attention(q, keys, values, visible, 1.0, None))  # Gemma 4: scale 1, no softcap
 
 
@@ -96,6 +101,11 @@ class AssistantForCausalLM(nn.Module):
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """One draft token: x [B, 1, 2 * backbone H] -> (logits [B, V], next hidden [B, 1, backbone H]).
         positions [B, 1]; kv: layer type -> (target keys, values [B, KV, T, D], visible [B, 1, 1, T])."""
+        return self.draft_step(x, positions, kv)
+
+    def draft_step(self, x: torch.Tensor, positions: torch.Tensor, kv: dict[str, tuple[torch.Tensor, ...]]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`step` outside inference mode: the form a traced graph (neuron/assistant.py) calls."""
         h = self.pre_projection(x)
         for block in self.model.layers:
             attn = block.self_attn(block.attention_input(h), positions, kv[block.self_attn.layer.attention_type])

@@ -258,9 +258,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
         check_prequantized_scheme(args.model, nc.get("quantization_dtype", "int8"),
                                   nc.get("quantization_type", "per_channel_symmetric"))
     if args.draft is not None:
-        from .speculation import check_draft
+        from .speculation import check_draft_dir
 
-        check_draft(plan, check_checkpoint(args.draft), speculative_tokens(args))
+        # A Gemma of the same vocabulary, or a Gemma 4 assistant for this target (neuron/assistant.py).
+        check_draft_dir(plan, args.draft, speculative_tokens(args))
     elif args.num_speculative_tokens is not None:
         raise InputError("--num-speculative-tokens needs --draft DIR (the draft model's checkpoint)")
     print(compile_model(args.model, args.config, args.out, args.draft, speculative_tokens(args)))

@@ -12,7 +12,8 @@ names]}}, "weights": "int8_rounded" (HF runs an int8-rounded copy of the checkpo
 weights; "int8_rounded_head": the same with the LM head rounded too, one scale per vocab row, as an untied head
 beside the unrounded embedding table: the reference of `quantize_lm_head`; or "fp8_compressed_tensors": the checkpoint is an FP8 compressed-tensors one and HF runs its dequantized
 weights) and "kv_cache": "f8e4m3" (HF's cache rounds what it stores to fp8: the reference of a quantized KV
-cache)}. For each case, OUT_DIR/<name>/ckpt is a checkpoint (our writer,
+cache), "assistant": {"seed": int, "ks": [int]} (Gemma 4: a random assistant drafter in OUT_DIR/<name>/assistant and,
+per K, HF's assisted generation and the CPU runtime's proposals in golden.json's "assistant": `assistant_golden`)}. For each case, OUT_DIR/<name>/ckpt is a checkpoint (our writer,
 `nxdi_gemma.tiny.random_weights`) and OUT_DIR/<name>/golden.json holds, per prompt, HF's greedy tokens and logits at
 every step (HF forward + KV cache in a plain argmax loop: `nxdi_gemma.reference.hf_greedy`) in float32, or in the
 spec's dtype, and, for float32, HF's own float32-vs-float64 deviation over the same sequences (teacher-forced, every
@@ -172,6 +173,84 @@ def remove_checkpoint_dir(path: Path) -> None:
         path.rmdir()
 
 
+def assistant_golden(ckpt: Path, folder: Path, prompts: list[list[int]], new_tokens: int, seed: int,
+                     ks: list[int]) -> dict:
+    """A miniature random Gemma 4 assistant for the target at `ckpt` (transformers' Gemma4AssistantForCausalLM, HF's
+    own init then perturbed: norms, layer scalars, a random token ordering; its own window 6, 2 layers), saved by
+    HF into `folder`; per K: HF's assisted generation (`generate(assistant_model=...)`, greedy) with its candidate
+    generator's proposals recorded (start length, tokens) per step, and the CPU runtime's proposals per step
+    (`speculation.generate` with `assistant.AssistantDraft`, run new_tokens + K + 1 tokens so that every step the
+    NxDI graph takes (always K proposals) has K here too)."""
+    from transformers.generation import candidate_generator as cg
+
+    from nxdi_gemma import speculation
+    from nxdi_gemma.assistant import AssistantDraft, load_assistant
+    from nxdi_gemma.cpu import load_model
+    from nxdi_gemma.reference import load_hf_model
+
+    target_config = json.loads((ckpt / "config.json").read_text())
+    # Half the target's query heads: the assistant groups its heads over the target's KV heads its own way.
+    text = dict(target_config.get("text_config", target_config), hidden_size=32, intermediate_size=64,
+                num_attention_heads=target_config.get("text_config", target_config)["num_attention_heads"] // 2,
+                num_hidden_layers=2, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+                hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, num_kv_shared_layers=2,
+                use_double_wide_mlp=False, enable_moe_block=False, num_experts=None, top_k_experts=None,
+                moe_intermediate_size=None)
+    backbone = target_config.get("text_config", target_config)["hidden_size"]
+    text.pop("architectures", None)
+    text.pop("model_type", None)
+    config = transformers.Gemma4AssistantConfig(
+        text_config=transformers.Gemma4TextConfig(**text), backbone_hidden_size=backbone,
+        use_ordered_embeddings=True, num_centroids=8, centroid_intermediate_top_k=3)
+    torch.manual_seed(seed)
+    model = transformers.Gemma4AssistantForCausalLM._from_config(config, attn_implementation="eager",
+                                                                 dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            if name.endswith("norm.weight"):
+                t.copy_(1.0 + 0.3 * torch.randn(t.shape, generator=gen))
+            elif name.endswith("layer_scalar"):
+                t.copy_(0.5 + torch.rand(t.shape, generator=gen))
+        model.masked_embedding.token_ordering.copy_(torch.randperm(text["vocab_size"], generator=gen))
+    remove_checkpoint_dir(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    target_hf = load_hf_model(ckpt, torch.float32)
+    target = load_model(ckpt, progress=False)
+    drafter = AssistantDraft(load_assistant(folder), target)
+    rounds: list = []
+    original = cg.SinglePositionMultiTokenCandidateGenerator.get_candidates
+
+    def recording(self, input_ids, *args, **kwargs):  # records HF's proposals, returns them unchanged
+        candidate_ids, logits = original(self, input_ids, *args, **kwargs)
+        if candidate_ids.shape[1] > input_ids.shape[1]:
+            rounds.append((input_ids.shape[1], candidate_ids[0, input_ids.shape[1]:].tolist()))
+        return candidate_ids, logits
+
+    out = {}
+    cg.SinglePositionMultiTokenCandidateGenerator.get_candidates = recording
+    try:
+        for k in ks:
+            model.generation_config.num_assistant_tokens = k
+            model.generation_config.num_assistant_tokens_schedule = "constant"
+            per_k = {"hf_tokens": [], "hf_rounds": [], "cpu_rounds": [], "cpu_tokens": []}
+            for prompt in prompts:
+                rounds.clear()
+                ids = torch.tensor([prompt])
+                hf = target_hf.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=model,
+                                        do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                        eos_token_id=None, pad_token_id=0, top_k=None, top_p=None)
+                per_k["hf_tokens"].append(hf[0, len(prompt):].tolist())
+                per_k["hf_rounds"].append(list(rounds))
+                ours = speculation.generate(target, drafter, [prompt], new_tokens + k + 1, k, stop_on_eos=False)
+                per_k["cpu_rounds"].append(ours.rounds[0])
+                per_k["cpu_tokens"].append(ours.tokens[0])
+            out[str(k)] = per_k
+    finally:
+        cg.SinglePositionMultiTokenCandidateGenerator.get_candidates = original
+    return out
+
+
 def make_case(name: str, spec: dict, out: Path) -> None:
     case = out / name
     golden = case / "golden.json"
@@ -228,8 +307,11 @@ def make_case(name: str, spec: dict, out: Path) -> None:
         bound = FLOOR if generation < 4 else max(FLOOR, 4.0 * deviation)
     adapters = {adapter: lora_golden(ckpt, case / "adapters" / adapter, prompts, spec["new_tokens"], **settings)
                 for adapter, settings in spec.get("adapters", {}).items()}
+    assistant = spec.get("assistant")
+    if assistant:
+        assistant = assistant_golden(ckpt, case / "assistant", prompts, spec["new_tokens"], **assistant)
     doc = {
-        "adapters": adapters,
+        "adapters": adapters, "assistant": assistant,
         "name": name, "spec_hash": key, "transformers": transformers.__version__, "torch": torch.__version__,
         "model_type": config["model_type"], "sliding_window": text.get("sliding_window"),
         "new_tokens": spec["new_tokens"], "dtype": dtype, "hf_fp32_vs_fp64": deviation, "bound": bound,

@@ -205,6 +205,20 @@ class GemmaInferenceConfig(InferenceConfig):
 
 
 
+class GemmaAssistantDraftConfig(GemmaInferenceConfig):
+    """The draft config of a Gemma 4 assistant in fused speculation: the target's config (the assistant reads its
+    caches and embedding) plus the assistant checkpoint's config.json (`assistant_hf_config`, stored verbatim)."""
+
+    def get_required_attributes(self) -> list[str]:
+        return [*super().get_required_attributes(), "assistant_hf_config"]
+
+    @property
+    def assistant_plan(self):
+        from ..config import assistant_plan_from_config
+
+        return assistant_plan_from_config(self.assistant_hf_config, "assistant config.json")
+
+
 def plan_prefill_chunks(neuron_config: NeuronConfig, plan: GemmaPlan) -> None:
     """Prompts longer than `prefill_chunk_size` run as consecutive chunks through one context-encoding graph (its
     buckets capped at the chunk), each chunk reading the KV cache its predecessors wrote: activation memory grows
@@ -285,6 +299,17 @@ def check_speculation(config: InferenceConfig) -> None:
     if spec in (context or [neuron_config.max_context_length]) or spec == neuron_config.prefill_chunk_size:
         raise ConfigError(f"speculation_length {spec} equals a context-encoding length: NxDI tells a prompt chunk "
                           "from a verification by its length; choose another K or other buckets")
+    if hasattr(draft, "assistant_plan"):
+        from ..config import check_assistant_fits
+        from .assistant import assistant_spare_slots, check_assistant_neuron_config, owner_tables
+
+        check_assistant_fits(config.gemma_plan, draft.assistant_plan, "the assistant draft")
+        check_assistant_neuron_config(neuron_config)
+        owner_tables(draft.assistant_plan, config.gemma_plan, neuron_config.tp_degree)  # refuses a padded layout
+        # The target's rings keep the assistant's window too (it reads them in place).
+        neuron_config.speculation_spare_slots = max(
+            neuron_config.speculation_spare_slots,
+            assistant_spare_slots(config.gemma_plan, draft.assistant_plan, spec - 1))
     if hasattr(draft.neuron_config, "speculation_spare_slots"):
         draft.neuron_config.speculation_spare_slots = max(draft.neuron_config.speculation_spare_slots,
                                                           neuron_config.speculation_spare_slots)

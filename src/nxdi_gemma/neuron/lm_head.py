@@ -55,6 +55,9 @@ class _SoftcapHead:
         model_state_dict[name] = nn.functional.pad(tensor, (0, 0, 0, rows))
 
     def forward(self, input_: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # The final (normed) hidden states NxDI hands the head, kept for the fused assistant graph
+        # (neuron/assistant.py), which feeds the target's hidden state to a Gemma 4 assistant. A reference only.
+        self.hidden_in = input_
         logits = super().forward(input_, *args, **kwargs)
         if self.vocab_pad:
             logits = logits[..., : self.vocab_size]

@@ -249,6 +249,18 @@ class NeuronGemmaForCausalLM(NeuronBaseForCausalLM):
         if self.neuron_config.lora_config is not None:
             self.lora_model_manager = GemmaLoraModelManager(self.neuron_config.lora_config)
 
+    def enable_context_encoding(self, **model_init_kwargs):
+        """NxDI's (which builds the context-encoding model, then `enable_fused_spec` the fused one, both from
+        `self._model_cls`, set to NeuronFusedSpecModel by NxDI's __init__ just before; 0.8 and 0.9). With a Gemma 4
+        assistant as the draft, both are our GemmaAssistantSpecModel (neuron/assistant.py)."""
+        fused = getattr(self.config, "fused_spec_config", None)
+        if self.neuron_config.enable_fused_speculation and hasattr(getattr(fused, "draft_config", None),
+                                                                   "assistant_plan"):
+            from .assistant import GemmaAssistantSpecModel
+
+            self._model_cls = GemmaAssistantSpecModel
+        super().enable_context_encoding(**model_init_kwargs)
+
     @classmethod
     def get_config_cls(cls):
         return GemmaInferenceConfig

@@ -74,13 +74,16 @@ def draft_spec_config(cls, config, draft: str):
 
     from neuronx_distributed_inference.models.config import FusedSpecNeuronConfig
 
-    from ..config import plan_from_config, read_config_json
+    from ..config import is_assistant_config, plan_from_config, read_config_json
     from ..planning import check_tp
     from ..speculation import check_draft
     from .config import gemma_load_config
 
+    draft_json = read_config_json(draft)
+    if is_assistant_config(draft_json):
+        return assistant_spec_config(cls, config, draft, draft_json)
     # From config.json alone (the weights are read, names and shapes checked, when NxDI loads them).
-    draft_plan = plan_from_config(read_config_json(draft), source=f"{draft}/config.json")
+    draft_plan = plan_from_config(draft_json, source=f"{draft}/config.json")
     check_draft(config.gemma_plan, draft_plan, config.neuron_config.speculation_length - 1)
     check_tp(draft_plan, config.neuron_config.tp_degree, option="the draft at the target's tp_degree")
     draft_neuron_config = copy.deepcopy(config.neuron_config)
@@ -88,6 +91,29 @@ def draft_spec_config(cls, config, draft: str):
     draft_neuron_config.enable_fused_speculation = False
     draft_config = cls.get_config_cls()(draft_neuron_config, load_config=gemma_load_config(draft))
     return FusedSpecNeuronConfig(cls._model_cls, draft_config=draft_config, draft_model_path=draft)
+
+
+def assistant_spec_config(cls, config, draft: str, draft_json: dict):
+    """NxDI's FusedSpecNeuronConfig for a Gemma 4 assistant checkpoint (neuron/assistant.py): its draft config is
+    the target's (speculation off) with the assistant's config.json; refused here when it cannot draft for this
+    target (check_speculation adds the neuron-config checks)."""
+    import copy
+
+    from neuronx_distributed_inference.models.config import FusedSpecNeuronConfig
+
+    from .. import assistant
+    from ..config import check_assistant_fits
+    from .assistant import AssistantDraftModel
+    from .config import GemmaAssistantDraftConfig, gemma_load_config
+
+    check_assistant_fits(config.gemma_plan, assistant.check_checkpoint(draft), f"--draft {draft}")
+    draft_neuron_config = copy.deepcopy(config.neuron_config)
+    draft_neuron_config.speculation_length = 0
+    draft_neuron_config.enable_fused_speculation = False
+    draft_config = GemmaAssistantDraftConfig(draft_neuron_config, load_config=gemma_load_config(config._name_or_path),
+                                             assistant_hf_config=draft_json)
+    return FusedSpecNeuronConfig(cls._model_cls, draft_config=draft_config, draft_model_path=draft,
+                                 draft_model_cls=AssistantDraftModel)
 
 
 def speculative_spec(spec: dict, draft: str, num_speculative_tokens: int) -> dict:
@@ -242,6 +268,9 @@ def speculative_greedy(model, prompt_ids: list[list[int]], max_new_tokens: int):
     inputs = [t[-1] for t in tokens] + [tokens[0][-1]] * (batch - rows)
     positions = [len(ids) for ids in prompt_ids] + [len(prompt_ids[0])] * (batch - rows)
     calls = proposed = accepted = 0
+    # With output_logits the fused outputs also hold the draft's logits [B, S, V] (after NxDI's four): each row's
+    # proposals of each step are their argmax over the first K (what the draft chose), kept in `rounds`.
+    rounds: list[list[list[int]]] | None = [[] for _ in prompt_ids] if neuron_config.output_logits else None
     while min(len(t) for t in tokens) < max_new_tokens:
         # Each row's cached tokens (NxDI pads the mask to the bucket, which must hold it + S).
         mask = (torch.arange(max(positions))[None, :] < torch.tensor(positions)[:, None]).to(torch.long)
@@ -253,8 +282,11 @@ def speculative_greedy(model, prompt_ids: list[list[int]], max_new_tokens: int):
             if len(tokens[r]) >= max_new_tokens:
                 continue
             new = [int(t) for t in kept[r] if t >= 0]
+            if rounds is not None:
+                rounds[r].append(out.fused_outputs[4][r, : spec - 1].argmax(-1).tolist())
             proposed += spec - 1
             accepted += len(new) - 1
             tokens[r] += new
             inputs[r], positions[r] = int(next_ids[r].reshape(-1)[0]), int(next_positions[r].reshape(-1)[0])
-    return SpeculativeGeneration([t[:max_new_tokens] for t in tokens], calls, calls * spec, proposed, accepted)
+    return SpeculativeGeneration([t[:max_new_tokens] for t in tokens], calls, calls * spec, proposed, accepted,
+                                 rounds=rounds)
