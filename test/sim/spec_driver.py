@@ -22,24 +22,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import socket
 import sys
 import time
 import traceback
 from pathlib import Path
 
 import standins  # installed by test/sim/standins/sitecustomize.py
-import torch
+from nxdi_cpu_driver import prepare_process
 from sim_golden import load_golden
 
 BUCKET = 64
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def settings(k: int, tp: int, rows: int, seq_len: int, output_logits: bool = False) -> dict:
@@ -160,12 +152,7 @@ def main() -> None:
                         help="also record the refusals of a Gemma 4 assistant draft (assistant_refusals)")
     parser.add_argument("cases")
     args = parser.parse_args()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    rank = int(os.environ.get("RANK", "0"))
-    if "WORLD_SIZE" in os.environ:  # as nxdi_cpu_driver.py: one gloo group for every model of the process
-        torch.distributed.init_process_group("gloo")
-        del os.environ["WORLD_SIZE"]
+    rank = prepare_process()
     records: list[dict] = []
     if args.refusals:
         records += refusals(args.refusals, Path(args.out).parent / "refusals")
