@@ -72,6 +72,25 @@ def reference_effect(sim_golden_dir, plain_golden_dir) -> float:
     return max((a - b).abs().max().item() for a, b in zip(reference.logits, unquantized.logits, strict=True))
 
 
+def checked_records(sim, sim_report, tmp_path_factory, cases: dict, suffix: str, release: str, tp: int, family: str,
+                    *, baseline, label: str, reference: str, effect_is: str, widen_bound=None) -> list[dict]:
+    """The driver's records of `<family>_<suffix>` checked against their reference (every token, logits within the
+    bound), reported, and the reference shown to differ from `baseline` (the golden without the scheme) by more than
+    10x the bound, so the check can fail. `widen_bound(bound, effect)`: a bound that depends on that effect."""
+    records = [r for r in driver_records(sim, cases, suffix, release, tp, tmp_path_factory)
+               if r["case"] == f"{family}_{suffix}"]
+    effect = reference_effect(cases[f"{family}_{suffix}"], baseline)
+    if widen_bound:
+        records = [dict(r, bound=widen_bound(r["bound"], effect)) for r in records]
+    check_records(records, family, release, tp)
+    sim_report(f"{label} {release} tp{tp} {family}",
+               f"match {min(r['match'] for r in records):.3f}  max|dlogit| "
+               f"{max(r['max_abs_logit_diff'] for r in records):.1e} vs {reference} (bound "
+               f"{records[0]['bound']:.0e}; {effect_is} {effect:.1e})")
+    assert effect > 10 * records[0]["bound"], f"{family}: {label} barely moves HF's logits; the check proves little"
+    return records
+
+
 def runs(in_ci: set[tuple[str, int]]) -> list:
     """(release, tp) parameters; those not in `in_ci` are marked slow (CI time: each is one driver process)."""
     return [pytest.param(release, tp, id=f"{release}-tp{tp}", marks=() if (release, tp) in in_ci else pytest.mark.slow)
@@ -82,15 +101,9 @@ def runs(in_ci: set[tuple[str, int]]) -> list:
 @pytest.mark.parametrize(("release", "tp"), runs({("sdk-2.28", 1), ("sdk-2.28", 2)}))
 def test_int8_weights_match_int8_rounded_hf(sim, goldens, int8_goldens, sim_report, tmp_path_factory, release, tp,
                                             family):
-    records = [r for r in driver_records(sim, int8_goldens, "int8", release, tp, tmp_path_factory)
-               if r["case"] == f"{family}_int8"]
-    check_records(records, family, release, tp)
-    effect = reference_effect(int8_goldens[f"{family}_int8"], goldens[family])
-    sim_report(f"int8 {release} tp{tp} {family}",
-               f"match {min(r['match'] for r in records):.3f}  max|dlogit| "
-               f"{max(r['max_abs_logit_diff'] for r in records):.1e} vs int8-rounded HF (bound "
-               f"{records[0]['bound']:.0e}; int8-rounded vs unquantized HF {effect:.1e})")
-    assert effect > 10 * records[0]["bound"], f"{family}: int8 rounding barely moves HF's logits; proves little"
+    records = checked_records(sim, sim_report, tmp_path_factory, int8_goldens, "int8", release, tp, family,
+                              baseline=goldens[family], label="int8", reference="int8-rounded HF",
+                              effect_is="int8-rounded vs unquantized HF")
     for r in records:
         assert {"QuantizedColumnParallel:int8", "QuantizedRowParallel:int8"} <= set(r["quantized_layers"])
         assert r["left_for_nxdi_convert"] == [], "NxDI's swap on device would convert these too"
@@ -108,17 +121,10 @@ def test_fp8_kv_cache_matches_round_on_write_hf(sim, goldens, kv_goldens, sim_re
     midpoint the cache holds the neighbouring fp8 value (one step of a 3-bit mantissa): measured once in the four
     families (Gemma 4 PLE, 8.9e-3). There the test asks for every greedy token and a logit gap under 1% of what fp8
     rounding moves HF's logits by: far closer to the fp8 reference than to the unquantized model."""
-    records = [r for r in driver_records(sim, kv_goldens, "kvfp8", release, tp, tmp_path_factory)
-               if r["case"] == f"{family}_kvfp8"]
-    effect = reference_effect(kv_goldens[f"{family}_kvfp8"], goldens[family])
-    if tp > 1:
-        records = [dict(r, bound=max(r["bound"], 0.01 * effect)) for r in records]
-    check_records(records, family, release, tp)
-    sim_report(f"fp8 KV {release} tp{tp} {family}",
-               f"match {min(r['match'] for r in records):.3f}  max|dlogit| "
-               f"{max(r['max_abs_logit_diff'] for r in records):.1e} vs round-on-write HF (bound "
-               f"{records[0]['bound']:.0e}; vs unquantized-cache HF {effect:.1e})")
-    assert effect > 10 * records[0]["bound"], f"{family}: fp8 rounding of the cache barely moves HF; proves little"
+    checked_records(sim, sim_report, tmp_path_factory, kv_goldens, "kvfp8", release, tp, family,
+                    baseline=goldens[family], label="fp8 KV", reference="round-on-write HF",
+                    effect_is="vs unquantized-cache HF",
+                    widen_bound=(lambda bound, effect: max(bound, 0.01 * effect)) if tp > 1 else None)
 
 
 @pytest.mark.parametrize("family", HUB_FAMILIES)
@@ -128,15 +134,9 @@ def test_fp8_hub_checkpoint(sim, goldens, hub_goldens, sim_report, tmp_path_fact
     """An FP8 compressed-tensors checkpoint (float8_e4m3fn weights, per-channel weight_scale, config.json
     quantization_config) given as the model with quantized fp8 weights: converted to NxD's fp8 scheme on first use
     (quantize.convert_prequantized), the greedy tokens and float32 logits of HF run on its dequantized weights."""
-    records = [r for r in driver_records(sim, hub_goldens, "fp8hub", release, tp, tmp_path_factory)
-               if r["case"] == f"{family}_fp8hub"]
-    check_records(records, family, release, tp)
-    effect = reference_effect(hub_goldens[f"{family}_fp8hub"], goldens[family])
-    sim_report(f"fp8 hub {release} tp{tp} {family}",
-               f"match {min(r['match'] for r in records):.3f}  max|dlogit| "
-               f"{max(r['max_abs_logit_diff'] for r in records):.1e} vs HF on the dequantized FP8 weights (bound "
-               f"{records[0]['bound']:.0e}; vs the unquantized model {effect:.1e})")
-    assert effect > 10 * records[0]["bound"], f"{family}: FP8 rounding barely moves HF's logits; proves little"
+    records = checked_records(sim, sim_report, tmp_path_factory, hub_goldens, "fp8hub", release, tp, family,
+                              baseline=goldens[family], label="fp8 hub", reference="HF on the dequantized FP8 weights",
+                              effect_is="vs the unquantized model")
     for r in records:
         assert {"QuantizedColumnParallel:float8_e4m3fn", "QuantizedRowParallel:float8_e4m3fn"} <= set(
             r["quantized_layers"]), r["quantized_layers"]
@@ -166,15 +166,9 @@ def test_quantized_lm_head_matches_int8_rounded_head_hf(sim, head_goldens, sim_r
     quantized checkpoint) in our QuantizedSoftcapColumnParallel, against HF whose untied lm_head is that rounded
     copy while the embedding stays unrounded: every greedy token, float32 logits within the family's bound. Vocab
     263 at TP 2: the head and its scale are padded by a row and the pad column cut before the softcap."""
-    records = [r for r in driver_records(sim, head_goldens, "int8head", release, tp, tmp_path_factory)
-               if r["case"] == f"{family}_int8head"]
-    check_records(records, family, release, tp)
-    effect = reference_effect(head_goldens[f"{family}_int8head"], head_goldens[f"{family}_int8body"])
-    sim_report(f"int8 + LM head {release} tp{tp} {family}",
-               f"match {min(r['match'] for r in records):.3f}  max|dlogit| "
-               f"{max(r['max_abs_logit_diff'] for r in records):.1e} vs HF with the int8-rounded head (bound "
-               f"{records[0]['bound']:.0e}; the head's rounding moves HF's logits by {effect:.1e})")
-    assert effect > 10 * records[0]["bound"], f"{family}: rounding the head barely moves HF's logits; proves little"
+    records = checked_records(sim, sim_report, tmp_path_factory, head_goldens, "int8head", release, tp, family,
+                              baseline=head_goldens[f"{family}_int8body"], label="int8 + LM head",
+                              reference="HF with the int8-rounded head", effect_is="the head's rounding moves HF's logits by")
     for r in records:
         assert "QuantizedSoftcapColumnParallel:int8" in r["quantized_layers"], r["quantized_layers"]
         assert r["left_for_nxdi_convert"] == [], "NxDI's swap on device would convert these too"
