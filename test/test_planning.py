@@ -29,6 +29,19 @@ def test_kv_cache_gemma3_27b_by_hand():
     assert kv_cache_bytes(public_plan("gemma-3-27b"), tp=8, batch=1, seq_len=8192, dtype_bytes=2) == 159_383_552
 
 
+def test_memory_plan_prefill_batch_sets_the_spare_slots_by_hand():
+    # Under vLLM, vllm-neuron prefills one sequence per call (ctx_batch_size 1) while decoding 8: the prompt chunk,
+    # hence the full layers' spare slots, follow the prefill batch. Gemma 3 27B, TP 8 (4 query heads per core),
+    # 32768 tokens: float32 scores 4 x b x 4 x C x (32768 + C) <= 512 MiB gives C = 512 at b = 1, 128 at b = 8.
+    plan = public_plan("gemma-3-27b")
+    sliding = 2 * 8 * 1024 * 2 * 128 * 2  # 52 layers: batch 8, window 1024, 2 KV heads per core, head_dim 128, bf16
+    full = {chunk: 2 * 8 * (32768 + chunk) * 2 * 128 * 2 for chunk in (512, 128)}  # 10 layers
+    one_row = memory_plan(plan, "trn1.32xlarge", 8, 8, 32768, prefill_batch=1)
+    assert one_row.kv_cache_per_core == 52 * sliding + 10 * full[512]
+    assert memory_plan(plan, "trn1.32xlarge", 8, 8, 32768).kv_cache_per_core == 52 * sliding + 10 * full[128]
+    assert one_row.activations_per_core < memory_plan(plan, "trn1.32xlarge", 8, 8, 32768).activations_per_core
+
+
 def test_kv_cache_gemma4_e2b_by_hand():
     # 35 layers, the last 20 share KV (no cache); producers 0-14 hold full layers 4, 9, 14 and 12 sliding ones.
     # 1 KV head (replicated at TP 2); sliding head_dim 256 window 512, full head_dim 512; batch 2, 4096 tokens, bf16.

@@ -422,8 +422,9 @@ def test_serving_check_refuses_a_batch_that_does_not_fit_with_the_planner_figure
     from nxdi_gemma.planning import GIB, largest_fit, memory_plan
 
     plan = plan_from_config(public_config("gemma-3-4b"))
-    need = memory_plan(plan, "trn1.32xlarge", 2, 256, 4096)
-    _, fitting = largest_fit(plan, "trn1.32xlarge", 2, seq_len=4096)
+    # vllm-neuron prefills one sequence per context-encoding call (ctx_batch_size 1): the plan the check makes
+    need = memory_plan(plan, "trn1.32xlarge", 2, 256, 4096, prefill_batch=1)
+    _, fitting = largest_fit(plan, "trn1.32xlarge", 2, seq_len=4096, prefill_batch=1)
     assert not need.fits and fitting >= 1
     with pytest.raises(vllm_plugin.ServeConfigError) as refused:
         _serving(batch=256)
@@ -508,7 +509,7 @@ def test_prefix_caching_defaults_are_supplied_and_planned():
 
     # the HBM check plans the block layout's KV (every producer layer stores every position)
     plan = plan_from_config(public_config("gemma-3-4b"))
-    blocked = memory_plan(plan, "trn1.32xlarge", 2, 64, 4096, block_size=32)
+    blocked = memory_plan(plan, "trn1.32xlarge", 2, 64, 4096, block_size=32, prefill_batch=1)
     assert blocked.kv_cache_per_core == block_kv_cache_bytes(plan, 2, 64, 4096, 2, 32)
     assert blocked.kv_cache_per_core > memory_plan(plan, "trn1.32xlarge", 2, 64, 4096).kv_cache_per_core
     with pytest.raises(vllm_plugin.ServeConfigError) as refused:

@@ -232,12 +232,16 @@ WEIGHT_SCHEMES = ("model", "int8", "fp8")
 
 def memory_plan(plan: GemmaPlan, instance: str, tp: int | None = None, batch: int = 1, seq_len: int | None = None,
                 dtype: str = "bfloat16", block_size: int | None = None, num_blocks: int | None = None,
-                weights: str = "model", kv_cache: str = "model", quantize_lm_head: bool = False) -> MemoryPlan:
+                weights: str = "model", kv_cache: str = "model", quantize_lm_head: bool = False,
+                prefill_batch: int | None = None) -> MemoryPlan:
     """Per-core HBM plan and rooflines. `block_size`: the block KV layout of prefix caching (what vLLM's default
     makes vllm-neuron ask for), whose cache holds `num_blocks` blocks of every producer layer, sliding ones included
     (default ceil(seq_len / block_size) x batch, what vllm-neuron allocates); None: the contiguous layout (ring
     caches). weights: "model" | "int8" | "fp8" (quantized weights, see weight_bytes); kv_cache: "model" | "fp8"
-    (`kv_cache_quant`: one byte per cached value); quantize_lm_head: the LM head quantized too (weight_bytes)."""
+    (`kv_cache_quant`: one byte per cached value); quantize_lm_head: the LM head quantized too (weight_bytes).
+    prefill_batch: the sequences one context-encoding call takes (NxDI's ctx_batch_size; default the batch, NxDI's
+    default; vllm-neuron prefills one): it sets the prompt chunk, hence the full layers' spare slots and the
+    prefill activations."""
     if instance not in INSTANCES:
         raise InputError(f"unknown instance {instance!r}; known: {', '.join(INSTANCES)}")
     inst = INSTANCES[instance]
@@ -259,12 +263,14 @@ def memory_plan(plan: GemmaPlan, instance: str, tp: int | None = None, batch: in
     stored, read = weight_bytes(counts, nbytes, weights, quantize_lm_head)
     weights_per_core = stored // tp + counts["replicated"] * nbytes
     kv_bytes = 1 if kv_cache == "fp8" else nbytes
+    prefill_batch = prefill_batch or batch
     if block_size is None:
-        kv = kv_cache_bytes(plan, tp, batch, seq_len, kv_bytes)
+        kv = kv_cache_bytes(plan, tp, batch, seq_len, kv_bytes,
+                            chunk=prefill_chunk(plan, tp, prefill_batch, seq_len, seq_len))
     else:
         blocks = num_blocks if num_blocks is not None else -(-seq_len // block_size) * batch
         kv = block_kv_cache_bytes(plan, tp, 1, blocks * block_size, kv_bytes, block_size)
-    activations = prefill_activation_bytes(plan, tp, batch, seq_len, seq_len, nbytes)
+    activations = prefill_activation_bytes(plan, tp, prefill_batch, seq_len, seq_len, nbytes)
     # Decode: stream the active weights once per step plus the KV cache in use, for the whole batch.
     step_bytes = read / tp + kv
     decode = batch * inst.bandwidth_per_core / step_bytes
@@ -274,19 +280,21 @@ def memory_plan(plan: GemmaPlan, instance: str, tp: int | None = None, batch: in
 
 
 def largest_fit(plan: GemmaPlan, instance: str, tp: int | None = None, dtype: str = "bfloat16",
-                seq_len: int | None = None, block_size: int | None = None, **schemes: str | bool) -> tuple[int, int]:
+                seq_len: int | None = None, block_size: int | None = None, prefill_batch: int | None = None,
+                **schemes: str | bool) -> tuple[int, int]:
     """(largest power-of-two context at batch 1, largest batch at `seq_len`, the requested context (default: the
-    plan's default)) that fit; 0 if none. `block_size`: as memory_plan's (its default block count)."""
+    plan's default)) that fit; 0 if none. `block_size`, `prefill_batch`: as memory_plan's (its default block
+    count)."""
     context = 0
     length = 128
     while length <= plan.max_position_embeddings:
-        if memory_plan(plan, instance, tp, 1, length, dtype, block_size, **schemes).fits:
+        if memory_plan(plan, instance, tp, 1, length, dtype, block_size, prefill_batch=prefill_batch, **schemes).fits:
             context = length
         length *= 2
     batch = 0
     requested = memory_plan(plan, instance, tp, 1, seq_len, dtype, **schemes).seq_len
     b = 1
-    while b <= 1024 and memory_plan(plan, instance, tp, b, requested, dtype, block_size, **schemes).fits:
+    while b <= 1024 and memory_plan(plan, instance, tp, b, requested, dtype, block_size, prefill_batch=prefill_batch, **schemes).fits:
         batch = b
         b *= 2
     return context, batch

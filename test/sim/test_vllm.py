@@ -428,8 +428,9 @@ def _hbm_refusal() -> list[str]:
     from nxdi_gemma.public_models import public_plan
 
     plan = public_plan("gemma-3-4b")
-    need = memory_plan(plan, "trn1.32xlarge", 2, 256, 4096, "bfloat16", 32)
-    _, fitting = largest_fit(plan, "trn1.32xlarge", 2, "bfloat16", 4096, 32)
+    # vllm-neuron prefills one sequence per context-encoding call (ctx_batch_size 1)
+    need = memory_plan(plan, "trn1.32xlarge", 2, 256, 4096, "bfloat16", 32, prefill_batch=1)
+    _, fitting = largest_fit(plan, "trn1.32xlarge", 2, "bfloat16", 4096, 32, prefill_batch=1)
     assert not need.fits and fitting
     return [f"{need.total_per_core / GIB:.1f} GiB per NeuronCore", "block KV layout: 32768 blocks of 32",
             "of trn1.32xlarge's 16.0 GiB", f"pass --max-num-seqs {fitting} or less"]

@@ -433,12 +433,14 @@ def check_supported_features(override: Mapping[str, Any], unsupported: Iterable[
 def check_serving_settings(config: dict[str, Any], source: str, *, tp: int, batch: int, max_model_len: int,
                            dtype: str, prefix_caching: bool, block_size: int | None, instance: str | None,
                            num_blocks: int | None = None, weights: str = "model",
-                           kv_cache: str = "model", quantize_lm_head: bool = False) -> dict[str, Any]:
+                           kv_cache: str = "model", quantize_lm_head: bool = False,
+                           prefill_batch: int = 1) -> dict[str, Any]:
     """What `serving_check` decides, from plain values: the top-level hf_config fields to set (`hf_overrides_for`),
     or ServeConfigError naming the flag to pass. `batch`, `tp`, `max_model_len`: what vllm-neuron will give NxDI
     (batch_size, tp_degree, seq_len); `block_size` / `num_blocks`: the block KV layout of prefix caching (HBM is
     planned for it); `instance`: a planning.INSTANCES name, None to skip the HBM check; `weights` / `kv_cache`: the
-    quantization schemes of override_neuron_config (`quantization_schemes`)."""
+    quantization schemes of override_neuron_config (`quantization_schemes`); `prefill_batch`: NxDI's ctx_batch_size
+    (vllm-neuron's default neuron config sets 1: prompts are prefilled one sequence at a time)."""
     from ..errors import GemmaError
     from ..planning import DTYPE_BYTES, check_tp, largest_fit, memory_plan
 
@@ -463,14 +465,15 @@ def check_serving_settings(config: dict[str, Any], source: str, *, tp: int, batc
             raise ServeConfigError(f"--tensor-parallel-size {tp} exceeds the {INSTANCES[instance].cores} "
                                    f"NeuronCores of {instance}")
         schemes = {"weights": weights, "kv_cache": kv_cache, "quantize_lm_head": quantize_lm_head}
-        need = memory_plan(plan, instance, tp, batch, max_model_len, dtype, block_size, num_blocks, **schemes)
+        need = memory_plan(plan, instance, tp, batch, max_model_len, dtype, block_size, num_blocks,
+                           prefill_batch=prefill_batch, **schemes)
         if not need.fits:
             layout = "" if block_size is None else f" (block KV layout: {num_blocks} blocks of {block_size})"
             figures = (f"{_gib(need.total_per_core)} per NeuronCore (weights {_gib(need.weights_per_core)}, KV cache "
                        f"{_gib(need.kv_cache_per_core)}{layout}, activations {_gib(need.activations_per_core)}, "
                        f"reserve {_gib(need.reserve_per_core)}) of {instance}'s {_gib(need.hbm_per_core)}")
             _, fitting = largest_fit(plan, instance, tp, dtype, seq_len=max_model_len, block_size=block_size,
-                                     **schemes)
+                                     prefill_batch=prefill_batch, **schemes)
             what = f"batch {batch} (--max-num-seqs) x --max-model-len {max_model_len} at TP {tp} needs {figures}"
             if fitting:
                 raise ServeConfigError(f"{what}: pass --max-num-seqs {fitting} or less (or a smaller --max-model-len"
@@ -656,7 +659,8 @@ def serving_check(vllm_config: Any) -> None:
         config, source, tp=int(override.get("tp_degree", vllm_config.parallel_config.tensor_parallel_size)),
         batch=batch, max_model_len=max_model_len, dtype=str(dtype).removeprefix("torch."),
         prefix_caching=bool(cache.enable_prefix_caching), block_size=cache.block_size, instance=instance,
-        num_blocks=cache.num_gpu_blocks_override, **quantization_schemes(override))
+        num_blocks=cache.num_gpu_blocks_override, prefill_batch=int(override.get("ctx_batch_size", 1)),
+        **quantization_schemes(override))
     if lora is not None:
         if any(layer.moe for layer in plan_from_config(config, source=source).layers):
             raise ServeConfigError(f"--enable-lora is not supported on Gemma 4 MoE checkpoints ({source}): with "
