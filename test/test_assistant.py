@@ -17,6 +17,7 @@ from nxdi_gemma import speculation
 from nxdi_gemma.assistant import AssistantDraft, check_checkpoint, load_assistant
 from nxdi_gemma.config import ConfigError, check_assistant_fits
 from nxdi_gemma.cpu import load_model
+from nxdi_gemma.tiny import random_hf_assistant
 
 transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "Gemma4AssistantForCausalLM"):
@@ -27,35 +28,13 @@ PROMPT_LENGTHS = (19, 5, 27)
 TARGETS = {"gemma4_e": GEMMA4_TINY_E, "gemma4_all": GEMMA4_TINY_ALL}
 
 
-def build_assistant(target_config: dict, seed: int):
-    text = dict(target_config, hidden_size=32, intermediate_size=64, num_hidden_layers=2, sliding_window=6,
-                layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=0,
-                vocab_size_per_layer_input=0, num_kv_shared_layers=2, use_double_wide_mlp=False,
-                enable_moe_block=False, num_experts=None, top_k_experts=None, moe_intermediate_size=None)
-    config = transformers.Gemma4AssistantConfig(
-        text_config=transformers.Gemma4TextConfig(**text), backbone_hidden_size=target_config["hidden_size"],
-        use_ordered_embeddings=True, num_centroids=8, centroid_intermediate_top_k=3)
-    torch.manual_seed(seed)
-    model = transformers.Gemma4AssistantForCausalLM._from_config(config, attn_implementation="eager",
-                                                                 dtype=torch.float32).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.named_parameters():
-            if name.endswith("norm.weight"):
-                t.copy_(1.0 + 0.3 * torch.randn(t.shape, generator=gen))
-            elif name.endswith("layer_scalar"):
-                t.copy_(0.5 + torch.rand(t.shape, generator=gen))
-        model.masked_embedding.token_ordering.copy_(torch.randperm(text["vocab_size"], generator=gen))
-    return model
-
-
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     out = {}
     for name, config in TARGETS.items():
         root = tmp_path_factory.mktemp(f"assistant_{name}")
         target = build_hf_model("gemma4_text", config, seed=0)
-        assistant = build_assistant(config, seed=5)
+        assistant = random_hf_assistant(config, seed=5)
         out[name] = (target, assistant, save_hf(target, root / "target"), save_hf(assistant, root / "assistant"))
     return out
 

@@ -119,3 +119,35 @@ def write_tiny_checkpoint(out_dir: str | Path, kind: str = "gemma3", seed: int =
     return save_checkpoint(
         out_dir, config, random_weights(config, seed), {"tokenizer.json": byte_tokenizer_json()}
     )
+
+
+def random_hf_assistant(target_text_config: dict, seed: int, **text_overrides):
+    """A miniature random Gemma 4 assistant drafter for a target with this text config, built by transformers
+    (`Gemma4AssistantForCausalLM`, float32, eager): 2 layers (sliding window 6 + full), hidden 32, ordered embeddings
+    with 8 centroids, HF's own init then perturbed as `random_weights` does (norms, layer scalars) plus a random
+    token ordering. `text_overrides`: more assistant text-config fields (e.g. its number of query heads)."""
+    from .reference import import_transformers
+
+    transformers = import_transformers()
+    text = dict(target_text_config, hidden_size=32, intermediate_size=64, num_hidden_layers=2, sliding_window=6,
+                layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=0,
+                vocab_size_per_layer_input=0, num_kv_shared_layers=2, use_double_wide_mlp=False,
+                enable_moe_block=False, num_experts=None, top_k_experts=None, moe_intermediate_size=None,
+                **text_overrides)
+    text.pop("architectures", None)
+    text.pop("model_type", None)
+    config = transformers.Gemma4AssistantConfig(
+        text_config=transformers.Gemma4TextConfig(**text), backbone_hidden_size=target_text_config["hidden_size"],
+        use_ordered_embeddings=True, num_centroids=8, centroid_intermediate_top_k=3)
+    torch.manual_seed(seed)
+    model = transformers.Gemma4AssistantForCausalLM._from_config(config, attn_implementation="eager",
+                                                                 dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            if name.endswith("norm.weight"):
+                t.copy_(1.0 + 0.3 * torch.randn(t.shape, generator=gen))
+            elif name.endswith("layer_scalar"):
+                t.copy_(0.5 + torch.rand(t.shape, generator=gen))
+        model.masked_embedding.token_ordering.copy_(torch.randperm(text["vocab_size"], generator=gen))
+    return model

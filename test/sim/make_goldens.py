@@ -38,7 +38,7 @@ from nxdi_gemma.checkpoint import expected_shapes, load_state_dict, save_checkpo
 from nxdi_gemma.config import load_plan
 from nxdi_gemma.quantize import int8_rounded_reference
 from nxdi_gemma.reference import hf_greedy
-from nxdi_gemma.tiny import random_weights
+from nxdi_gemma.tiny import random_hf_assistant, random_weights
 
 FLOOR = 1e-4  # spec 8.1: absolute floor of every float32 logit bound
 
@@ -189,30 +189,9 @@ def assistant_golden(ckpt: Path, folder: Path, prompts: list[list[int]], new_tok
     from nxdi_gemma.reference import load_hf_model
 
     target_config = json.loads((ckpt / "config.json").read_text())
+    target_text = target_config.get("text_config", target_config)
     # Half the target's query heads: the assistant groups its heads over the target's KV heads its own way.
-    text = dict(target_config.get("text_config", target_config), hidden_size=32, intermediate_size=64,
-                num_attention_heads=target_config.get("text_config", target_config)["num_attention_heads"] // 2,
-                num_hidden_layers=2, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
-                hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, num_kv_shared_layers=2,
-                use_double_wide_mlp=False, enable_moe_block=False, num_experts=None, top_k_experts=None,
-                moe_intermediate_size=None)
-    backbone = target_config.get("text_config", target_config)["hidden_size"]
-    text.pop("architectures", None)
-    text.pop("model_type", None)
-    config = transformers.Gemma4AssistantConfig(
-        text_config=transformers.Gemma4TextConfig(**text), backbone_hidden_size=backbone,
-        use_ordered_embeddings=True, num_centroids=8, centroid_intermediate_top_k=3)
-    torch.manual_seed(seed)
-    model = transformers.Gemma4AssistantForCausalLM._from_config(config, attn_implementation="eager",
-                                                                 dtype=torch.float32).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.named_parameters():
-            if name.endswith("norm.weight"):
-                t.copy_(1.0 + 0.3 * torch.randn(t.shape, generator=gen))
-            elif name.endswith("layer_scalar"):
-                t.copy_(0.5 + torch.rand(t.shape, generator=gen))
-        model.masked_embedding.token_ordering.copy_(torch.randperm(text["vocab_size"], generator=gen))
+    model = random_hf_assistant(target_text, seed, num_attention_heads=target_text["num_attention_heads"] // 2)
     remove_checkpoint_dir(folder)
     model.save_pretrained(folder, safe_serialization=True)
     target_hf = load_hf_model(ckpt, torch.float32)
