@@ -23,6 +23,7 @@ import sys
 
 import pytest
 from conftest import RELEASES, SIM, family_specs
+from test_speculation_nxdi import run_spec_driver
 
 PROMPTS = [30, 5, 19, 12]
 # (tp, target, K) per selection. TP 2 (gloo, two processes): the target's KV heads split over the ranks (gemma4_ple)
@@ -64,17 +65,12 @@ def driver_records(sim, release: str, tp: int, slow: bool, tmp_path_factory) -> 
         work = tmp_path_factory.mktemp(f"assistant_{release}_tp{tp}{'_slow' if slow else ''}")
         listed = [{"name": golden_name(t, k), "target": str(goldens[golden_name(t, k)]), "k": k, "rounds": True,
                    "draft": str(goldens[golden_name(t, k)] / "assistant")} for t, k in cases]
-        (work / "cases.json").write_text(json.dumps(listed))
         refusals = []
         if tp == 1 and not slow:  # the refusals, once per release, with the CI case's pair
             first = goldens[golden_name(*CI_CASES[1][0])]
             refusals = ["--assistant-refusals", str(first / "ckpt"), str(first / "assistant"),
                         str(goldens["spec_gemma3"] / "ckpt")]
-        launcher = sim.torchrun(tp) if tp > 1 else [sys.executable]
-        proc = sim.run([*launcher, str(SIM / "spec_driver.py"), "--tp", str(tp), "--out", str(work / "out.json"),
-                        *refusals, str(work / "cases.json")], release, check=False, timeout=3000)
-        _RUNS[(release, tp, slow)] = (json.loads((work / "out.json").read_text()) if proc.returncode == 0
-                                      else sim.failure(proc))
+        _RUNS[(release, tp, slow)] = run_spec_driver(sim, release, tp, work, listed, refusals)
     result = _RUNS[(release, tp, slow)]
     if isinstance(result, str):
         pytest.fail(result, pytrace=False)

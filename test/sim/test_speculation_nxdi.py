@@ -69,6 +69,16 @@ def case_name(target: str, kind: str, k: int) -> str:
 _RUNS: dict[tuple[str, int, bool], list[dict] | str] = {}
 
 
+def run_spec_driver(sim, release: str, tp: int, work, listed: list[dict], extra: list[str]) -> list[dict] | str:
+    """One spec_driver.py process (torchrun at TP > 1) over the `listed` cases, `extra` its further arguments: its
+    records, or the failure's text (each test of the run then fails with it)."""
+    (work / "cases.json").write_text(json.dumps(listed))
+    launcher = sim.torchrun(tp) if tp > 1 else [sys.executable]
+    proc = sim.run([*launcher, str(SIM / "spec_driver.py"), "--tp", str(tp), "--out", str(work / "out.json"), *extra,
+                    str(work / "cases.json")], release, check=False, timeout=3000)
+    return json.loads((work / "out.json").read_text()) if proc.returncode == 0 else sim.failure(proc)
+
+
 def driver_records(sim, release: str, tp: int, tmp_path_factory, slow: bool = False) -> dict[str, dict]:
     if (release, tp, slow) not in _RUNS:
         sim.need(release)
@@ -77,13 +87,8 @@ def driver_records(sim, release: str, tp: int, tmp_path_factory, slow: bool = Fa
         listed = [{"name": case_name(t, kind, k), "target": str(goldens[f"spec_{t}"]), "k": k,
                    "draft": str(goldens[f"spec_{t}" if kind == "self" else f"spec_{t}_{kind}"] / "ckpt")}
                   for t, kind, k in cases(tp, slow)]
-        (work / "cases.json").write_text(json.dumps(listed))
-        launcher = sim.torchrun(tp) if tp > 1 else [sys.executable]
         refusals = ["--refusals", str(goldens["spec_gemma3"] / "ckpt")] if tp == 1 and not slow else []
-        proc = sim.run([*launcher, str(SIM / "spec_driver.py"), "--tp", str(tp), "--out", str(work / "out.json"),
-                        *refusals, str(work / "cases.json")], release, check=False, timeout=3000)
-        _RUNS[(release, tp, slow)] = (json.loads((work / "out.json").read_text()) if proc.returncode == 0
-                                      else sim.failure(proc))
+        _RUNS[(release, tp, slow)] = run_spec_driver(sim, release, tp, work, listed, refusals)
     result = _RUNS[(release, tp, slow)]
     if isinstance(result, str):
         pytest.fail(result, pytrace=False)
