@@ -85,8 +85,6 @@ def run_case(case: dict, tp: int) -> dict:
 def refusals(target: str, tmp: Path) -> list[dict]:
     """Bad combinations, each built as `build` would (TP 2 asked in a TP 1 process: the refusal comes first): the
     error's class and message (must be one line, before anything is built or compiled)."""
-    from nxdi_gemma.neuron import runtime
-
     config = json.loads((Path(target) / "config.json").read_text())
 
     def draft_dir(name: str, **changes) -> str:
@@ -102,44 +100,37 @@ def refusals(target: str, tmp: Path) -> list[dict]:
         "k_beyond_buckets": (dict(k=BUCKET), target),
         "not_fused": (dict(k=2, fused=False), target),
     }
+    from neuronx_distributed_inference.models.config import OnDeviceSamplingConfig
+
     records = []
     for name, (opts, draft) in cases.items():
-        from neuronx_distributed_inference.models.config import OnDeviceSamplingConfig
-
-        settings = {"tp_degree": opts.get("tp", 1), "batch_size": 4, "ctx_batch_size": 1, "tkg_batch_size": 4,
-                    "is_continuous_batching": True, "seq_len": BUCKET, "max_context_length": BUCKET,
-                    "torch_dtype": "float32", "enable_fused_speculation": opts.get("fused", True),
-                    "speculation_length": opts["k"] + 1,
-                    "on_device_sampling_config": OnDeviceSamplingConfig(do_sample=opts.get("sample", False),
-                                                                        top_k=1 if not opts.get("sample") else 8)}
-        try:
-            runtime.build(target, settings, on_cpu=True, draft=draft)
-            records.append({"name": f"refuse-{name}", "refused": None})
-        except Exception as err:  # the record is the test's evidence: class, message
-            records.append({"name": f"refuse-{name}", "refused": type(err).__name__, "message": str(err),
-                            "gemma_error": type(err).__module__ == "nxdi_gemma.errors"})
+        sampling = OnDeviceSamplingConfig(do_sample=opts.get("sample", False), top_k=8 if opts.get("sample") else 1)
+        neuron_config = dict(settings(opts["k"], opts.get("tp", 1), 4, BUCKET), on_device_sampling_config=sampling,
+                             enable_fused_speculation=opts.get("fused", True))
+        records.append(refusal_record(name, target, neuron_config, draft))
     return records
+
+
+def refusal_record(name: str, model: str, neuron_config: dict, draft: str) -> dict:
+    """What building `model` with `draft` raised (the test's evidence: class, message, whether it is one of ours), or
+    that it did not."""
+    from nxdi_gemma.neuron import runtime
+
+    try:
+        runtime.build(model, neuron_config, on_cpu=True, draft=draft)
+    except Exception as err:
+        return {"name": f"refuse-{name}", "refused": type(err).__name__, "message": str(err),
+                "gemma_error": type(err).__module__ == "nxdi_gemma.errors"}
+    return {"name": f"refuse-{name}", "refused": None}
 
 
 def assistant_refusals(target: str, assistant: str, other_target: str) -> list[dict]:
     """A Gemma 4 assistant draft in combinations the fused assistant graph does not run: with a quantized KV cache
     (the target's, which it reads), and for a target it was not made for (another family): class and message."""
-    from neuronx_distributed_inference.models.config import OnDeviceSamplingConfig
-
-    from nxdi_gemma.neuron import runtime
-
     records = []
     for name, quant, model in (("assistant_kv_quant", True, target), ("assistant_other_target", False, other_target)):
-        settings = {"tp_degree": 1, "batch_size": 4, "kv_cache_quant": quant, "ctx_batch_size": 1, "tkg_batch_size": 4,
-                    "is_continuous_batching": True, "seq_len": BUCKET, "max_context_length": BUCKET,
-                    "torch_dtype": "float32", "enable_fused_speculation": True, "speculation_length": 3,
-                    "on_device_sampling_config": OnDeviceSamplingConfig(do_sample=False, top_k=1)}
-        try:
-            runtime.build(model, settings, on_cpu=True, draft=assistant)
-            records.append({"name": f"refuse-{name}", "refused": None})
-        except Exception as err:  # the record is the test's evidence: class, message
-            records.append({"name": f"refuse-{name}", "refused": type(err).__name__, "message": str(err),
-                            "gemma_error": type(err).__module__ == "nxdi_gemma.errors"})
+        neuron_config = dict(settings(2, 1, 4, BUCKET), kv_cache_quant=quant)
+        records.append(refusal_record(name, model, neuron_config, assistant))
     return records
 
 
